@@ -1,0 +1,356 @@
+"""Reading, converting, saving and loading PoolFormer checkpoints of every known layout.
+
+Layouts understood (auto-detected from the keys):
+
+- ``mindspore``: ours, identical to MindCV (``patch_embed.proj``, ``network.N.M.norm1.gamma`` ...);
+- ``official``: sail-sg/poolformer and timm < 0.9 (GroupNorm ``weight``/``bias``);
+- ``timm``: timm 1.x ``metaformer.py`` (``stem.conv``, ``stages.N.blocks.M``, ``head.fc``);
+- ``hf``: HuggingFace transformers (``poolformer.encoder.patch_embeddings.K.projection`` ...).
+
+Every layout is mapped to ours ("canonical" below) as float32 numpy arrays. File types: MindSpore
+``.ckpt``, ``.safetensors`` (any layout; read by MindSpore itself, bf16/fp16 included) and PyTorch
+``.pth``/``.pth.tar``/``.pt``/``.bin`` (needs torch; loaded with ``weights_only=True`` so no
+pickled code can run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "read_state_dict",
+    "detect_layout",
+    "to_canonical",
+    "infer_architecture",
+    "save_state_dict",
+    "load_checkpoint_into",
+    "resolve_pretrained",
+    "weights_home",
+]
+
+_LOG = logging.getLogger("mindcv_poolformer")
+
+TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".tar")
+# Keys of a canonical model state; everything else in a MindSpore training checkpoint (adam_m.*,
+# global_step, learning_rate, loss-scale state, ...) is optimizer/training state.
+_MODEL_KEY = re.compile(r"^(patch_embed|network|norm\d*|head)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says which."""
+
+
+@dataclass
+class LoadReport:
+    """What ``load_checkpoint_into`` did."""
+
+    source: str
+    layout: str
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"loaded {len(self.loaded)} tensors from {self.source} ({self.layout} layout)"
+        if self.reinitialised:
+            text += f"; re-initialised (shape differs from checkpoint): {', '.join(self.reinitialised)}"
+        if self.ignored:
+            text += f"; ignored {len(self.ignored)} non-model entries"
+        return text
+
+
+def _suffix(path: str | os.PathLike) -> str:
+    name = str(path).lower()
+    if name.endswith(".pth.tar"):
+        return ".pth.tar"
+    return Path(name).suffix
+
+
+def _ms_to_numpy(value) -> np.ndarray:
+    import mindspore as ms
+
+    if value.dtype in (ms.float16, ms.bfloat16, ms.float64):
+        value = value.astype(ms.float32)
+    return value.asnumpy()
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{path}: reading a PyTorch checkpoint needs torch, which is not installed "
+            "(pip install torch, or convert it elsewhere with `python -m mindcv_poolformer.convert`)"
+        ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable PyTorch weights file ({first})") from None
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    out = {}
+    for name, tensor in obj.items():
+        if isinstance(tensor, torch.Tensor):
+            out[str(name)] = tensor.detach().to(torch.float32).numpy() if tensor.is_floating_point() \
+                else tensor.detach().numpy()
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a checkpoint file into ``{name: array}`` in its own layout (floats as float32)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    suffix = _suffix(path)
+    if suffix in TORCH_SUFFIXES:
+        state = _read_torch(path)
+    elif suffix in (".ckpt", ".safetensors"):
+        import mindspore as ms
+
+        fmt = "safetensors" if suffix == ".safetensors" else "ckpt"
+        try:
+            params = ms.load_checkpoint(path, format=fmt)
+        except Exception as exc:  # MindSpore raises ValueError/RuntimeError for corrupt files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: not a readable {fmt} checkpoint ({first})") from None
+        state = {name: _ms_to_numpy(value) for name, value in params.items()}
+    else:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint type {suffix!r}; accepted: .ckpt, .safetensors, .pth, .pth.tar, .pt, .bin"
+        )
+    if not state:
+        raise CheckpointError(f"{path}: the file holds no tensors")
+    return {name[len("module."):] if name.startswith("module.") else name: value for name, value in state.items()}
+
+
+def detect_layout(state: Mapping[str, np.ndarray]) -> str:
+    """Which naming scheme ``state`` uses: ``mindspore``, ``official``, ``timm`` or ``hf``."""
+    keys = list(state)
+    if any(k.startswith(("poolformer.encoder.", "encoder.patch_embeddings.")) for k in keys):
+        return "hf"
+    if any(k.startswith(("stem.conv.", "stages.")) for k in keys):
+        return "timm"
+    if any(k.startswith("patch_embed.proj.") for k in keys):
+        if any(re.search(r"norm\d*\.(gamma|beta)$", k) for k in keys):
+            return "mindspore"
+        return "official"
+    sample = ", ".join(keys[:3])
+    raise CheckpointError(f"unrecognised checkpoint layout (first keys: {sample}); "
+                          "accepted: MindSpore/MindCV, official sail-sg, timm metaformer, HF transformers")
+
+
+_GN_AFFINE = {"weight": "gamma", "bias": "beta"}
+
+_HF_RULES = [
+    (re.compile(r"^(?:poolformer\.)?encoder\.patch_embeddings\.0\.projection\.(\w+)$"),
+     lambda m: f"patch_embed.proj.{m[1]}"),
+    (re.compile(r"^(?:poolformer\.)?encoder\.patch_embeddings\.(\d+)\.projection\.(\w+)$"),
+     lambda m: f"network.{2 * int(m[1]) - 1}.proj.{m[2]}"),
+    (re.compile(r"^(?:poolformer\.)?encoder\.block\.(\d+)\.(\d+)\.before_norm\.(weight|bias)$"),
+     lambda m: f"network.{2 * int(m[1])}.{m[2]}.norm1.{_GN_AFFINE[m[3]]}"),
+    (re.compile(r"^(?:poolformer\.)?encoder\.block\.(\d+)\.(\d+)\.after_norm\.(weight|bias)$"),
+     lambda m: f"network.{2 * int(m[1])}.{m[2]}.norm2.{_GN_AFFINE[m[3]]}"),
+    (re.compile(r"^(?:poolformer\.)?encoder\.block\.(\d+)\.(\d+)\.output\.conv([12])\.(\w+)$"),
+     lambda m: f"network.{2 * int(m[1])}.{m[2]}.mlp.fc{m[3]}.{m[4]}"),
+    (re.compile(r"^(?:poolformer\.)?encoder\.block\.(\d+)\.(\d+)\.(layer_scale_[12])$"),
+     lambda m: f"network.{2 * int(m[1])}.{m[2]}.{m[3]}"),
+    (re.compile(r"^norm\.(weight|bias)$"), lambda m: f"norm.{_GN_AFFINE[m[1]]}"),
+    (re.compile(r"^classifier\.(\w+)$"), lambda m: f"head.{m[1]}"),
+]
+
+_TIMM_RULES = [
+    (re.compile(r"^stem\.conv\.(\w+)$"), lambda m: f"patch_embed.proj.{m[1]}"),
+    (re.compile(r"^stages\.(\d+)\.downsample\.conv\.(\w+)$"), lambda m: f"network.{2 * int(m[1]) - 1}.proj.{m[2]}"),
+    (re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(norm[12])\.(weight|bias)$"),
+     lambda m: f"network.{2 * int(m[1])}.{m[2]}.{m[3]}.{_GN_AFFINE[m[4]]}"),
+    (re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.(fc[12])\.(\w+)$"),
+     lambda m: f"network.{2 * int(m[1])}.{m[2]}.mlp.{m[3]}.{m[4]}"),
+    (re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.layer_scale([12])\.scale$"),
+     lambda m: f"network.{2 * int(m[1])}.{m[2]}.layer_scale_{m[3]}"),
+    (re.compile(r"^head\.norm\.(weight|bias)$"), lambda m: f"norm.{_GN_AFFINE[m[1]]}"),
+    (re.compile(r"^head\.fc\.(\w+)$"), lambda m: f"head.{m[1]}"),
+]
+
+_OFFICIAL_RULES = [
+    (re.compile(r"^(network\.\d+\.\d+\.norm[12]|norm\d*)\.(weight|bias)$"), lambda m: f"{m[1]}.{_GN_AFFINE[m[2]]}"),
+    (re.compile(r"^(.*)$"), lambda m: m[1]),
+]
+
+
+def _apply_rules(state: Mapping[str, np.ndarray], rules) -> tuple[dict[str, np.ndarray], list[str]]:
+    out: dict[str, np.ndarray] = {}
+    unmapped: list[str] = []
+    for name, value in state.items():
+        for pattern, target in rules:
+            match = pattern.match(name)
+            if match:
+                out[target(match)] = value
+                break
+        else:
+            unmapped.append(name)
+    return out, unmapped
+
+
+def to_canonical(state: Mapping[str, np.ndarray], layout: str | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """Rename ``state`` to our (MindCV) names; return it with the detected layout.
+
+    1x1-conv MLP weights stored as Linear (timm's ``Mlp`` with ``use_conv=False``) get their
+    trailing 1x1 dims back. Keys of another layout that map to nothing raise, naming them.
+    """
+    layout = layout or detect_layout(state)
+    if layout == "mindspore":
+        return dict(state), layout
+    rules = {"hf": _HF_RULES, "timm": _TIMM_RULES, "official": _OFFICIAL_RULES}[layout]
+    out, unmapped = _apply_rules(state, rules)
+    if unmapped:
+        raise CheckpointError(f"{layout} checkpoint has keys with no PoolFormer counterpart: {', '.join(unmapped[:8])}")
+    for name, value in out.items():
+        if re.search(r"\.mlp\.fc[12]\.weight$", name) and value.ndim == 2:
+            out[name] = value.reshape(value.shape + (1, 1))
+    return out, layout
+
+
+def split_model_state(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Separate model tensors from optimizer/training entries of a MindSpore training checkpoint."""
+    model = {k: v for k, v in state.items() if _MODEL_KEY.match(k)}
+    return model, [k for k in state if k not in model]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    depths: tuple[int, ...]
+    widths: tuple[int, ...]
+    num_classes: int
+    in_channels: int
+
+
+def infer_architecture(state: Mapping[str, np.ndarray]) -> Architecture:
+    """Depths, widths, classes and input channels of a canonical state dict."""
+    depths, widths = [], []
+    stage = 0
+    while f"network.{2 * stage}.0.norm1.gamma" in state:
+        blocks = {int(m[1]) for k in state if (m := re.match(rf"^network\.{2 * stage}\.(\d+)\.", k))}
+        depths.append(len(blocks))
+        widths.append(int(state[f"network.{2 * stage}.0.norm1.gamma"].shape[0]))
+        stage += 1
+    if not depths or "patch_embed.proj.weight" not in state:
+        raise CheckpointError("checkpoint holds no PoolFormer stem/blocks (patch_embed.proj, network.0.0.*)")
+    head = state.get("head.weight")
+    return Architecture(tuple(depths), tuple(widths), int(head.shape[0]) if head is not None else 0,
+                        int(state["patch_embed.proj.weight"].shape[1]))
+
+
+def match_variant(arch: Architecture) -> str | None:
+    """The registered PoolFormer whose depths and widths equal ``arch``'s, if any."""
+    from .models.metaformer import POOLFORMER_VARIANTS
+
+    for name, variant in POOLFORMER_VARIANTS.items():
+        if variant.depths == arch.depths and variant.widths == arch.widths:
+            return name
+    return None
+
+
+def save_state_dict(state: Mapping[str, np.ndarray], dst: str | os.PathLike) -> str:
+    """Write ``state`` as ``.ckpt`` or ``.safetensors`` (by suffix), atomically: temp file + rename."""
+    import mindspore as ms
+
+    dst = str(dst)
+    suffix = _suffix(dst)
+    if suffix not in (".ckpt", ".safetensors"):
+        raise CheckpointError(f"{dst}: output must end in .ckpt or .safetensors, got {suffix!r}")
+    directory = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        items = [{"name": k, "data": ms.Tensor(np.ascontiguousarray(v))} for k, v in state.items()]
+        ms.save_checkpoint(items, tmp, format="safetensors" if suffix == ".safetensors" else "ckpt")
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dst
+
+
+def load_checkpoint_into(net, source: str | os.PathLike | Mapping[str, np.ndarray], strict: bool = True) -> LoadReport:
+    """Load a checkpoint of any known layout into ``net`` by name, checking every shape.
+
+    A classifier head whose shape differs (another ``num_classes``) keeps its fresh initialisation
+    and is reported; any other missing key or shape mismatch raises ``CheckpointError`` naming
+    the keys. Optimizer/training entries of a MindSpore training checkpoint are ignored.
+    """
+    import mindspore as ms
+
+    label = source if isinstance(source, (str, os.PathLike)) else "<state dict>"
+    raw = read_state_dict(source) if isinstance(source, (str, os.PathLike)) else dict(source)
+    state, layout = to_canonical(raw)
+    state, ignored = split_model_state(state)
+    params = dict(net.parameters_and_names())
+    report = LoadReport(source=str(label), layout=layout, ignored=ignored)
+
+    head_keys = [k for k in params if k.startswith("head.")]
+    mismatched = [k for k in params if k in state and tuple(state[k].shape) != tuple(params[k].shape)]
+    head_mismatch = [k for k in mismatched if k in head_keys]
+    other_mismatch = [k for k in mismatched if k not in head_keys]
+    if other_mismatch:
+        details = "; ".join(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(params[k].shape)}"
+                            for k in other_mismatch[:5])
+        raise CheckpointError(f"{label}: shapes do not match the model ({len(other_mismatch)} tensors): {details}")
+    missing = [k for k in params if k not in state]
+    if not head_keys:  # a headless model (num_classes=0) leaves the checkpoint's head unused
+        report.ignored += [k for k in state if k.startswith("head.")]
+    unexpected = [k for k in state if k not in params and not k.startswith("head.")]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing from checkpoint: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append(f"not in model: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+        raise CheckpointError(f"{label}: checkpoint does not fit the model ({'; '.join(parts)})")
+
+    for name, param in params.items():
+        if name in state and name not in head_mismatch:
+            param.set_data(ms.Tensor(state[name], dtype=param.dtype))
+            report.loaded.append(name)
+    report.reinitialised = head_mismatch
+    _LOG.info(report.summary())
+    return report
+
+
+def weights_home() -> Path:
+    """Where ``pretrained=True`` looks for weights: ``$MINDCV_POOLFORMER_HOME`` or ~/.cache/mindcv_poolformer."""
+    return Path(os.environ.get("MINDCV_POOLFORMER_HOME", Path.home() / ".cache" / "mindcv_poolformer"))
+
+
+def resolve_pretrained(name: str, pretrained: bool | str) -> str:
+    """Find local weights for ``name``; nothing is downloaded (no network is assumed)."""
+    from .models.registry import model_info
+
+    if isinstance(pretrained, (str, os.PathLike)) and os.path.isfile(pretrained):
+        return str(pretrained)
+    directory = Path(pretrained) if isinstance(pretrained, (str, os.PathLike)) else weights_home()
+    candidates = [directory / f"{name}{ext}" for ext in (".safetensors", ".ckpt", ".pth.tar", ".pth")]
+    candidates += sorted(directory.glob(f"{name}-*.ckpt"))  # MindCV's released names carry a hash
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    url = model_info(name).url
+    raise CheckpointError(
+        f"no pretrained weights for {name} in {directory} (looked for {name}.safetensors/.ckpt/.pth.tar/.pth); "
+        f"download {url} there, or pass checkpoint_path=, or set MINDCV_POOLFORMER_HOME"
+    )

@@ -1,0 +1,85 @@
+"""Parameter and MAC counting, with fvcore's conventions so numbers compare with the paper.
+
+Counted: convolutions (output elements x input channels per group x kernel area), dense layers
+(output elements x input features) and normalisation layers (5 ops per input element with an
+affine, 4 without: fvcore's ``norm_flop_counter``). Not counted, as in fvcore: pooling,
+activations, residual additions and the final spatial mean.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from mindspore import nn
+
+from .models.layers import GroupNorm1
+
+__all__ = ["count_params", "count_macs"]
+
+
+def count_params(net: nn.Cell, trainable_only: bool = False) -> int:
+    """Number of scalar parameters (all of them unless ``trainable_only``)."""
+    params = net.trainable_params() if trainable_only else net.get_parameters()
+    return int(sum(int(np.prod(p.shape)) for p in params))
+
+
+def _conv_macs(cell: nn.Conv2d, inputs, output) -> int:
+    kh, kw = cell.kernel_size
+    return int(np.prod(output.shape)) * (cell.in_channels // cell.group) * kh * kw
+
+
+def _dense_macs(cell: nn.Dense, inputs, output) -> int:
+    return int(np.prod(output.shape)) * cell.in_channels
+
+
+def _norm_macs(cell: nn.Cell, inputs, output) -> int:
+    return 5 * int(np.prod(inputs[0].shape))
+
+
+_RULES: list[tuple[type, Callable[..., int]]] = [
+    (nn.Conv2d, _conv_macs),
+    (nn.Dense, _dense_macs),
+    (GroupNorm1, _norm_macs),
+    (nn.GroupNorm, _norm_macs),
+    (nn.LayerNorm, _norm_macs),
+    (nn.BatchNorm2d, _norm_macs),
+]
+
+
+def register_mac_rule(cell_type: type, rule: Callable[..., int]) -> None:
+    """Count ``cell_type`` with ``rule(cell, inputs, output) -> MACs`` (for new layer types)."""
+    _RULES.insert(0, (cell_type, rule))
+
+
+def count_macs(net: nn.Cell, image_size: int | tuple[int, int] = 224, in_channels: int = 3) -> int:
+    """MACs of one forward pass on a single ``image_size`` image.
+
+    Runs one PyNative forward with hooks on the counted layer types; the global execution mode is
+    restored afterwards.
+    """
+    import mindspore as ms
+
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    total = [0]
+    handles = []
+    for _, cell in net.cells_and_names():
+        for cell_type, rule in _RULES:
+            if isinstance(cell, cell_type):
+                def hook(_cell, inputs, output, cell=cell, rule=rule):
+                    total[0] += rule(cell, inputs, output)
+
+                handles.append(cell.register_forward_hook(hook))
+                break
+    mode = ms.get_context("mode")
+    was_training = net.training
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        net.set_train(False)
+        net(ms.Tensor(np.zeros((1, in_channels, height, width), np.float32)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        net.set_train(was_training)
+        ms.set_context(mode=mode)
+    return total[0]
