@@ -119,3 +119,171 @@ class PatchEmbed(nn.Cell):
 def layer_scale_parameter(value: float, dim: int) -> Parameter:
     """A per-channel residual scale, initialised to ``value``."""
     return Parameter(Tensor(np.full((dim,), value, dtype=np.float32)))
+
+
+class LayerNormChannel(nn.Cell):
+    """LayerNorm over the channel axis only of an NCHW map (each pixel normalised on its own).
+
+    The paper's ``LN`` ablation (and the norm of the official hybrid models). Written as explicit
+    reductions over axis 1 so no transpose to NHWC is needed and it exports like ``GroupNorm1``.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.gamma = Parameter(init.initializer("ones", (num_channels,)), name="gamma")
+        self.beta = Parameter(init.initializer("zeros", (num_channels,)), name="beta")
+
+    def construct(self, x: Tensor) -> Tensor:
+        mean = x.mean(axis=1, keep_dims=True)
+        centered = x - mean
+        var = (centered * centered).mean(axis=1, keep_dims=True)
+        y = centered * ops.rsqrt(var + self.eps)
+        return y * self.gamma.reshape((1, -1, 1, 1)) + self.beta.reshape((1, -1, 1, 1))
+
+    def extend_repr(self) -> str:
+        return f"num_channels={self.num_channels}, eps={self.eps}"
+
+
+class _FixedTokens(nn.Cell):
+    """Base of the mixers whose weights are tied to one token count (random matrix, spatial MLP)."""
+
+    def __init__(self, spatial_shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.height, self.width = int(spatial_shape[0]), int(spatial_shape[1])
+        self.num_tokens = self.height * self.width
+
+    def check_size(self, x: Tensor) -> None:
+        if x.shape[2] != self.height or x.shape[3] != self.width:
+            raise ValueError(
+                f"{type(self).__name__} was built for a {self.height}x{self.width} token map, got "
+                f"{x.shape[2]}x{x.shape[3]}; build the model with image_size= set to the input size"
+            )
+
+    def extend_repr(self) -> str:
+        return f"spatial_shape=({self.height}, {self.width})"
+
+
+class RandomMixing(_FixedTokens):
+    """The paper's "global random matrix" mixer: ``y[:, :, m] = sum_n R[m, n] x[:, :, n]``.
+
+    ``R`` is a row-softmax of uniform noise (each output token is a convex mix of all tokens, as in
+    the official RandFormer) and is a frozen Parameter (``requires_grad=False``): it is saved in
+    checkpoints but is never in ``trainable_params()``, so no optimizer touches it.
+    """
+
+    def __init__(self, spatial_shape: tuple[int, int], seed: int | None = None) -> None:
+        super().__init__(spatial_shape)
+        noise = np.random.default_rng(seed).random((self.num_tokens, self.num_tokens))
+        rows = np.exp(noise - noise.max(axis=1, keepdims=True))
+        matrix = (rows / rows.sum(axis=1, keepdims=True)).astype(np.float32)
+        self.matrix = Parameter(Tensor(matrix), name="matrix", requires_grad=False)
+
+    def construct(self, x: Tensor) -> Tensor:
+        self.check_size(x)
+        b, c, h, w = x.shape
+        mixed = ops.matmul(x.reshape((b, c, h * w)), self.matrix.transpose(1, 0))
+        return mixed.reshape((b, c, h, w))
+
+
+class SpatialMlp(_FixedTokens):
+    """Spatial MLP token mixer (MLP-Mixer style): one bias-free Dense over the H*W tokens per channel."""
+
+    def __init__(self, spatial_shape: tuple[int, int]) -> None:
+        super().__init__(spatial_shape)
+        self.fc = nn.Dense(self.num_tokens, self.num_tokens, has_bias=False, weight_init=init.TruncatedNormal(0.02))
+
+    def construct(self, x: Tensor) -> Tensor:
+        self.check_size(x)
+        b, c, h, w = x.shape
+        return self.fc(x.reshape((b, c, h * w))).reshape((b, c, h, w))
+
+
+class Attention(nn.Cell):
+    """Multi-head self-attention over the flattened H*W tokens of an NCHW map.
+
+    As in the paper's hybrid models: ``dim // head_dim`` heads, no qkv bias, a biased output
+    projection, no dropout. Works at any input size (no position-dependent weights).
+    """
+
+    def __init__(self, dim: int, head_dim: int = 32, qkv_bias: bool = False) -> None:
+        super().__init__()
+        if head_dim < 1 or dim % head_dim:
+            raise ValueError(f"attention head_dim must divide the width {dim}, got {head_dim}")
+        self.dim = dim
+        self.head_dim = head_dim
+        self.num_heads = dim // head_dim
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Dense(dim, dim * 3, has_bias=qkv_bias, weight_init=init.TruncatedNormal(0.02),
+                            bias_init="zeros")
+        self.proj = nn.Dense(dim, dim, weight_init=init.TruncatedNormal(0.02), bias_init="zeros")
+
+    def construct(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        n = h * w
+        tokens = x.reshape((b, c, n)).transpose(0, 2, 1)
+        qkv = self.qkv(tokens).reshape((b, n, 3, self.num_heads, self.head_dim)).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ops.softmax(ops.matmul(q * self.scale, k.transpose(0, 1, 3, 2)), axis=-1)
+        out = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape((b, n, c))
+        return self.proj(out).transpose(0, 2, 1).reshape((b, c, h, w))
+
+    def extend_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+TOKEN_MIXERS = ("pooling", "identity", "random", "dwconv", "attention", "mlp")
+NORMS = ("gn1", "ln", "bn")
+ACTIVATIONS = ("gelu", "relu", "silu")
+FIXED_SIZE_MIXERS = ("random", "mlp")
+
+
+def make_token_mixer(name: str, dim: int, spatial_shape: tuple[int, int] | None = None, **kwargs) -> nn.Cell:
+    """Build one token mixer by name; ``kwargs`` are that mixer's options (pool_size, kernel_size, head_dim)."""
+    accepted = {"pooling": {"pool_size"}, "identity": set(), "random": {"seed"}, "dwconv": {"kernel_size"},
+                "attention": {"head_dim", "qkv_bias"}, "mlp": set()}
+    if name not in accepted:
+        raise ValueError(f"unknown token mixer {name!r}; accepted: {', '.join(TOKEN_MIXERS)}")
+    unknown = sorted(set(kwargs) - accepted[name])
+    if unknown:
+        options = ", ".join(sorted(accepted[name])) or "none"
+        raise ValueError(f"token mixer {name!r} got unknown option(s) {', '.join(unknown)}; accepted: {options}")
+    if name in FIXED_SIZE_MIXERS and spatial_shape is None:
+        raise ValueError(f"token mixer {name!r} mixes a fixed number of tokens: build the model with image_size=")
+    if name == "pooling":
+        return Pooling(kwargs.get("pool_size", 3))
+    if name == "identity":
+        return nn.Identity()
+    if name == "random":
+        return RandomMixing(spatial_shape, kwargs.get("seed"))
+    if name == "mlp":
+        return SpatialMlp(spatial_shape)
+    if name == "attention":
+        return Attention(dim, kwargs.get("head_dim", 32), kwargs.get("qkv_bias", False))
+    kernel = kwargs.get("kernel_size", 3)
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"dwconv kernel_size must be an odd positive integer, got {kernel}")
+    return nn.Conv2d(dim, dim, kernel, pad_mode="pad", padding=kernel // 2, group=dim, has_bias=True)
+
+
+def make_norm(name: str, dim: int) -> nn.Cell:
+    """``gn1`` (GroupNorm(1), the PoolFormer default), ``ln`` (channels-only LayerNorm) or ``bn`` (BatchNorm2d)."""
+    if name == "gn1":
+        return GroupNorm1(dim)
+    if name == "ln":
+        return LayerNormChannel(dim)
+    if name == "bn":
+        return nn.BatchNorm2d(dim)
+    raise ValueError(f"unknown norm {name!r}; accepted: {', '.join(NORMS)}")
+
+
+def make_activation(name: str) -> nn.Cell:
+    """``gelu`` (exact erf form, as the official code), ``relu`` or ``silu``."""
+    if name == "gelu":
+        return nn.GELU(approximate=False)
+    if name == "relu":
+        return nn.ReLU()
+    if name == "silu":
+        return nn.SiLU()
+    raise ValueError(f"unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}")

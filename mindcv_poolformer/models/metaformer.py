@@ -8,24 +8,57 @@ Parameter names follow the official sail-sg code with MindSpore's GroupNorm name
 ``beta``), which is also MindCV's layout, so MindCV-released checkpoints load unchanged:
 ``patch_embed.proj``, ``network.{0,2,4,6}.{j}.{norm1,norm2,mlp.fc1,mlp.fc2,layer_scale_1,
 layer_scale_2}``, ``network.{1,3,5}.proj``, ``norm``, ``head``.
+
+The same class builds the paper's ablations and hybrids (``METAFORMER_VARIANTS``): token mixer per
+stage (pooling, identity, frozen random matrix, depthwise conv, attention, spatial MLP), norm
+(GroupNorm(1), channel LayerNorm, BatchNorm), activation, and the failure cases without residual or
+without channel MLP. With ``features_only=True`` it is a dense-prediction backbone returning the four
+stage outputs, each through its own norm named ``norm0/norm2/norm4/norm6`` (the official
+``fork_feat`` names, suffix = network index).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
 
-from mindspore import Tensor, nn
+from mindspore import Parameter, Tensor, nn
 from mindspore.common import initializer as init
 
-from .layers import ConvMlp, DropPath, GroupNorm1, PatchEmbed, Pooling, layer_scale_parameter
+from .layers import (
+    FIXED_SIZE_MIXERS,
+    TOKEN_MIXERS,
+    ConvMlp,
+    DropPath,
+    PatchEmbed,
+    Pooling,
+    layer_scale_parameter,
+    make_activation,
+    make_norm,
+    make_token_mixer,
+)
 from .registry import ModelInfo, register_model
 
-__all__ = ["MetaFormer", "MetaFormerBlock", "PoolFormerVariant", "POOLFORMER_VARIANTS"]
+__all__ = [
+    "MetaFormer",
+    "MetaFormerBlock",
+    "MetaFormerVariant",
+    "METAFORMER_VARIANTS",
+    "PoolFormerVariant",
+    "POOLFORMER_VARIANTS",
+]
+
+PerStage = Union[Any, Sequence[Any]]
 
 
 class MetaFormerBlock(nn.Cell):
-    """norm -> token mixer -> LayerScale -> drop path -> residual; norm -> MLP -> LayerScale -> ..."""
+    """norm -> token mixer -> LayerScale -> drop path -> residual; norm -> MLP -> LayerScale -> ...
+
+    ``token_mixer`` defaults to PoolFormer's pooling. ``use_residual=False`` drops both skip
+    connections and ``use_mlp=False`` drops the whole channel-MLP sub-block (norm2, mlp,
+    layer_scale_2): the paper's two failure cases.
+    """
 
     def __init__(
         self,
@@ -35,44 +68,105 @@ class MetaFormerBlock(nn.Cell):
         drop: float = 0.0,
         drop_path: float = 0.0,
         layer_scale_init: float | None = 1e-5,
+        token_mixer: nn.Cell | None = None,
+        norm: str = "gn1",
+        act: str = "gelu",
+        use_residual: bool = True,
+        use_mlp: bool = True,
     ) -> None:
         super().__init__()
-        self.norm1 = GroupNorm1(dim)
-        self.token_mixer = Pooling(pool_size)
-        self.norm2 = GroupNorm1(dim)
-        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), nn.GELU(approximate=False), drop=drop)
+        self.use_residual = use_residual
+        self.use_mlp = use_mlp
+        self.norm1 = make_norm(norm, dim)
+        self.token_mixer = token_mixer if token_mixer is not None else Pooling(pool_size)
+        if use_mlp:
+            self.norm2 = make_norm(norm, dim)
+            self.mlp = ConvMlp(dim, int(dim * mlp_ratio), make_activation(act), drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.use_layer_scale = bool(layer_scale_init)
         if self.use_layer_scale:
             self.layer_scale_1 = layer_scale_parameter(layer_scale_init, dim)
-            self.layer_scale_2 = layer_scale_parameter(layer_scale_init, dim)
+            if use_mlp:
+                self.layer_scale_2 = layer_scale_parameter(layer_scale_init, dim)
 
     def construct(self, x: Tensor) -> Tensor:
         mixed = self.token_mixer(self.norm1(x))
         if self.use_layer_scale:
             mixed = self.layer_scale_1.reshape((-1, 1, 1)) * mixed
-        x = x + self.drop_path(mixed)
+        x = x + self.drop_path(mixed) if self.use_residual else self.drop_path(mixed)
+        if not self.use_mlp:
+            return x
         mlp_out = self.mlp(self.norm2(x))
         if self.use_layer_scale:
             mlp_out = self.layer_scale_2.reshape((-1, 1, 1)) * mlp_out
-        return x + self.drop_path(mlp_out)
+        return x + self.drop_path(mlp_out) if self.use_residual else self.drop_path(mlp_out)
+
+
+class PositionEmbeddedStage(nn.SequentialCell):
+    """A stage of blocks that first adds a learnt (1, C, H, W) position embedding (official hybrids).
+
+    A SequentialCell subclass so its blocks keep the names ``network.{2i}.{j}``; the embedding is
+    ``network.{2i}.pos_embed``. It fixes the stage's token map, so the input size is checked.
+    """
+
+    def __init__(self, blocks: list[nn.Cell], dim: int, spatial_shape: tuple[int, int]) -> None:
+        super().__init__(blocks)
+        self.spatial_shape = tuple(spatial_shape)
+        self.pos_embed = Parameter(init.initializer("zeros", (1, dim) + self.spatial_shape), name="pos_embed")
+
+    def construct(self, x: Tensor) -> Tensor:
+        if x.shape[2] != self.spatial_shape[0] or x.shape[3] != self.spatial_shape[1]:
+            raise ValueError(
+                f"position embedding was built for a {self.spatial_shape[0]}x{self.spatial_shape[1]} token map, "
+                f"got {x.shape[2]}x{x.shape[3]}; build the model with image_size= set to the input size"
+            )
+        x = x + self.pos_embed
+        for cell in self.cell_list:
+            x = cell(x)
+        return x
+
+
+def _per_stage(value: PerStage, stages: int, what: str, scalar_types: tuple[type, ...]) -> tuple:
+    """Broadcast one setting to every stage, or check a per-stage sequence has one entry per stage."""
+    if isinstance(value, scalar_types):
+        return (value,) * stages
+    values = tuple(value)
+    if len(values) != stages:
+        raise ValueError(f"{what} needs one entry per stage ({stages}), got {len(values)}: {values!r}")
+    return values
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
 
 
 class MetaFormer(nn.Cell):
-    """A 4-stage MetaFormer image classifier.
+    """A 4-stage MetaFormer: image classifier, or with ``features_only`` a dense-prediction backbone.
 
     Args:
         depths: blocks per stage.
         widths: channels per stage.
         num_classes: classifier outputs; 0 keeps the pooled features (no head).
         in_channels: input image channels.
-        pool_size: token-mixer window.
+        pool_size: window of the ``pooling`` mixer unless ``mixer_kwargs`` sets it.
         mlp_ratio: hidden/in channels of the channel MLP.
         layer_scale_init: initial LayerScale value; ``None`` or 0 disables LayerScale.
         drop_rate: dropout in the MLP and before the classifier (0 in every official recipe).
         drop_path_rate: stochastic depth of the last block; block ``i`` of ``n`` gets ``rate*i/(n-1)``.
         stem: (kernel, stride, padding) of the patch-embedding conv.
         downsample: (kernel, stride, padding) of the convs between stages.
+        token_mixers: one of ``pooling, identity, random, dwconv, attention, mlp``, or one per stage.
+        mixer_kwargs: options of the mixers (``pool_size``, ``kernel_size``, ``head_dim``, ``qkv_bias``,
+            ``seed``), one dict for all stages or one per stage.
+        norm: ``gn1`` (GroupNorm(1)), ``ln`` (LayerNorm over channels) or ``bn`` (BatchNorm2d).
+        act: MLP activation, ``gelu`` (exact), ``relu`` or ``silu``.
+        use_residual: ``False`` removes both skip connections of every block.
+        use_mlp: ``False`` removes the channel-MLP sub-block of every block.
+        image_size: input (H, W) or side; required by the fixed-size ``random``/``mlp`` mixers and by
+            ``pos_embed``, which are then tied to it.
+        pos_embed: add a learnt position embedding at the start of a stage (bool, or one per stage).
+        features_only: return the stage outputs (tuple of NCHW maps, strides 4/8/16/32) instead of logits.
+        out_indices: which stages (0..3) to return; implies ``features_only``. Default all four.
     """
 
     def __init__(
@@ -88,16 +182,48 @@ class MetaFormer(nn.Cell):
         drop_path_rate: float = 0.0,
         stem: tuple[int, int, int] = (7, 4, 2),
         downsample: tuple[int, int, int] = (3, 2, 1),
+        token_mixers: PerStage = "pooling",
+        mixer_kwargs: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        norm: str = "gn1",
+        act: str = "gelu",
+        use_residual: bool = True,
+        use_mlp: bool = True,
+        image_size: int | Sequence[int] | None = None,
+        pos_embed: PerStage = False,
+        features_only: bool = False,
+        out_indices: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if len(depths) != len(widths):
             raise ValueError(f"depths {tuple(depths)} and widths {tuple(widths)} must have the same length")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        stages = len(depths)
+        mixers = _per_stage(token_mixers, stages, "token_mixers", (str,))
+        for name in mixers:
+            if name not in TOKEN_MIXERS:
+                raise ValueError(f"unknown token mixer {name!r}; accepted: {', '.join(TOKEN_MIXERS)}")
+        stage_kwargs = _per_stage(mixer_kwargs or {}, stages, "mixer_kwargs", (Mapping,))
+        pos_embeds = _per_stage(pos_embed, stages, "pos_embed", (bool,))
+        shapes = self._stage_shapes(image_size, stages, stem, downsample)
+        if shapes is None and (any(m in FIXED_SIZE_MIXERS for m in mixers) or any(pos_embeds)):
+            needs = sorted({m for m in mixers if m in FIXED_SIZE_MIXERS})
+            needs += ["pos_embed"] if any(pos_embeds) else []
+            raise ValueError(f"{', '.join(needs)} tie weights to one token-map size: pass image_size= (e.g. 224)")
+        if out_indices is not None:
+            features_only = True
+        self.features_only = features_only
+        self.out_indices = tuple(range(stages)) if out_indices is None else tuple(out_indices)
+        if features_only and (not self.out_indices or any(not 0 <= i < stages for i in self.out_indices)):
+            raise ValueError(f"out_indices must be stage indices in 0..{stages - 1}, got {self.out_indices}")
         self.depths = tuple(depths)
         self.widths = tuple(widths)
-        self.num_classes = num_classes
+        self.token_mixers = mixers
+        self.num_classes = 0 if features_only else num_classes
         self.num_features = widths[-1]
+        self.image_size = None if shapes is None else self._image_hw
+        self.feature_channels = tuple(widths[i] for i in self.out_indices)
+        self.feature_strides = tuple(stem[1] * downsample[1] ** i for i in self.out_indices)
 
         self.patch_embed = PatchEmbed(in_channels, widths[0], *stem)
         total = sum(depths)
@@ -107,15 +233,46 @@ class MetaFormer(nn.Cell):
             blocks = []
             for _ in range(depth):
                 rate = drop_path_rate * block_index / (total - 1) if total > 1 else drop_path_rate
-                blocks.append(MetaFormerBlock(width, pool_size, mlp_ratio, drop_rate, rate, layer_scale_init))
+                options = dict(stage_kwargs[stage])
+                if mixers[stage] == "pooling":
+                    options.setdefault("pool_size", pool_size)
+                if mixers[stage] == "random" and options.get("seed") is not None:
+                    options["seed"] = options["seed"] + block_index  # one distinct matrix per block
+                mixer = make_token_mixer(mixers[stage], width, shapes[stage] if shapes else None, **options)
+                blocks.append(MetaFormerBlock(width, pool_size, mlp_ratio, drop_rate, rate, layer_scale_init,
+                                              token_mixer=mixer, norm=norm, act=act, use_residual=use_residual,
+                                              use_mlp=use_mlp))
                 block_index += 1
-            layers.append(nn.SequentialCell(blocks))
-            if stage < len(depths) - 1:
+            if pos_embeds[stage]:
+                layers.append(PositionEmbeddedStage(blocks, width, shapes[stage]))
+            else:
+                layers.append(nn.SequentialCell(blocks))
+            if stage < stages - 1:
                 layers.append(PatchEmbed(width, widths[stage + 1], *downsample))
         self.network = nn.SequentialCell(layers)
-        self.norm = GroupNorm1(widths[-1])
-        self.head_drop = nn.Dropout(p=drop_rate) if drop_rate > 0 else nn.Identity()
-        self.head = self._make_head(num_classes)
+        # Network index of each returned stage; its output norm is the attribute ``norm{index}``.
+        self.out_layers = tuple(2 * i for i in self.out_indices)
+        if features_only:
+            for stage in self.out_indices:
+                setattr(self, f"norm{2 * stage}", make_norm(norm, widths[stage]))
+        else:
+            self.norm = make_norm(norm, widths[-1])
+            self.head_drop = nn.Dropout(p=drop_rate) if drop_rate > 0 else nn.Identity()
+            self.head = self._make_head(num_classes)
+
+    def _stage_shapes(self, image_size, stages: int, stem, downsample) -> list[tuple[int, int]] | None:
+        """Token-map (H, W) of each stage for ``image_size``, or None when no size was given."""
+        if image_size is None:
+            self._image_hw = None
+            return None
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(hw) != 2 or any(not isinstance(v, int) or v < 1 for v in hw):
+            raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}")
+        self._image_hw = hw
+        shapes = [tuple(_conv_out(v, *stem) for v in hw)]
+        for _ in range(stages - 1):
+            shapes.append(tuple(_conv_out(v, *downsample) for v in shapes[-1]))
+        return shapes
 
     def _make_head(self, num_classes: int) -> nn.Cell:
         if num_classes == 0:
@@ -124,6 +281,8 @@ class MetaFormer(nn.Cell):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a freshly initialised one (fine-tuning to another label set)."""
+        if self.features_only:
+            raise ValueError("a features_only backbone has no classifier to reset")
         self.num_classes = num_classes
         self.head = self._make_head(num_classes)
 
@@ -136,7 +295,19 @@ class MetaFormer(nn.Cell):
         """Spatial mean of the normalised map (the official order: norm, then pool), then the classifier."""
         return self.head(self.head_drop(x.mean(axis=(2, 3))))
 
-    def construct(self, x: Tensor) -> Tensor:
+    def forward_pyramid(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The selected stage outputs, each through its own norm (official ``fork_feat`` behaviour)."""
+        x = self.patch_embed(x)
+        outs = ()
+        for index, layer in enumerate(self.network):
+            x = layer(x)
+            if index in self.out_layers:
+                outs += (getattr(self, "norm" + str(index))(x),)
+        return outs
+
+    def construct(self, x: Tensor):
+        if self.features_only:
+            return self.forward_pyramid(x)
         return self.forward_head(self.forward_features(x))
 
 
@@ -188,3 +359,64 @@ def _register_variant(name: str, variant: PoolFormerVariant) -> None:
 
 for _name, _variant in POOLFORMER_VARIANTS.items():
     _register_variant(_name, _variant)
+
+
+@dataclass(frozen=True)
+class MetaFormerVariant:
+    """One row of the ablation/hybrid table: a PoolFormer skeleton plus the settings that differ.
+
+    ``params``/``macs``/``top1`` are the paper's numbers where it states them (None otherwise).
+    """
+
+    base: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    crop_pct: float = 0.9
+    drop_path_rate: float = 0.1
+    params: int | None = None
+    macs: float | None = None
+    top1: float | None = None
+    note: str = ""
+
+
+# Paper (Yu et al. 2022), Sec. 4.4 ablations on PoolFormer-S12 (77.2): top-1 kept only where the text
+# states it: identity 74.3; GroupNorm beats LN/BN by 0.7/0.8 -> 76.5/76.4; ReLU drops 0.8 -> 76.4.
+# Hybrid = official ``metaformer_ppaa_s12_224``: channel LayerNorm, a 14x14 position embedding
+# before stage 3, attention with head_dim 32 and no qkv bias; Table 6: 16.5M, 2.5G MACs, 81.0.
+METAFORMER_VARIANTS: dict[str, MetaFormerVariant] = {
+    "metaformer_s12_identity": MetaFormerVariant("poolformer_s12", {"token_mixers": "identity"}, top1=74.3),
+    "metaformer_s12_random": MetaFormerVariant("poolformer_s12", {"token_mixers": "random", "image_size": 224}),
+    "metaformer_s12_dwconv": MetaFormerVariant("poolformer_s12", {"token_mixers": "dwconv",
+                                                                  "mixer_kwargs": {"kernel_size": 3}}),
+    "metaformer_s12_pool5": MetaFormerVariant("poolformer_s12", {"pool_size": 5}),
+    "metaformer_s12_pool7": MetaFormerVariant("poolformer_s12", {"pool_size": 7}),
+    "metaformer_s12_ln": MetaFormerVariant("poolformer_s12", {"norm": "ln"}, top1=76.5),
+    "metaformer_s12_bn": MetaFormerVariant("poolformer_s12", {"norm": "bn"}, top1=76.4),
+    "metaformer_s12_relu": MetaFormerVariant("poolformer_s12", {"act": "relu"}, top1=76.4),
+    "metaformer_s12_silu": MetaFormerVariant("poolformer_s12", {"act": "silu"}),
+    "metaformer_s12_no_residual": MetaFormerVariant("poolformer_s12", {"use_residual": False}),
+    "metaformer_s12_no_mlp": MetaFormerVariant("poolformer_s12", {"use_mlp": False}),
+    "poolformer_s12_pool_attn": MetaFormerVariant(
+        "poolformer_s12",
+        {"token_mixers": ("pooling", "pooling", "attention", "attention"), "mixer_kwargs": {},
+         "norm": "ln", "pos_embed": (False, False, True, False), "image_size": 224},
+        crop_pct=0.95, params=16_500_000, macs=2.5e9, top1=81.0,
+    ),
+}
+
+
+def _register_ablation(name: str, variant: MetaFormerVariant) -> None:
+    base = POOLFORMER_VARIANTS[variant.base]
+
+    def build(num_classes: int = 1000, in_channels: int = 3, **overrides) -> MetaFormer:
+        kwargs: dict[str, Any] = dict(depths=base.depths, widths=base.widths, layer_scale_init=base.layer_scale_init)
+        kwargs.update(variant.settings)
+        kwargs.update(overrides)
+        return MetaFormer(num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+    info = ModelInfo(name=name, crop_pct=variant.crop_pct, drop_path_rate=variant.drop_path_rate,
+                     params=variant.params, macs=variant.macs, top1=variant.top1)
+    register_model(name, build, info)
+
+
+for _name, _ablation in METAFORMER_VARIANTS.items():
+    _register_ablation(_name, _ablation)
