@@ -2,8 +2,10 @@
 
 Counted: convolutions (output elements x input channels per group x kernel area), dense layers
 (output elements x input features) and normalisation layers (5 ops per input element with an
-affine, 4 without: fvcore's ``norm_flop_counter``). Not counted, as in fvcore: pooling,
-activations, residual additions and the final spatial mean.
+affine, 4 without: fvcore's ``norm_flop_counter``; BatchNorm in eval mode 2 per element, fvcore's
+``batchnorm_flop_jit``) and matrix products (``b*n*k*m`` for a (b,n,k)x(k,m) product: attention's
+QK^T and AV, the random token-mixing matrix; the spatial MLP is a Dense over tokens). Not counted, as
+in fvcore: pooling, softmax, activations, residual additions and the final spatial mean.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable
 import numpy as np
 from mindspore import nn
 
-from .models.layers import GroupNorm1
+from .models.layers import Attention, GroupNorm1, LayerNormChannel, RandomMixing
 
 __all__ = ["count_params", "count_macs"]
 
@@ -37,13 +39,32 @@ def _norm_macs(cell: nn.Cell, inputs, output) -> int:
     return 5 * int(np.prod(inputs[0].shape))
 
 
+def _batchnorm_eval_macs(cell: nn.Cell, inputs, output) -> int:
+    return 2 * int(np.prod(inputs[0].shape))
+
+
+def _attention_macs(cell: Attention, inputs, output) -> int:
+    # The two matrix products only; qkv and proj are Dense cells counted by their own rule.
+    batch, _, height, width = inputs[0].shape
+    tokens = height * width
+    return 2 * batch * cell.num_heads * tokens * tokens * cell.head_dim
+
+
+def _random_mixing_macs(cell: RandomMixing, inputs, output) -> int:
+    batch, channels, height, width = inputs[0].shape
+    return batch * channels * (height * width) ** 2
+
+
 _RULES: list[tuple[type, Callable[..., int]]] = [
     (nn.Conv2d, _conv_macs),
     (nn.Dense, _dense_macs),
     (GroupNorm1, _norm_macs),
+    (LayerNormChannel, _norm_macs),
     (nn.GroupNorm, _norm_macs),
     (nn.LayerNorm, _norm_macs),
-    (nn.BatchNorm2d, _norm_macs),
+    (nn.BatchNorm2d, _batchnorm_eval_macs),
+    (Attention, _attention_macs),
+    (RandomMixing, _random_mixing_macs),
 ]
 
 
