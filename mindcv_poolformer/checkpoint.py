@@ -63,7 +63,7 @@ class LoadReport:
     def summary(self) -> str:
         text = f"loaded {len(self.loaded)} tensors from {self.source} ({self.layout} layout)"
         if self.reinitialised:
-            text += f"; re-initialised (shape differs from checkpoint): {', '.join(self.reinitialised)}"
+            text += f"; re-initialised (new in the model or shape differs): {', '.join(self.reinitialised)}"
         if self.ignored:
             text += f"; ignored {len(self.ignored)} non-model entries"
         return text
@@ -314,7 +314,14 @@ def load_checkpoint_into(net, source: str | os.PathLike | Mapping[str, np.ndarra
     missing = [k for k in params if k not in state]
     if not head_keys:  # a headless model (num_classes=0) leaves the checkpoint's head unused
         report.ignored += [k for k in state if k.startswith("head.")]
-    unexpected = [k for k in state if k not in params and not k.startswith("head.")]
+    # A features_only backbone (no final ``norm``, per-stage ``norm0``..``norm6``) loading a
+    # classification checkpoint: the stage norms keep their fresh init, the final norm is unused.
+    fresh_norms = [] if any(k.startswith("norm.") for k in params) else \
+        [k for k in missing if re.match(r"^norm\d+\.", k)]
+    if fresh_norms:
+        missing = [k for k in missing if k not in fresh_norms]
+        report.ignored += [k for k in state if k.startswith("norm.")]
+    unexpected = [k for k in state if k not in params and not k.startswith("head.") and k not in report.ignored]
     if strict and (missing or unexpected):
         parts = []
         if missing:
@@ -327,7 +334,7 @@ def load_checkpoint_into(net, source: str | os.PathLike | Mapping[str, np.ndarra
         if name in state and name not in head_mismatch:
             param.set_data(ms.Tensor(state[name], dtype=param.dtype))
             report.loaded.append(name)
-    report.reinitialised = head_mismatch
+    report.reinitialised = head_mismatch + fresh_norms
     _LOG.info(report.summary())
     return report
 
