@@ -174,6 +174,10 @@ SCHEMA: dict[str, Option] = {
     "json": _o(str, "", "validate: write the metrics as JSON here", _EVAL),
     "file_format": _o(str, "MINDIR", "export format", _EVAL, choices=("MINDIR", "AIR", "ONNX")),
     "file_name": _o(str, "", "export output path (suffix added if missing)", _EVAL),
+    "labels": _o(str, "", "export/predict: text file with one class name per line", _EVAL),
+    "topk": _o(int, 5, "predict: how many classes to print per image", _EVAL, low=1),
+    "mindir": _o(str, "", "predict: run this exported MINDIR (reads its .json sidecar)", _EVAL),
+    "onnx": _o(str, "", "predict: run this exported ONNX file in onnxruntime (reads its .json sidecar)", _EVAL),
 }
 
 
