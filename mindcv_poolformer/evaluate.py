@@ -1,0 +1,331 @@
+"""Reusable evaluation: the eval dataset, mixed precision for inference, and exact top-1/top-5/loss.
+
+Every sample is counted exactly once. The last partial batch is padded on the host to the batch
+size (so a fixed-shape graph or MINDIR never recompiles) and the padding is masked out. Sharded
+evaluation gives rank ``r`` the samples ``r, r + g, r + 2g, ...`` (no repeated samples, unlike
+``num_shards``, which pads shards to equal length by repeating some) and all-reduces the sums.
+Softmax, loss and top-k are computed on the host in float64 from the (float32) logits.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .config import ConfigError
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, create_transforms
+
+__all__ = ["IMAGE_EXTENSIONS", "EvalMetrics", "apply_amp", "create_eval_dataset", "evaluate", "format_table",
+           "run_validation", "scan_image_folder"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+
+
+@dataclass
+class EvalMetrics:
+    """Top-k accuracies in percent, the mean cross-entropy, and how many samples they cover.
+
+    ``img_per_s`` is the steady-state throughput: the first batch (graph compilation) is excluded
+    when there is more than one batch. ``seconds`` is the whole loop.
+    """
+
+    top1: float
+    top5: float
+    loss: float
+    num_samples: int
+    seconds: float
+    img_per_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def scan_image_folder(root: str, split: str = "") -> tuple[str, list[str], int]:
+    """Check an ImageFolder (``root/split/<class>/<image>``); return its path, class names and image count.
+
+    Raises ConfigError naming what is missing: the root, the split, class folders or images.
+    """
+    if not root:
+        raise ConfigError("data_dir: no dataset directory given (pass --data_dir DIR)")
+    if not os.path.isdir(root):
+        raise ConfigError(f"data_dir: {root!r} is not a directory")
+    path = os.path.join(root, split) if split else root
+    if not os.path.isdir(path):
+        found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        raise ConfigError(f"val_split: {path!r} does not exist (sub-folders of {root}: {', '.join(found) or 'none'})")
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if not classes:
+        raise ConfigError(f"{path!r} has no class sub-folders (expected {path}/<class>/<image>)")
+    count = sum(1 for c in classes for f in os.listdir(os.path.join(path, c))
+                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+    if count == 0:
+        raise ConfigError(f"{path!r} has no images ({', '.join(IMAGE_EXTENSIONS)}) in its {len(classes)} class folders")
+    return path, classes, count
+
+
+def _shard_indices(num_samples: int, rank: int, group_size: int) -> list[int]:
+    """Strided, non-overlapping shard: every index belongs to exactly one rank, none is repeated."""
+    if group_size < 1 or not 0 <= rank < group_size:
+        raise ValueError(f"rank {rank} is not in [0, {group_size})")
+    return list(range(rank, num_samples, group_size))
+
+
+def create_eval_dataset(
+    data_dir: str,
+    split: str = "val",
+    batch_size: int = 32,
+    image_size: int = 224,
+    crop_pct: float = 0.9,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    num_parallel_workers: int = 4,
+    rank: int = 0,
+    group_size: int = 1,
+):
+    """The validation ImageFolder of ``data_dir/split`` through the reference eval transform, batched.
+
+    Returns ``(dataset, class_names, num_samples_total)``; ``dataset`` holds this rank's shard only
+    (``None`` when the shard is empty, i.e. more ranks than images). No sample is ever dropped.
+    """
+    import mindspore.dataset as ds
+
+    path, classes, _ = scan_image_folder(data_dir, split)
+    workers = max(1, min(num_parallel_workers, os.cpu_count() or 1))
+    extensions = sorted({e for ext in IMAGE_EXTENSIONS for e in (ext, ext.upper())})
+    probe = ds.ImageFolderDataset(path, shuffle=False, extensions=extensions)
+    total = probe.get_dataset_size()
+    sampler = None
+    if group_size > 1:
+        indices = _shard_indices(total, rank, group_size)
+        if not indices:
+            return None, classes, total
+        sampler = ds.SubsetSampler(indices)
+    dataset = ds.ImageFolderDataset(path, shuffle=None if sampler else False, sampler=sampler,
+                                    extensions=extensions, num_parallel_workers=workers)
+    ops = create_transforms(False, image_size, crop_pct, interpolation, mean, std)
+    dataset = dataset.map(ops, input_columns="image", num_parallel_workers=workers)
+    dataset = dataset.batch(batch_size, drop_remainder=False)
+    return dataset, classes, total
+
+
+def apply_amp(net, amp_level: str = "O0"):
+    """Mixed precision for inference. O2 keeps every normalisation in float32, O3 runs all in float16.
+
+    MindSpore's O2 black list only names its own BatchNorm/LayerNorm cells, so our GroupNorm1 would
+    run in float16; it (and any MindSpore norm) is forced back to float32 here. Logits come back float32.
+    """
+    import mindspore as ms
+    from mindspore import nn
+
+    from .models.layers import GroupNorm1
+
+    if amp_level == "O0":
+        return net
+    if amp_level not in ("O1", "O2", "O3"):
+        raise ConfigError(f"amp_level: {amp_level!r} is not one of O0, O1, O2, O3")
+    net = ms.amp.auto_mixed_precision(net, amp_level)
+    if amp_level == "O2":
+        norms = (GroupNorm1, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+        for _, cell in net.cells_and_names():
+            if isinstance(cell, norms):
+                cell.to_float(ms.float32)
+    return net
+
+
+def _all_reduce(values: np.ndarray, op: str = "sum") -> np.ndarray:
+    import mindspore as ms
+    from mindspore import ops
+
+    return ops.AllReduce(op)(ms.Tensor(values)).asnumpy()
+
+
+def _batch_metrics(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int, float]:
+    logits = logits.astype(np.float64)
+    num_classes = logits.shape[1]
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ConfigError(f"label {int(labels.max())} is out of range for a model with {num_classes} classes "
+                          "(set num_classes to the dataset's class count)")
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_prob = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = float(-log_prob[np.arange(len(labels)), labels].sum())
+    k = min(5, num_classes)
+    # A sample is top-k correct when fewer than k classes score strictly higher than the true one.
+    true_score = logits[np.arange(len(labels)), labels][:, None]
+    rank_of_true = (logits > true_score).sum(axis=1)
+    return int((rank_of_true < 1).sum()), int((rank_of_true < k).sum()), loss
+
+
+def evaluate(net, dataset: Iterable | None, pad_to: int | None = None, distributed: bool = False,
+             log_every: int = 0) -> EvalMetrics:
+    """Top-1/top-5 (percent), mean cross-entropy and throughput of ``net`` on ``dataset``.
+
+    Args:
+        net: a callable taking an NCHW float32 ``Tensor`` and returning logits (Cell or GraphCell).
+        dataset: yields ``(images, labels)`` batches (a MindSpore dataset or any iterable of numpy
+            pairs); ``None`` for an empty shard.
+        pad_to: pad every smaller batch to this size and mask the padding (for fixed-shape graphs);
+            default: the size of the first batch.
+        distributed: all-reduce the sums over the launched processes (``mindspore.communication``
+            must be initialised); every rank gets the global result.
+        log_every: print a progress line every that many batches (0 = quiet).
+    """
+    import mindspore as ms
+
+    if hasattr(net, "set_train"):
+        net.set_train(False)
+    if dataset is None:
+        batches: Iterable = ()
+    elif hasattr(dataset, "create_tuple_iterator"):
+        batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
+    else:
+        batches = dataset
+    correct1 = correct5 = count = 0
+    loss_sum = 0.0
+    start = time.perf_counter()
+    warm_start, warm_count = start, 0
+    for step, (images, labels) in enumerate(batches, 1):
+        images = np.asarray(images, dtype=np.float32)
+        labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        n = len(labels)
+        if pad_to is None:
+            pad_to = n
+        if n < pad_to:
+            images = np.concatenate([images, np.zeros((pad_to - n,) + images.shape[1:], np.float32)])
+        logits = net(ms.Tensor(images)).asnumpy()[:n]
+        c1, c5, loss = _batch_metrics(logits, labels)
+        correct1, correct5, count, loss_sum = correct1 + c1, correct5 + c5, count + n, loss_sum + loss
+        if step == 1:
+            warm_start, warm_count = time.perf_counter(), count
+        if log_every and step % log_every == 0:
+            print(f"  batch {step}: {count} samples, top-1 {100.0 * correct1 / count:.2f}%", flush=True)
+    end = time.perf_counter()
+    seconds = end - start
+    if count > warm_count:
+        timed_seconds, timed_count = end - warm_start, count - warm_count
+    else:
+        timed_seconds, timed_count = seconds, count
+    img_per_s = timed_count / timed_seconds if timed_seconds > 0 else 0.0
+    if distributed:
+        counts = _all_reduce(np.array([correct1, correct5, count], dtype=np.int32))
+        correct1, correct5, count = (int(v) for v in counts)
+        sums = _all_reduce(np.array([loss_sum, img_per_s, seconds], dtype=np.float32))
+        loss_sum, img_per_s = float(sums[0]), float(sums[1])  # throughput adds up over ranks
+        seconds = float(_all_reduce(np.array([seconds], dtype=np.float32), "max")[0])
+    if count == 0:
+        return EvalMetrics(0.0, 0.0, float("nan"), 0, seconds, 0.0)
+    return EvalMetrics(
+        top1=100.0 * correct1 / count,
+        top5=100.0 * correct5 / count,
+        loss=loss_sum / count,
+        num_samples=count,
+        seconds=seconds,
+        img_per_s=img_per_s,
+    )
+
+
+def _load_mindir(path: str):
+    """An exported MINDIR as a callable graph plus its sidecar (image size, batch) when present."""
+    import mindspore as ms
+
+    from .export import read_sidecar, sidecar_path
+
+    meta = read_sidecar(path) if os.path.isfile(sidecar_path(path)) else {}
+    return ms.nn.GraphCell(ms.load(path)), meta
+
+
+def run_validation(cfg) -> dict:
+    """validate.py's work for a parsed config: build/load the network, evaluate, return the JSON record."""
+    import mindspore as ms
+
+    from ._script import ScriptError
+    from .export import load_network
+
+    ms.set_context(mode=cfg.mode, device_target=cfg.device_target)
+    rank, group_size = 0, 1
+    if cfg.distribute:
+        from mindspore.communication import get_group_size, get_rank, init
+
+        init()
+        rank, group_size = get_rank(), get_group_size()
+    if not cfg.ckpt_path:
+        raise ConfigError("ckpt_path: no checkpoint given (pass --ckpt_path FILE: .ckpt, .safetensors, "
+                          ".pth(.tar) or an exported .mindir)")
+    if not os.path.isfile(cfg.ckpt_path):
+        raise ConfigError(f"ckpt_path: {cfg.ckpt_path!r} does not exist")
+    path, classes, _ = scan_image_folder(cfg.data_dir, cfg.val_split)
+    image_size, batch_size, pad_to = cfg.image_resize, cfg.batch_size, cfg.batch_size
+    model_name = cfg.model
+    if cfg.ckpt_path.lower().endswith(".mindir"):
+        if cfg.amp_level != "O0":
+            raise ConfigError(f"amp_level: {cfg.amp_level} cannot be applied to an exported MINDIR (use O0)")
+        net, meta = _load_mindir(cfg.ckpt_path)
+        image_size = int(meta.get("image_size", image_size))
+        model_name = meta.get("model", model_name)
+        if meta.get("batch"):  # a fixed-batch graph: feed exactly that batch size
+            batch_size = pad_to = int(meta["batch"])
+        num_classes = meta.get("num_classes")
+    else:
+        net, num_classes = load_network(cfg.model, cfg.ckpt_path, cfg.num_classes)
+        net = apply_amp(net, cfg.amp_level)
+    if num_classes is not None and num_classes < len(classes):
+        raise ConfigError(f"{path} has {len(classes)} classes but the model has {num_classes} outputs")
+    dataset, _, total = create_eval_dataset(
+        cfg.data_dir, cfg.val_split, batch_size, image_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std,
+        cfg.num_parallel_workers, rank, group_size)
+    metrics = evaluate(net, dataset, pad_to=pad_to, distributed=group_size > 1)
+    if metrics.num_samples != total:
+        raise ScriptError(f"evaluated {metrics.num_samples} samples but {path} holds {total}")
+    record = {"top1": metrics.top1, "top5": metrics.top5, "loss": metrics.loss, "num_samples": metrics.num_samples,
+              "model": model_name, "ckpt": cfg.ckpt_path, "img_per_s": metrics.img_per_s,
+              "amp_level": cfg.amp_level, "image_size": image_size, "crop_pct": cfg.crop_pct,
+              "interpolation": cfg.interpolation, "data": path, "ranks": group_size}
+    return record
+
+
+def format_table(record: dict) -> str:
+    """The metrics as a small two-column text table."""
+    rows = [("model", record["model"]), ("checkpoint", record["ckpt"]), ("samples", record["num_samples"]),
+            ("top-1 (%)", f"{record['top1']:.3f}"), ("top-5 (%)", f"{record['top5']:.3f}"),
+            ("loss", f"{record['loss']:.4f}"), ("img/s", f"{record['img_per_s']:.1f}"),
+            ("amp", record["amp_level"]), ("input", f"{record['image_size']} crop_pct {record['crop_pct']} "
+                                                   f"{record['interpolation']}")]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(str(v)) for _, v in rows))
+    return "\n".join([line] + [f"{k:<{width}} | {v}" for k, v in rows] + [line])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python validate.py --config RECIPE --data_dir DIR --ckpt_path CKPT [--json OUT]``."""
+    import json
+    import sys
+
+    from ._script import run_script
+    from .config import parse_cli
+    from .models.registry import model_info
+
+    def _main(args: list[str]) -> int:
+        first = parse_cli(args, prog="validate.py", description="Top-1/top-5 of a checkpoint on an ImageFolder.")
+        cfg = parse_cli(args, prog="validate.py", defaults={"crop_pct": model_info(first.model).crop_pct})
+        record = run_validation(cfg)
+        if not cfg.distribute or _rank() == 0:
+            print(format_table(record))
+            if cfg.json:
+                tmp = f"{cfg.json}.tmp-{os.getpid()}"
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    json.dump(record, fh, indent=2)
+                os.replace(tmp, cfg.json)
+                print(f"wrote {cfg.json}")
+        return 0
+
+    return run_script(_main, "validate.py", sys.argv[1:] if argv is None else argv)
+
+
+def _rank() -> int:
+    from mindspore.communication import get_rank
+
+    return get_rank()

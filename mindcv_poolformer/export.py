@@ -1,0 +1,328 @@
+"""Deployable artifacts: MINDIR (dynamic batch), ONNX (an export-only but numerically equal graph), AIR.
+
+Every artifact is checked after writing against the checkpointed network on a random batch and
+gets a JSON sidecar (``OUT.json``) with what a predictor needs: model, classes, preprocessing.
+
+ONNX: MindSpore 2.10 cannot export ``Rsqrt``, ``PadV3`` (``ops.pad``), ``Reciprocal`` or ``Erf``.
+``make_onnx_exportable`` swaps the cells that use them for equal formulations with the same
+parameter names: GroupNorm1 divides by ``sqrt``; the token mixer uses ``AvgPool2d(pad_mode="same")``,
+which MindSpore and ONNX (``count_include_pad=0``) both average over the valid window only, as the
+reference does; the exact GELU becomes ``relu(x) - |x| * erfc(|x|/sqrt2) / 2`` with erfc from
+Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), an identity that needs no sign op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from ._script import ScriptError
+from .checkpoint import CheckpointError, load_checkpoint_into, read_state_dict, split_model_state, to_canonical
+from .config import ConfigError
+from .models.layers import GroupNorm1, Pooling
+
+__all__ = [
+    "ExportResult",
+    "DivSqrtGroupNorm1",
+    "ErfFreeGELU",
+    "SamePadPooling",
+    "export_model",
+    "load_network",
+    "make_onnx_exportable",
+    "read_labels",
+    "read_sidecar",
+    "sidecar_path",
+]
+
+_LOG = logging.getLogger("mindcv_poolformer")
+
+SUFFIXES = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
+MINDIR_TOLERANCE = 1e-4
+ONNX_TOLERANCE = 1e-4
+
+
+def load_network(model: str, ckpt_path: str, num_classes: int | None = None):
+    """Build ``model`` with the checkpoint's class count (or ``num_classes``) and load it strictly.
+
+    Unlike fine-tuning, inference must not re-initialise a head whose shape differs: that is an error.
+    Returns ``(net, num_classes)``.
+    """
+    from .models.registry import create_model
+
+    if not ckpt_path:
+        raise ConfigError("ckpt_path: no checkpoint given (pass --ckpt_path FILE)")
+    if not os.path.isfile(ckpt_path):
+        raise CheckpointError(f"ckpt_path: {ckpt_path!r} does not exist")
+    state, _ = to_canonical(read_state_dict(ckpt_path))
+    state, _ = split_model_state(state)
+    head = state.get("head.weight")
+    ckpt_classes = int(head.shape[0]) if head is not None else None
+    if num_classes and ckpt_classes and num_classes != ckpt_classes:
+        raise CheckpointError(f"{ckpt_path}: the checkpoint's head has {ckpt_classes} classes, "
+                              f"num_classes={num_classes} was requested")
+    classes = num_classes or ckpt_classes
+    if not classes:
+        raise CheckpointError(f"{ckpt_path}: the checkpoint has no classifier head; pass --num_classes")
+    net = create_model(model, num_classes=classes)
+    load_checkpoint_into(net, state)
+    net.set_train(False)
+    return net, classes
+
+
+def _erfc_as(a: Tensor) -> Tensor:
+    """erfc(a) for a >= 0 by Abramowitz & Stegun 7.1.26, from ops ONNX export accepts (no Reciprocal)."""
+    t = ops.div(ops.ones_like(a), 1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return poly * ops.exp(-a * a)
+
+
+class ErfFreeGELU(nn.Cell):
+    """Exact-erf GELU without Erf: ``x*Phi(x) = relu(x) - |x| * erfc(|x|/sqrt(2)) / 2`` holds for either sign."""
+
+    def construct(self, x: Tensor) -> Tensor:
+        magnitude = ops.abs(x)
+        return ops.relu(x) - 0.5 * magnitude * _erfc_as(magnitude * 0.7071067811865476)
+
+
+class DivSqrtGroupNorm1(GroupNorm1):
+    """GroupNorm1 dividing by ``sqrt`` (ONNX export has no Rsqrt); same parameters."""
+
+    def construct(self, x: Tensor) -> Tensor:
+        mean = x.mean(axis=(1, 2, 3), keep_dims=True)
+        centered = x - mean
+        var = (centered * centered).mean(axis=(1, 2, 3), keep_dims=True)
+        y = centered / ops.sqrt(var + self.eps)
+        return y * self.gamma.reshape((1, -1, 1, 1)) + self.beta.reshape((1, -1, 1, 1))
+
+
+class SamePadPooling(nn.Cell):
+    """Token mixer via ``AvgPool2d(pad_mode='same')``: averages the valid window only, like the reference."""
+
+    def __init__(self, pool_size: int) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(pool_size, stride=1, pad_mode="same")
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.pool(x) - x
+
+
+def make_onnx_exportable(net):
+    """Swap, in place, the cells ONNX export rejects for equal formulations; parameter names are kept."""
+    for _, cell in list(net.cells_and_names()):
+        for attr, sub in list(cell.name_cells().items()):
+            if isinstance(sub, nn.GELU):
+                if getattr(sub, "approximate", False):
+                    continue  # tanh GELU exports as is
+                setattr(cell, attr, ErfFreeGELU())
+            elif isinstance(sub, Pooling):
+                setattr(cell, attr, SamePadPooling(sub.pool_size))
+            elif isinstance(sub, GroupNorm1) and not isinstance(sub, DivSqrtGroupNorm1):
+                new = DivSqrtGroupNorm1(sub.num_channels, sub.eps)
+                new.gamma.set_data(sub.gamma.data)
+                new.beta.set_data(sub.beta.data)
+                setattr(cell, attr, new)
+    # Fresh cells carry short parameter names ("gamma"); graph compilation needs unique full names.
+    for name, param in net.parameters_and_names():
+        param.name = name
+    return net
+
+
+def sidecar_path(artifact: str) -> str:
+    """``model.onnx`` -> ``model.onnx.json``."""
+    return f"{artifact}.json"
+
+
+def read_sidecar(artifact: str) -> dict:
+    """The JSON written next to an exported artifact; ScriptError if absent or unreadable."""
+    path = sidecar_path(artifact)
+    if not os.path.isfile(path):
+        raise ScriptError(f"{path} not found: it is written by export.py next to {artifact} and holds its "
+                          "preprocessing and labels")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ScriptError(f"{path}: not a readable JSON sidecar ({exc})") from None
+    for key in ("image_size", "num_classes", "mean", "std", "crop_pct", "interpolation"):
+        if key not in meta:
+            raise ScriptError(f"{path}: key {key!r} is missing")
+    return meta
+
+
+def read_labels(path: str, num_classes: int | None = None) -> list[str]:
+    """One class name per line (blank lines ignored); the count must match ``num_classes`` if given."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"labels: {path!r} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        labels = [line.strip() for line in fh if line.strip()]
+    if num_classes is not None and len(labels) != num_classes:
+        raise ConfigError(f"labels: {path} has {len(labels)} names but the model has {num_classes} classes")
+    return labels
+
+
+@dataclass
+class ExportResult:
+    """Where the artifact went and how closely it reproduces the checkpointed network."""
+
+    path: str
+    sidecar: str
+    file_format: str
+    batch: int | None
+    max_abs_diff: float | None
+    note: str
+
+
+def _output_path(file_name: str, model: str, file_format: str) -> str:
+    suffix = SUFFIXES[file_format]
+    path = file_name or model
+    return path if path.lower().endswith(suffix) else path + suffix
+
+
+def _check_backend(file_format: str) -> None:
+    import mindspore as ms
+
+    if file_format == "AIR":
+        target = ms.get_context("device_target")
+        if target != "Ascend":
+            raise ScriptError(f"AIR export needs the Ascend backend (MindSpore only writes AIR there); this run uses "
+                              f"{target}. Export MINDIR or ONNX here, or run with --device_target Ascend on Ascend")
+
+
+def export_model(
+    model: str,
+    ckpt_path: str,
+    file_format: str = "MINDIR",
+    file_name: str = "",
+    batch_size: int = 1,
+    image_size: int = 224,
+    num_classes: int | None = None,
+    crop_pct: float = 0.9,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = (0.485 * 255, 0.456 * 255, 0.406 * 255),
+    std: Sequence[float] = (0.229 * 255, 0.224 * 255, 0.225 * 255),
+    labels: list[str] | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+) -> ExportResult:
+    """Export ``model`` + ``ckpt_path`` and verify the artifact (MINDIR reloaded, ONNX in onnxruntime).
+
+    MINDIR gets a dynamic batch dimension; ONNX has a fixed ``batch_size`` (MindSpore 2.10 refuses
+    dynamic shapes for ONNX). Raises ScriptError if the artifact's outputs differ from the network
+    by more than the tolerance, leaving the file for inspection.
+    """
+    import mindspore as ms
+
+    file_format = file_format.upper()
+    if file_format not in SUFFIXES:
+        raise ConfigError(f"file_format: {file_format!r} is not one of {', '.join(SUFFIXES)}")
+    _check_backend(file_format)
+    if image_size % 32:
+        raise ConfigError(f"image_resize: {image_size} must be a multiple of 32 (the network downsamples by 32)")
+    path = _output_path(file_name, model, file_format)
+    meta_path = sidecar_path(path)
+    for existing in (path, meta_path):
+        if os.path.exists(existing) and not overwrite:
+            raise ScriptError(f"{existing} already exists; pass --overwrite True to replace it")
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    net, classes = load_network(model, ckpt_path, num_classes)
+    if labels is not None and len(labels) != classes:
+        raise ConfigError(f"labels: {len(labels)} names given but the model has {classes} classes")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    x = np.random.default_rng(seed).standard_normal((batch_size, 3, image_size, image_size)).astype(np.float32)
+    reference = net(ms.Tensor(x)).asnumpy()
+
+    diff: float | None = None
+    batch: int | None = batch_size
+    if file_format == "MINDIR":
+        ms.export(net, ms.Tensor(shape=[None, 3, image_size, image_size], dtype=ms.float32),
+                  file_name=path, file_format="MINDIR")
+        batch = None
+        graph = ms.nn.GraphCell(ms.load(path))
+        diff = float(np.abs(graph(ms.Tensor(x)).asnumpy() - reference).max())
+        one = float(np.abs(graph(ms.Tensor(x[:1])).asnumpy() - reference[:1]).max())
+        diff = max(diff, one)
+        note = f"dynamic batch; reloaded with ms.load + nn.GraphCell, max |diff| {diff:.3g} on batch {batch_size} and 1"
+        tolerance = MINDIR_TOLERANCE
+    elif file_format == "ONNX":
+        export_net, _ = load_network(model, ckpt_path, classes)
+        make_onnx_exportable(export_net)
+        swapped = float(np.abs(export_net(ms.Tensor(x)).asnumpy() - reference).max())
+        ms.export(export_net, ms.Tensor(x), file_name=path, file_format="ONNX")
+        note = (f"fixed batch {batch_size}; erf-free exact GELU (A&S 7.1.26), max |diff| of the export graph "
+                f"in MindSpore {swapped:.3g}")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            note += "; not checked in onnxruntime (not installed)"
+        else:
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            out = session.run(None, {session.get_inputs()[0].name: x})[0]
+            diff = float(np.abs(out - reference).max())
+            note += f"; onnxruntime vs MindSpore max |diff| {diff:.3g}"
+        tolerance = ONNX_TOLERANCE
+    else:
+        ms.export(net, ms.Tensor(x), file_name=path, file_format="AIR")
+        note = f"fixed batch {batch_size}"
+        tolerance = float("inf")
+
+    meta = {
+        "model": model,
+        "num_classes": classes,
+        "image_size": image_size,
+        "crop_pct": crop_pct,
+        "interpolation": interpolation,
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "labels": labels,
+        "file_format": file_format,
+        "batch": batch,
+        "checkpoint": os.path.abspath(ckpt_path),
+        "max_abs_diff": diff,
+        "note": note,
+    }
+    tmp = f"{meta_path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=2)
+    os.replace(tmp, meta_path)
+    if diff is not None and not diff <= tolerance:
+        raise ScriptError(f"{path}: outputs differ from the checkpointed network by {diff:.3g} "
+                          f"(tolerance {tolerance:g})")
+    return ExportResult(path, meta_path, file_format, batch, diff, note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python export.py --model NAME --ckpt_path CKPT --file_format MINDIR|AIR|ONNX --file_name OUT``."""
+    import sys
+
+    import mindspore as ms
+
+    from ._script import run_script
+    from .config import parse_cli
+    from .evaluate import scan_image_folder
+    from .models.registry import model_info
+
+    def _main(args: list[str]) -> int:
+        first = parse_cli(args, prog="export.py", defaults={"batch_size": 1})
+        cfg = parse_cli(args, prog="export.py",
+                        defaults={"batch_size": 1, "crop_pct": model_info(first.model).crop_pct})
+        ms.set_context(mode=ms.GRAPH_MODE, device_target=cfg.device_target)
+        labels = None
+        if cfg.labels:
+            labels = read_labels(cfg.labels)
+        elif cfg.data_dir:
+            _, labels, _ = scan_image_folder(cfg.data_dir, cfg.val_split)
+        result = export_model(cfg.model, cfg.ckpt_path, cfg.file_format, cfg.file_name, cfg.batch_size,
+                              cfg.image_resize, cfg.num_classes, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std,
+                              labels, cfg.overwrite, cfg.seed)
+        print(f"wrote {result.path} ({result.file_format}); {result.note}")
+        print(f"wrote {result.sidecar}")
+        return 0
+
+    return run_script(_main, "export.py", sys.argv[1:] if argv is None else argv)
