@@ -117,7 +117,7 @@ def make_onnx_exportable(net):
     for _, cell in list(net.cells_and_names()):
         for attr, sub in list(cell.name_cells().items()):
             if isinstance(sub, nn.GELU):
-                if getattr(sub, "approximate", False):
+                if str(getattr(sub, "approximate", "none")).lower() in ("tanh", "true"):
                     continue  # tanh GELU exports as is
                 setattr(cell, attr, ErfFreeGELU())
             elif isinstance(sub, Pooling):

@@ -1,0 +1,196 @@
+"""Classify image files with a checkpoint, an exported MINDIR or an ONNX file; print top-k labels.
+
+    python -m mindcv_poolformer.predict IMAGES... (--ckpt_path CKPT [--model NAME] | --mindir FILE | --onnx FILE)
+        [--labels FILE] [--topk 5] [--json OUT]
+
+The eval transform is the reference one (``transforms.eval_transform_pil``); its settings come
+from the artifact's JSON sidecar (MINDIR/ONNX) or from the model's registry entry and the config
+(checkpoint). A missing or unreadable image is reported on one line and skipped; the exit code is
+then 1. Usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ._script import ScriptError, run_script
+from .config import SCHEMA, ConfigError, parse_cli
+from .transforms import eval_transform_pil
+
+__all__ = ["Predictor", "load_predictor", "main", "softmax"]
+
+_TRUE_FALSE = {"true", "false", "yes", "no", "1", "0", "on", "off"}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class Predictor:
+    """A batch function ``NCHW float32 -> logits`` plus the preprocessing and labels that go with it."""
+
+    run: Callable[[np.ndarray], np.ndarray]
+    batch: int  # images per call; smaller chunks are zero-padded to it
+    image_size: int
+    crop_pct: float
+    interpolation: str
+    mean: Sequence[float]
+    std: Sequence[float]
+    labels: list[str] | None
+    source: str
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        return eval_transform_pil(img, self.image_size, self.crop_pct, self.interpolation, self.mean, self.std)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), self.batch):
+            chunk = images[start:start + self.batch]
+            n = len(chunk)
+            if n < self.batch:
+                chunk = np.concatenate([chunk, np.zeros((self.batch - n,) + chunk.shape[1:], np.float32)])
+            out.append(np.asarray(self.run(chunk))[:n])
+        return np.concatenate(out)
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if self.labels and index < len(self.labels) else f"class_{index}"
+
+
+def _ms_runner(net) -> Callable[[np.ndarray], np.ndarray]:
+    import mindspore as ms
+
+    return lambda x: net(ms.Tensor(x)).asnumpy()
+
+
+def load_predictor(cfg) -> Predictor:
+    """Pick the backend from ``cfg.onnx`` / ``cfg.mindir`` / ``cfg.ckpt_path`` (exactly one)."""
+    from .export import load_network, read_labels, read_sidecar
+
+    given = [k for k in ("ckpt_path", "mindir", "onnx") if cfg[k]]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --ckpt_path CKPT, --mindir FILE, --onnx FILE "
+                          f"(got {', '.join('--' + k for k in given) or 'none'})")
+    kind = given[0]
+    path = cfg[kind]
+    if not os.path.isfile(path):
+        raise ConfigError(f"{kind}: {path!r} does not exist")
+    if kind == "ckpt_path":
+        import mindspore as ms
+
+        ms.set_context(mode=cfg.mode, device_target=cfg.device_target)
+        net, classes = load_network(cfg.model, path, cfg.num_classes)
+        labels = read_labels(cfg.labels, classes) if cfg.labels else None
+        return Predictor(_ms_runner(net), cfg.batch_size, cfg.image_resize, cfg.crop_pct, cfg.interpolation,
+                         cfg.mean, cfg.std, labels, path)
+    meta = read_sidecar(path)
+    labels = read_labels(cfg.labels, meta["num_classes"]) if cfg.labels else meta.get("labels")
+    if kind == "mindir":
+        import mindspore as ms
+
+        ms.set_context(mode=ms.GRAPH_MODE, device_target=cfg.device_target)
+        run = _ms_runner(ms.nn.GraphCell(ms.load(path)))
+        batch = int(meta.get("batch") or cfg.batch_size)
+    else:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ScriptError("onnx: running an ONNX file needs onnxruntime (pip install onnxruntime)") from None
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        run = lambda x: session.run(None, {input_name: x})[0]  # noqa: E731
+        batch = int(meta.get("batch") or 1)
+    return Predictor(run, batch, int(meta["image_size"]), float(meta["crop_pct"]), meta["interpolation"],
+                     meta["mean"], meta["std"], labels, path)
+
+
+def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate image paths (positional) from ``--key value`` options."""
+    images, options = [], []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--"):
+            options.append(token)
+            key = token[2:].partition("=")[0].replace("-", "_")
+            has_value = "=" in token or key not in SCHEMA and key not in ("config", "c")
+            if not has_value and i + 1 < len(argv):
+                nxt = argv[i + 1]
+                is_bool = key in SCHEMA and SCHEMA[key].type is bool
+                if not is_bool or nxt.lower() in _TRUE_FALSE:
+                    options.append(nxt)
+                    i += 1
+        else:
+            images.append(token)
+        i += 1
+    return images, options
+
+
+def _read_image(path: str) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def predict_files(predictor: Predictor, files: Sequence[str], topk: int) -> tuple[list[dict], list[str]]:
+    """Top-k predictions for each readable file, and one error line per unreadable one."""
+    arrays, good, errors = [], [], []
+    for path in files:
+        try:
+            arrays.append(predictor.preprocess(_read_image(path)))
+            good.append(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            errors.append(f"{path}: cannot read image ({reason})")
+    results = []
+    if arrays:
+        probs = softmax(predictor.logits(np.stack(arrays)))
+        k = min(topk, probs.shape[1])
+        for path, row in zip(good, probs):
+            order = np.argsort(-row, kind="stable")[:k]
+            results.append({"image": path, "topk": [{"index": int(i), "label": predictor.label(int(i)),
+                                                     "prob": float(row[i])} for i in order]})
+    return results, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m mindcv_poolformer.predict``."""
+
+    from .models.registry import model_info
+
+    def _main(args: list[str]) -> int:
+        files, options = _split_argv(args)
+        first = parse_cli(options, prog="predict", defaults={"batch_size": 8})
+        cfg = parse_cli(options, prog="predict",
+                        defaults={"batch_size": 8, "crop_pct": model_info(first.model).crop_pct})
+        if not files:
+            raise ConfigError("no images given (usage: python -m mindcv_poolformer.predict IMG... --ckpt_path CKPT)")
+        predictor = load_predictor(cfg)
+        results, errors = predict_files(predictor, files, cfg.topk)
+        for line in errors:
+            print(f"predict: error: {line}", file=sys.stderr)
+        for item in results:
+            print(item["image"])
+            for rank, entry in enumerate(item["topk"], 1):
+                print(f"  {rank}. {entry['prob']:.4f}  {entry['label']}")
+        if cfg.json:
+            with open(cfg.json, "w", encoding="utf-8") as fh:
+                json.dump({"source": predictor.source, "predictions": results, "errors": errors}, fh, indent=2)
+        return 1 if errors else 0
+
+    return run_script(_main, "predict", sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
