@@ -1,0 +1,162 @@
+"""Model zoo: registry, exact parameter counts, MACs, shapes, modes, init and the token mixer's borders."""
+
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+
+from mindcv_poolformer import count_macs, count_params, create_model, list_models, model_info
+from mindcv_poolformer.models.layers import DropPath, GroupNorm1, Pooling
+from mindcv_poolformer.models.metaformer import POOLFORMER_VARIANTS
+
+PAPER_MACS_G = {"poolformer_s12": 1.8, "poolformer_s24": 3.4, "poolformer_s36": 5.0,
+                "poolformer_m36": 8.8, "poolformer_m48": 11.6}
+PARAMS = {"poolformer_s12": 11_915_176, "poolformer_s24": 21_388_968, "poolformer_s36": 30_862_760,
+          "poolformer_m36": 56_172_520, "poolformer_m48": 73_473_448}
+
+
+@pytest.fixture(autouse=True)
+def _pynative():
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_registry_lists_the_five_variants_and_rejects_unknown_names():
+    assert set(PARAMS) <= set(list_models())
+    with pytest.raises(ValueError, match=r"unknown model 'poolformer_s13'.*available: "):
+        create_model("poolformer_s13")
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_param_count_and_macs(name):
+    net = create_model(name)
+    assert count_params(net) == PARAMS[name] == model_info(name).params
+    macs = count_macs(net, 224)
+    print(f"{name}: {macs / 1e9:.3f} GMACs (paper {PAPER_MACS_G[name]})")
+    # the paper prints one decimal (s12's 1.823G is "1.8"): equal after rounding, and within 1% of
+    # the unrounded fvcore count of the reference implementation
+    assert round(macs / 1e9, 1) == PAPER_MACS_G[name]
+    assert abs(macs - model_info(name).macs) / model_info(name).macs < 0.01
+    assert ms.get_context("mode") == ms.PYNATIVE_MODE
+
+
+def test_macs_counter_matches_a_hand_count_for_s12():
+    # stem + 4 stages of (2 GroupNorm + 2 MLP convs) + 3 downsamples + final norm + head, fvcore rules
+    stages = [(64, 56, 2), (128, 28, 2), (320, 14, 6), (512, 7, 2)]
+    hand = 56 * 56 * 64 * 3 * 49
+    for c, s, d in stages:
+        hand += d * (2 * 5 * c * s * s + 2 * s * s * c * 4 * c)
+    hand += sum(c2 * s2 * s2 * c1 * 9 for (c1, _, _), (c2, s2, _) in zip(stages, stages[1:]))
+    hand += 5 * 512 * 49 + 512 * 1000
+    assert count_macs(create_model("poolformer_s12"), 224) == hand == 1_822_678_528
+
+
+@pytest.mark.parametrize("size", [(224, 224), (96, 160), (256, 64)])
+def test_output_and_feature_shapes(size):
+    net = create_model("poolformer_s12", num_classes=10)
+    net.set_train(False)
+    x = ms.Tensor(np.zeros((2, 3) + size, np.float32))
+    features = net.forward_features(x)
+    assert features.shape == (2, 512, size[0] // 32, size[1] // 32)
+    assert net.forward_head(features).shape == (2, 10)
+    assert net(x).shape == (2, 10)
+
+
+def test_headless_model_returns_pooled_features():
+    net = create_model("poolformer_s12", num_classes=0)
+    net.set_train(False)
+    assert net(ms.Tensor(np.zeros((1, 3, 64, 64), np.float32))).shape == (1, 512)
+
+
+def test_graph_and_pynative_give_the_same_logits():
+    net = create_model("poolformer_s12", num_classes=5)
+    for p in net.get_parameters():  # make the mixer and every norm visible in the output
+        if "layer_scale" in p.name or p.name.endswith("gamma"):
+            p.set_data(ms.Tensor(np.random.RandomState(0).uniform(0.5, 1.5, p.shape).astype(np.float32)))
+    net.set_train(False)
+    x = ms.Tensor(np.random.RandomState(1).randn(2, 3, 96, 64).astype(np.float32))
+    eager = net(x).asnumpy()
+    ms.set_context(mode=ms.GRAPH_MODE)
+    graph = net(x).asnumpy()
+    assert np.abs(eager - graph).max() < 1e-5
+
+
+def _reference_avgpool(x: np.ndarray, k: int) -> np.ndarray:
+    """AvgPool2d(k, stride 1, pad k//2, count_include_pad=False) by explicit loops."""
+    n, c, h, w = x.shape
+    r = k // 2
+    out = np.zeros_like(x)
+    for i in range(h):
+        for j in range(w):
+            window = x[:, :, max(0, i - r):i + r + 1, max(0, j - r):j + r + 1]
+            out[:, :, i, j] = window.mean(axis=(2, 3))
+    return out
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_pooling_token_mixer_border_values(k):
+    x = np.random.RandomState(0).randn(2, 3, 7, 5).astype(np.float32) * 3 + 1
+    ours = Pooling(k)(ms.Tensor(x)).asnumpy()
+    expected = _reference_avgpool(x, k) - x
+    # corners average 4 (k=3) values, edges 6, the interior 9: all must match exactly
+    assert np.abs(ours - expected).max() < 1e-5
+    ms.set_context(mode=ms.GRAPH_MODE)
+    assert np.abs(Pooling(k)(ms.Tensor(x)).asnumpy() - expected).max() < 1e-5
+
+
+def test_groupnorm1_normalises_over_channels_and_space():
+    x = np.random.RandomState(0).randn(2, 4, 3, 5).astype(np.float32) * 5 + 2
+    norm = GroupNorm1(4)
+    norm.gamma.set_data(ms.Tensor(np.array([1, 2, 3, 4], np.float32)))
+    norm.beta.set_data(ms.Tensor(np.array([0, 1, 0, -1], np.float32)))
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    var = x.var(axis=(1, 2, 3), keepdims=True)
+    expected = (x - mean) / np.sqrt(var + 1e-5) * np.array([1, 2, 3, 4]).reshape(1, 4, 1, 1) \
+        + np.array([0, 1, 0, -1]).reshape(1, 4, 1, 1)
+    assert np.abs(norm(ms.Tensor(x)).asnumpy() - expected).max() < 1e-4
+
+
+def test_mlp_uses_exact_erf_gelu():
+    net = create_model("poolformer_s12")
+    act = net.network[0][0].mlp.act
+    x = np.linspace(-4, 4, 41, dtype=np.float32)
+    exact = 0.5 * x * (1 + np.array([math.erf(v / math.sqrt(2)) for v in x]))
+    assert np.abs(act(ms.Tensor(x)).asnumpy() - exact).max() < 1e-6
+
+
+def test_drop_path_schedule_is_linear_over_all_blocks():
+    net = create_model("poolformer_s12", drop_path_rate=0.1)
+    rates = [blk.drop_path.drop_prob if isinstance(blk.drop_path, DropPath) else 0.0
+             for stage in (0, 2, 4, 6) for blk in net.network[stage]]
+    np.testing.assert_allclose(rates, [0.1 * i / 11 for i in range(12)], atol=1e-9)
+
+
+def test_drop_path_drops_whole_samples_only_in_training():
+    layer = DropPath(0.5)
+    x = ms.Tensor(np.ones((64, 2, 2, 2), np.float32))
+    layer.set_train(True)
+    out = layer(x).asnumpy()
+    per_sample = out.reshape(64, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert (per_sample == per_sample[:, :1]).all() and 0 < (per_sample[:, 0] == 0).sum() < 64
+    layer.set_train(False)
+    assert (layer(x).asnumpy() == 1).all()
+
+
+@pytest.mark.parametrize("name", ["poolformer_s12", "poolformer_m36"])
+def test_initialisation(name):
+    net = create_model(name)
+    params = net.parameters_dict()
+    scale = POOLFORMER_VARIANTS[name].layer_scale_init
+    assert np.all(params["network.0.0.layer_scale_1"].asnumpy() == np.float32(scale))
+    head = params["head.weight"].asnumpy()
+    # trunc_normal(std .02) truncated at +-2 absolute, as timm's trunc_normal_: effectively N(0, .02)
+    assert abs(head.std() - 0.02) < 0.002 and abs(head.mean()) < 0.002
+    assert not params["head.bias"].asnumpy().any() and not params["network.0.0.mlp.fc1.bias"].asnumpy().any()
+    fc1 = params["network.4.0.mlp.fc1.weight"].asnumpy()
+    assert abs(fc1.std() - 0.02) < 0.002
+    assert np.all(params["norm.gamma"].asnumpy() == 1) and not params["norm.beta"].asnumpy().any()
+    assert isinstance(net.network[0][0].norm1, GroupNorm1) and isinstance(net.head, nn.Dense)
