@@ -137,11 +137,11 @@ def apply_amp(net, amp_level: str = "O0"):
     return net
 
 
-def _all_reduce(values: np.ndarray, op: str = "sum") -> np.ndarray:
+def _all_reduce(values: np.ndarray) -> np.ndarray:
     import mindspore as ms
     from mindspore import ops
 
-    return ops.AllReduce(op)(ms.Tensor(values)).asnumpy()
+    return ops.AllReduce()(ms.Tensor(values)).asnumpy()
 
 
 def _batch_metrics(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int, float]:
@@ -211,11 +211,12 @@ def evaluate(net, dataset: Iterable | None, pad_to: int | None = None, distribut
         timed_seconds, timed_count = seconds, count
     img_per_s = timed_count / timed_seconds if timed_seconds > 0 else 0.0
     if distributed:
-        counts = _all_reduce(np.array([correct1, correct5, count], dtype=np.int32))
-        correct1, correct5, count = (int(v) for v in counts)
-        sums = _all_reduce(np.array([loss_sum, img_per_s, seconds], dtype=np.float32))
-        loss_sum, img_per_s = float(sums[0]), float(sums[1])  # throughput adds up over ranks
-        seconds = float(_all_reduce(np.array([seconds], dtype=np.float32), "max")[0])
+        # MindSpore's CPU AllReduce takes float16/float32 only; float32 holds counts exactly below 2**24.
+        counts = _all_reduce(np.array([correct1, correct5, count], dtype=np.float32))
+        correct1, correct5, count = (int(round(float(v))) for v in counts)
+        # CPU AllReduce only sums: seconds becomes the mean over ranks; throughput adds up over ranks.
+        sums = _all_reduce(np.array([loss_sum, img_per_s, seconds, 1.0], dtype=np.float32))
+        loss_sum, img_per_s, seconds = float(sums[0]), float(sums[1]), float(sums[2] / sums[3])
     if count == 0:
         return EvalMetrics(0.0, 0.0, float("nan"), 0, seconds, 0.0)
     return EvalMetrics(

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from deploy_helpers import IMAGE_SIZE, MODEL, deploy_assets, run_cli  # noqa: F401  (fixture)
 from PIL import Image
 
 from mindcv_poolformer.config import ConfigError
@@ -15,9 +20,12 @@ from mindcv_poolformer.evaluate import apply_amp, create_eval_dataset, evaluate,
 from mindcv_poolformer.export import load_network
 from mindcv_poolformer.transforms import eval_transform_pil
 
+from deploy_helpers import IMAGE_SIZE, MODEL, REPO, deploy_assets, run_cli  # noqa: F401  (fixture)
+
 BATCH = 4  # 13 images: 3 full batches and one of 1
 
 
+@functools.cache
 def _hand_metrics(data: Path, ckpt: Path) -> dict:
     """Top-1/top-3/loss computed image by image with the single-image transform, no dataset pipeline."""
     import mindspore as ms
@@ -106,6 +114,31 @@ def test_amp_levels_close_to_fp32(deploy_assets):  # noqa: F811
         assert results[level].num_samples == 13
         assert abs(results[level].top1 - results["O0"].top1) <= 100 / 13 + 1e-9  # at most one flip
         assert results[level].loss == pytest.approx(results["O0"].loss, abs=1e-2)
+
+
+def test_msrun_two_ranks_all_reduce(deploy_assets, tmp_path):  # noqa: F811
+    """Real data-parallel validation (msrun, 2 processes): 7 + 6 samples, all-reduced to the 13-sample result."""
+    msrun = shutil.which("msrun", path=os.path.dirname(sys.executable)) or shutil.which("msrun")
+    if msrun is None:
+        pytest.skip("msrun is not installed next to this Python")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "dist.json"
+    env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(REPO), PATH=f"{os.path.dirname(sys.executable)}:"
+               f"{os.environ.get('PATH', '')}")
+    proc = subprocess.run(
+        [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}", f"--log_dir={tmp_path / 'logs'}",
+         "--join=True", str(REPO / "validate.py"), "--data_dir", str(deploy_assets["data"]), "--ckpt_path",
+         str(deploy_assets["ckpt"]), "--batch_size", str(BATCH), "--image_resize", str(IMAGE_SIZE),
+         "--num_parallel_workers", "1", "--distribute", "True", "--json", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    record = json.loads(out.read_text())
+    hand = _hand_metrics(deploy_assets["data"], deploy_assets["ckpt"])
+    assert record["ranks"] == 2 and record["num_samples"] == 13
+    assert record["top1"] == pytest.approx(hand["top1"], abs=1e-9)
+    assert record["loss"] == pytest.approx(hand["loss"], abs=1e-4)
 
 
 def _error_line(capsys, argv: list[str]) -> str:
