@@ -89,6 +89,24 @@ def test_onnx_graph_keeps_parameter_names(deploy_assets):  # noqa: F811
     assert all(param.name == name for name, param in net.parameters_and_names())
 
 
+def test_load_network_reads_official_layout(deploy_assets, tmp_path):  # noqa: F811
+    """A sail-sg/timm-style .pth.tar (GroupNorm weight/bias) loads to the same network as our safetensors."""
+    torch = require("torch")
+    from mindcv_poolformer.checkpoint import CheckpointError, read_state_dict
+
+    ours = read_state_dict(deploy_assets["ckpt"])
+    official = {k.replace(".gamma", ".weight").replace(".beta", ".bias"): torch.from_numpy(np.array(v))
+                for k, v in ours.items()}
+    torch.save(official, tmp_path / "s12.pth.tar")
+    a, _ = load_network(MODEL, str(deploy_assets["ckpt"]))
+    b, classes = load_network(MODEL, str(tmp_path / "s12.pth.tar"))
+    assert classes == 3
+    for (name, pa), (_, pb) in zip(a.parameters_and_names(), b.parameters_and_names()):
+        assert np.array_equal(pa.asnumpy(), pb.asnumpy()), name
+    with pytest.raises(CheckpointError, match="3 classes"):
+        load_network(MODEL, str(deploy_assets["ckpt"]), num_classes=5)
+
+
 def test_air_needs_ascend(deploy_assets, tmp_path):  # noqa: F811
     proc = _export(deploy_assets["ckpt"], tmp_path / "s12", "AIR")
     assert proc.returncode == 2

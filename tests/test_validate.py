@@ -18,6 +18,7 @@ from PIL import Image
 from mindcv_poolformer.config import ConfigError
 from mindcv_poolformer.evaluate import apply_amp, create_eval_dataset, evaluate, main
 from mindcv_poolformer.export import load_network
+from mindcv_poolformer.models.layers import GroupNorm1
 from mindcv_poolformer.transforms import eval_transform_pil
 
 from deploy_helpers import IMAGE_SIZE, MODEL, REPO, deploy_assets, run_cli  # noqa: F401  (fixture)
@@ -106,7 +107,10 @@ def test_amp_levels_close_to_fp32(deploy_assets):  # noqa: F811
     results = {}
     for level in ("O0", "O2", "O3"):
         net, _ = load_network(MODEL, str(deploy_assets["ckpt"]))
-        results[level] = evaluate(apply_amp(net, level), batches)
+        net = apply_amp(net, level)
+        norm_types = {str(c.mixed_precision_type) for _, c in net.cells_and_names() if isinstance(c, GroupNorm1)}
+        assert norm_types == {"O2": {"MixedPrecisionType.FP32"}, "O3": {"MixedPrecisionType.FP16"}}.get(level, {"None"})
+        results[level] = evaluate(net, batches)
     for level in ("O2", "O3"):
         print(f"{level}: top-1 {results[level].top1:.2f} vs O0 {results['O0'].top1:.2f} "
               f"(delta {results[level].top1 - results['O0'].top1:+.2f}), loss delta "
