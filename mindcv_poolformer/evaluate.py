@@ -10,6 +10,7 @@ Softmax, loss and top-k are computed on the host in float64 from the (float32) l
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -275,6 +276,9 @@ def run_validation(cfg) -> dict:
         net = apply_amp(net, cfg.amp_level)
     if num_classes is not None and num_classes < len(classes):
         raise ConfigError(f"{path} has {len(classes)} classes but the model has {num_classes} outputs")
+    if num_classes is not None and num_classes != len(classes) and rank == 0:
+        print(f"note: the model has {num_classes} outputs and {path} {len(classes)} class folders; label i is "
+              "the i-th folder in sorted order", file=sys.stderr)
     dataset, _, total = create_eval_dataset(
         cfg.data_dir, cfg.val_split, batch_size, image_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std,
         cfg.num_parallel_workers, rank, group_size)
@@ -303,7 +307,6 @@ def format_table(record: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python validate.py --config RECIPE --data_dir DIR --ckpt_path CKPT [--json OUT]``."""
     import json
-    import sys
 
     from ._script import run_script
     from .config import parse_cli

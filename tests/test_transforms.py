@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,18 +10,13 @@ import mindcv_poolformer  # noqa: F401  (sets the runtime before MindSpore runs 
 from mindcv_poolformer.config import ConfigError
 from mindcv_poolformer.transforms import create_transforms, eval_transform_pil, parse_auto_augment
 
-
-def _require(name: str):
-    """Skip locally when an optional package is missing, but fail in CI."""
-    if os.environ.get("CI") != "true":
-        return pytest.importorskip(name)
-    return __import__(name)
+from conftest import require
 
 
 def _photos() -> dict[str, Image.Image]:
     """Real photographs of many shapes: square, landscape, portrait, smaller than the crop, gray, RGBA."""
-    skdata = _require("skimage.data")
-    datasets = _require("sklearn.datasets")
+    skdata = require("skimage.data")
+    datasets = require("sklearn.datasets")
     china, flower = datasets.load_sample_images().images
     chelsea = skdata.chelsea()
     return {
@@ -42,7 +35,7 @@ def _photos() -> dict[str, Image.Image]:
 
 
 def _reference(img: Image.Image, crop_pct: float, size: int) -> np.ndarray:
-    transformers = _require("transformers")
+    transformers = require("transformers")
     proc = transformers.PoolFormerImageProcessorPil(size={"shortest_edge": size},
                                                     crop_size={"height": size, "width": size}, crop_pct=crop_pct)
     return proc(img.convert("RGB"), return_tensors="np")["pixel_values"][0]
