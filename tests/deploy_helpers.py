@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require
 from PIL import Image
+
+from conftest import require
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "poolformer_s12"
