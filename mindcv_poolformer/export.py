@@ -3,9 +3,9 @@
 Every artifact is checked after writing against the checkpointed network on a random batch and
 gets a JSON sidecar (``OUT.json``) with what a predictor needs: model, classes, preprocessing.
 
-ONNX: MindSpore 2.10 cannot export ``Rsqrt``, ``PadV3`` (``ops.pad``), ``Reciprocal`` or ``Erf``.
-``make_onnx_exportable`` swaps the cells that use them for equal formulations with the same
-parameter names: GroupNorm1 divides by ``sqrt``; the token mixer uses ``AvgPool2d(pad_mode="same")``,
+ONNX: MindSpore 2.10 cannot export ``PadV3`` (``ops.pad``) or ``Erf`` (nor Rsqrt/Reciprocal, which
+GroupNorm1 avoids itself). ``make_onnx_exportable`` swaps the cells that use them for equal
+formulations with the same parameter names: the token mixer uses ``AvgPool2d(pad_mode="same")``,
 which MindSpore and ONNX (``count_include_pad=0``) both average over the valid window only, as the
 reference does; the exact GELU becomes ``relu(x) - |x| * erfc(|x|/sqrt2) / 2`` with erfc from
 Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), an identity that needs no sign op.
@@ -26,11 +26,10 @@ from mindspore import Tensor, nn, ops
 from ._script import ScriptError
 from .checkpoint import CheckpointError, load_checkpoint_into, read_state_dict, split_model_state, to_canonical
 from .config import ConfigError
-from .models.layers import GroupNorm1, Pooling
+from .models.layers import Pooling
 
 __all__ = [
     "ExportResult",
-    "DivSqrtGroupNorm1",
     "ErfFreeGELU",
     "SamePadPooling",
     "export_model",
@@ -91,17 +90,6 @@ class ErfFreeGELU(nn.Cell):
         return ops.relu(x) - 0.5 * magnitude * _erfc_as(magnitude * 0.7071067811865476)
 
 
-class DivSqrtGroupNorm1(GroupNorm1):
-    """GroupNorm1 dividing by ``sqrt`` (ONNX export has no Rsqrt); same parameters."""
-
-    def construct(self, x: Tensor) -> Tensor:
-        mean = x.mean(axis=(1, 2, 3), keep_dims=True)
-        centered = x - mean
-        var = (centered * centered).mean(axis=(1, 2, 3), keep_dims=True)
-        y = centered / ops.sqrt(var + self.eps)
-        return y * self.gamma.reshape((1, -1, 1, 1)) + self.beta.reshape((1, -1, 1, 1))
-
-
 class SamePadPooling(nn.Cell):
     """Token mixer via ``AvgPool2d(pad_mode='same')``: averages the valid window only, like the reference."""
 
@@ -123,11 +111,6 @@ def make_onnx_exportable(net):
                 setattr(cell, attr, ErfFreeGELU())
             elif isinstance(sub, Pooling):
                 setattr(cell, attr, SamePadPooling(sub.pool_size))
-            elif isinstance(sub, GroupNorm1) and not isinstance(sub, DivSqrtGroupNorm1):
-                new = DivSqrtGroupNorm1(sub.num_channels, sub.eps)
-                new.gamma.set_data(sub.gamma.data)
-                new.beta.set_data(sub.beta.data)
-                setattr(cell, attr, new)
     # Fresh cells carry short parameter names ("gamma"); graph compilation needs unique full names.
     for name, param in net.parameters_and_names():
         param.name = name

@@ -1,8 +1,9 @@
 """Small building blocks of the MetaFormer family, written to be exact and portable.
 
-Each block is expressed with primitive ops whose semantics do not depend on the backend or the
-exporter (CPU, Ascend, MINDIR, ONNX): GroupNorm(1) as explicit mean/variance reductions, and the
-PoolFormer token mixer as a zero-padded window average divided by the true window count.
+Each block is expressed with primitive ops whose semantics do not depend on the backend: GroupNorm(1)
+as explicit mean/variance reductions, and the PoolFormer token mixer as a zero-padded window average
+divided by the true window count. (ONNX export swaps a few cells for equal exportable forms: see
+``mindcv_poolformer.export.make_onnx_exportable``.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ class GroupNorm1(nn.Cell):
 
     This is the paper's "modified layer norm". Parameter names ``gamma``/``beta`` follow
     ``mindspore.nn.GroupNorm`` so MindCV checkpoints load unchanged. Written as reductions rather
-    than ``nn.GroupNorm`` because those export to ONNX and behave identically on every backend.
+    than ``nn.GroupNorm`` so it behaves identically on every backend and exports to ONNX (which has
+    no GroupNorm, Rsqrt or Reciprocal: hence sqrt and a division on the (N,1,1,1) statistics only).
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
@@ -31,8 +33,8 @@ class GroupNorm1(nn.Cell):
         mean = x.mean(axis=(1, 2, 3), keep_dims=True)
         centered = x - mean
         var = (centered * centered).mean(axis=(1, 2, 3), keep_dims=True)
-        y = centered * ops.rsqrt(var + self.eps)
-        return y * self.gamma.reshape((1, -1, 1, 1)) + self.beta.reshape((1, -1, 1, 1))
+        inv_std = ops.div(ops.ones_like(var), ops.sqrt(var + self.eps))
+        return centered * inv_std * self.gamma.reshape((1, -1, 1, 1)) + self.beta.reshape((1, -1, 1, 1))
 
     def extend_repr(self) -> str:
         return f"num_channels={self.num_channels}, eps={self.eps}"
@@ -44,8 +46,9 @@ class Pooling(nn.Cell):
     The average over the valid part of each window is computed as a zero-padded window mean
     divided by the (zero-padded) window mean of ones, i.e. sum/count with the true border count.
     That is exact by construction on any backend, unlike relying on a ``pad_mode`` whose border
-    convention differs between frameworks, and it exports to ONNX (MindSpore lowers the
-    ``count_include_pad=False`` form to AvgPool3D, which ONNX export rejects).
+    convention differs between frameworks (MindSpore also lowers the ``count_include_pad=False`` form
+    to AvgPool3D). ONNX export has no PadV3, so the exporter swaps in ``pad_mode="same"`` pooling and
+    checks the result in onnxruntime.
     """
 
     def __init__(self, pool_size: int = 3) -> None:
@@ -139,8 +142,8 @@ class LayerNormChannel(nn.Cell):
         mean = x.mean(axis=1, keep_dims=True)
         centered = x - mean
         var = (centered * centered).mean(axis=1, keep_dims=True)
-        y = centered * ops.rsqrt(var + self.eps)
-        return y * self.gamma.reshape((1, -1, 1, 1)) + self.beta.reshape((1, -1, 1, 1))
+        inv_std = ops.div(ops.ones_like(var), ops.sqrt(var + self.eps))
+        return centered * inv_std * self.gamma.reshape((1, -1, 1, 1)) + self.beta.reshape((1, -1, 1, 1))
 
     def extend_repr(self) -> str:
         return f"num_channels={self.num_channels}, eps={self.eps}"
