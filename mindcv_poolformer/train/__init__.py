@@ -1,0 +1,26 @@
+"""Training: data pipeline, optimizer/schedule/loss, distributed launch, the compiled step and the loop."""
+
+from .data import augmentation_seed, build_train_dataset, materialize_digits
+from .distributed import DistInfo, detect_launcher, init_distributed
+from .optim import create_optimizer, param_groups, split_decay
+from .schedule import build_lr_schedule, scaled_lr
+from .trainer import Trainer, TrainResult, plan_loss_scale, train, validate_train_config
+
+__all__ = [
+    "DistInfo",
+    "TrainResult",
+    "Trainer",
+    "augmentation_seed",
+    "build_lr_schedule",
+    "build_train_dataset",
+    "create_optimizer",
+    "detect_launcher",
+    "init_distributed",
+    "materialize_digits",
+    "param_groups",
+    "plan_loss_scale",
+    "scaled_lr",
+    "split_decay",
+    "train",
+    "validate_train_config",
+]

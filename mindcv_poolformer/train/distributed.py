@@ -1,0 +1,119 @@
+"""Launcher detection and data-parallel initialisation (msrun, mpirun, env cluster, rank table).
+
+On CPU, ``mindspore.communication.init()`` uses MindSpore's own collectives, which need its
+scheduler process. ``msrun`` starts one; a plain ``mpirun`` does not, so under MPI on CPU we
+bootstrap it here: MPI rank 0 spawns the scheduler (a small ``MS_ROLE=MS_SCHED`` subprocess) and
+every rank becomes an ``MS_WORKER`` of it before ``init()``. MindSpore then assigns its own ranks,
+which need not equal the MPI ranks, so all sharding uses ``get_rank()``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import subprocess
+import sys
+import zlib
+from dataclasses import dataclass
+
+from ..config import ConfigError
+
+__all__ = ["DistInfo", "detect_launcher", "mpi_env", "bootstrap_mpi_scheduler", "init_distributed"]
+
+_LOG = logging.getLogger("mindcv_poolformer")
+
+_SCHEDULER_CODE = (
+    "import mindspore as ms\n"
+    "from mindspore.communication import init\n"
+    "ms.set_context(device_target='CPU')\n"
+    "init()\n"
+)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: its rank, the world size and the launcher that started it."""
+
+    rank: int = 0
+    world: int = 1
+    launcher: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def mpi_env() -> tuple[int, int] | None:
+    """(rank, size) from Open MPI, MPICH/Intel MPI (PMI) or PMIx environments; None outside MPI."""
+    for rank_var, size_var in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
+                               ("PMIX_RANK", "PMI_SIZE")):
+        if os.environ.get(rank_var) is not None and os.environ.get(size_var) is not None:
+            return int(os.environ[rank_var]), int(os.environ[size_var])
+    return None
+
+
+def detect_launcher() -> str:
+    """``msrun`` (or an MS_ROLE env cluster), ``mpirun``, ``rank_table`` (Ascend HCCL) or ``none``."""
+    if os.environ.get("MS_ROLE"):
+        return "msrun"
+    if mpi_env() is not None:
+        return "mpirun"
+    if os.environ.get("RANK_TABLE_FILE") or (os.environ.get("RANK_SIZE") and os.environ.get("RANK_ID")):
+        return "rank_table"
+    return "none"
+
+
+def _scheduler_port() -> int:
+    """A port every MPI rank derives alike without talking to the others (MS_SCHED_PORT wins)."""
+    if os.environ.get("MS_SCHED_PORT"):
+        return int(os.environ["MS_SCHED_PORT"])
+    job = (os.environ.get("OMPI_MCA_ess_base_jobid") or os.environ.get("PMIX_NAMESPACE")
+           or os.environ.get("PMI_JOBID") or os.environ.get("OMPI_MCA_orte_hnp_uri") or str(os.getppid()))
+    return 20000 + zlib.crc32(job.encode()) % 20000
+
+
+def bootstrap_mpi_scheduler() -> None:
+    """Turn an mpirun job into a MindSpore env cluster: rank 0 starts the scheduler, all become workers."""
+    rank, size = mpi_env() or (0, 1)
+    host = os.environ.get("MS_SCHED_HOST", "127.0.0.1")
+    port = _scheduler_port()
+    os.environ.update({"MS_SCHED_HOST": host, "MS_SCHED_PORT": str(port), "MS_WORKER_NUM": str(size)})
+    if rank == 0:
+        env = dict(os.environ, MS_ROLE="MS_SCHED")
+        for var in [k for k in env if k.startswith(("OMPI_", "PMI_", "PMIX_"))]:
+            env.pop(var)
+        log = open(os.devnull, "w")  # noqa: SIM115  (lives as long as the scheduler)
+        proc = subprocess.Popen([sys.executable, "-c", _SCHEDULER_CODE], env=env, stdout=log, stderr=log)
+        _LOG.info("mpirun: started the MindSpore scheduler (pid %d) on %s:%d", proc.pid, host, port)
+
+        def _reap() -> None:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+
+        atexit.register(_reap)
+    os.environ["MS_ROLE"] = "MS_WORKER"
+    os.environ.setdefault("MS_NODE_ID", str(rank))
+
+
+def init_distributed(distribute: bool, device_target: str) -> DistInfo:
+    """Initialise communication and data parallelism if ``distribute``; otherwise a 1-process DistInfo."""
+    if not distribute:
+        return DistInfo()
+    launcher = detect_launcher()
+    if launcher == "none":
+        raise ConfigError("distribute=True needs a launcher: run under `msrun --worker_num=N --local_worker_num=N "
+                          "train.py ...` or `mpirun -n N python train.py ...`, or pass --distribute False")
+    if launcher == "mpirun" and device_target == "CPU":
+        bootstrap_mpi_scheduler()
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    rank, world = get_rank(), get_group_size()
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world)
+    _LOG.info("distributed: rank %d of %d (launcher %s)", rank, world, launcher)
+    return DistInfo(rank, world, launcher)

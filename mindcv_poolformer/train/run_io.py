@@ -1,0 +1,219 @@
+"""Run-directory bookkeeping: the overwrite guard, checkpoints (keep-last-K + best), metrics.csv, curves.png."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import CheckpointError, save_state_dict
+from ..config import ConfigError
+
+__all__ = ["RUN_FILES", "check_run_dir", "CheckpointManager", "MetricsLog", "Progress", "read_training_state"]
+
+_LOG = logging.getLogger("mindcv_poolformer")
+
+METRIC_FIELDS = ("epoch", "step", "train_loss", "lr", "val_top1", "val_top5", "img_per_s", "epoch_time")
+RUN_FILES = ("metrics.csv", "curves.png", "checkpoints.json", "config.yaml")
+_CKPT_NAME = re.compile(r"^(?P<model>.+)-e(?P<epoch>\d+)-s(?P<step>\d+)\.(?P<fmt>safetensors|ckpt)$")
+STATE_PREFIX = "train_state."
+
+
+def _checkpoints_in(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".ckpt"))
+
+
+def check_run_dir(cfg: Mapping[str, Any]) -> None:
+    """Refuse to write into a ckpt_save_dir that holds another run, unless resuming or overwriting.
+
+    With ``overwrite`` the previous run's checkpoints and run files are removed (by the caller on
+    rank 0, via ``clear_run_dir``), so metrics.csv never mixes two runs.
+    """
+    directory = Path(cfg["ckpt_save_dir"])
+    existing = _checkpoints_in(directory) + [directory / f for f in RUN_FILES[:3] if (directory / f).exists()]
+    if existing and not cfg["resume"] and not cfg["overwrite"]:
+        raise ConfigError(f"ckpt_save_dir: {directory} already holds a run ({existing[0].name}, ...); "
+                          "pass --resume auto to continue it, --overwrite True to replace it, or another "
+                          "--ckpt_save_dir")
+
+
+def clear_run_dir(directory: str | os.PathLike) -> None:
+    """Remove a previous run's checkpoints and run files (``--overwrite True``)."""
+    directory = Path(directory)
+    for path in _checkpoints_in(directory) + [directory / f for f in RUN_FILES]:
+        if path.exists():
+            path.unlink()
+
+
+def read_training_state(params: Mapping[str, Any]) -> dict[str, float]:
+    """The ``train_state.*`` scalars of a loaded checkpoint."""
+    out = {}
+    for name, value in params.items():
+        if name.startswith(STATE_PREFIX):
+            arr = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+            out[name[len(STATE_PREFIX):]] = float(arr.reshape(-1)[0])
+    return out
+
+
+class CheckpointManager:
+    """Writes checkpoints atomically, keeps the newest ``keep`` (or the ``keep`` best for top_k) and ``best``."""
+
+    def __init__(self, directory: str | os.PathLike, model: str, fmt: str, keep: int, policy: str) -> None:
+        self.directory = Path(directory)
+        self.model = model
+        self.fmt = fmt
+        self.keep = keep
+        self.policy = policy
+        self.index_path = self.directory / "checkpoints.json"
+        self.entries: list[dict] = []
+        if self.index_path.exists():
+            self.entries = json.loads(self.index_path.read_text()).get("checkpoints", [])
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / f"{self.model}-best.{self.fmt}"
+
+    def latest(self) -> Path | None:
+        """Newest checkpoint of this run (by global step), from the index or the file names."""
+        found = []
+        for path in _checkpoints_in(self.directory):
+            match = _CKPT_NAME.match(path.name)
+            if match:
+                found.append((int(match["step"]), path))
+        return max(found)[1] if found else None
+
+    def save(self, state: Mapping[str, np.ndarray], epoch: int, step: int, top1: float | None,
+             is_best: bool) -> Path:
+        path = self.directory / f"{self.model}-e{epoch:04d}-s{step:08d}.{self.fmt}"
+        save_state_dict(state, path)
+        if is_best:
+            save_state_dict(state, self.best_path)
+        self.entries = [e for e in self.entries if e["file"] != path.name]
+        self.entries.append({"file": path.name, "epoch": epoch, "step": step, "top1": top1, "time": time.time()})
+        self._prune()
+        tmp = self.index_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"checkpoints": self.entries, "best": self.best_path.name if
+                                   self.best_path.exists() else None}, indent=1))
+        os.replace(tmp, self.index_path)
+        return path
+
+    def _prune(self) -> None:
+        if self.policy == "top_k":
+            ranked = sorted(self.entries, key=lambda e: (e["top1"] if e["top1"] is not None else -1.0, e["step"]))
+        else:
+            ranked = sorted(self.entries, key=lambda e: e["step"])
+        while len(ranked) > self.keep:
+            victim = ranked.pop(0)
+            (self.directory / victim["file"]).unlink(missing_ok=True)
+            self.entries.remove(victim)
+
+
+def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
+    """The checkpoint to resume from: an explicit path, or the newest one in the run directory (``auto``)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        latest = manager.latest()
+        if latest is None:
+            _LOG.info("resume auto: no checkpoint in %s, starting a new run", manager.directory)
+        return latest
+    if not os.path.isfile(resume):
+        raise CheckpointError(f"resume: checkpoint not found: {resume}")
+    return Path(resume)
+
+
+class MetricsLog:
+    """``metrics.csv`` (appended one row per epoch, never rewritten) and ``curves.png`` beside it."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.csv_path = Path(directory) / "metrics.csv"
+        self.png_path = Path(directory) / "curves.png"
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
+
+    def rows(self) -> list[dict]:
+        if not self.csv_path.exists():
+            return []
+        with open(self.csv_path, encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+
+    def plot(self) -> None:
+        """Loss and accuracy versus epoch (matplotlib, Agg backend); skipped with a note if unavailable."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            _LOG.info("matplotlib is not installed: curves.png not written")
+            return
+        rows = self.rows()
+        epochs = [int(r["epoch"]) for r in rows]
+        loss = [float(r["train_loss"]) for r in rows]
+        val = [(int(r["epoch"]), float(r["val_top1"]), float(r["val_top5"])) for r in rows if r["val_top1"]]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        ax1.plot(epochs, loss, marker=".")
+        ax1.set_xlabel("epoch")
+        ax1.set_ylabel("train loss")
+        ax1.grid(alpha=0.3)
+        if val:
+            ax2.plot([v[0] for v in val], [v[1] for v in val], marker=".", label="val top-1")
+            ax2.plot([v[0] for v in val], [v[2] for v in val], marker=".", label="val top-5")
+            ax2.legend()
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("accuracy (%)")
+        ax2.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = self.png_path.with_name(".curves.tmp.png")
+        fig.savefig(tmp, dpi=80)
+        plt.close(fig)
+        os.replace(tmp, self.png_path)
+
+
+class Progress:
+    """A progress bar (loss, lr, img/s, ETA) on a TTY; one line every ``interval`` steps otherwise."""
+
+    def __init__(self, total: int, epoch: int, epochs: int, interval: int, enabled: bool = True) -> None:
+        self.total = total
+        self.prefix = f"epoch {epoch}/{epochs}"
+        self.interval = interval
+        self.enabled = enabled
+        self.tty = sys.stdout.isatty()
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def update(self, step: int, loss: float, lr: float, images: int) -> None:
+        if not self.enabled:
+            return
+        self.done += images
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / max(step, 1) * (self.total - step)
+        text = (f"{self.prefix} step {step}/{self.total} loss {loss:.4f} lr {lr:.3e} {rate:.1f} img/s "
+                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        if self.tty:
+            width = 24
+            filled = int(width * step / max(self.total, 1))
+            sys.stdout.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\x1b[K")
+            if step == self.total:
+                sys.stdout.write("\n")
+            sys.stdout.flush()
+        elif step % self.interval == 0 or step == self.total:
+            print(text, flush=True)

@@ -1,0 +1,77 @@
+"""Per-step learning-rate schedules, precomputed as one array indexed by the optimizer step.
+
+A precomputed array makes the schedule position part of the optimizer's ``global_step``, which is
+saved in every checkpoint, so a resumed run continues the schedule exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["scaled_lr", "build_lr_schedule"]
+
+
+def scaled_lr(lr: float, global_batch: int, lr_scale_batch: int | None) -> float:
+    """Linear scaling rule: ``lr`` is given for ``lr_scale_batch`` images per step (if set)."""
+    if not lr_scale_batch:
+        return float(lr)
+    return float(lr) * global_batch / lr_scale_batch
+
+
+def _decay_value(kind: str, cfg: Mapping[str, Any], peak: float, t: float, length: float, epoch: float) -> float:
+    """Value after warmup; ``t`` in [0, length] counts decay progress, ``epoch`` is the absolute epoch."""
+    min_lr = float(cfg["min_lr"])
+    if kind == "constant":
+        return peak
+    if kind == "step_decay":
+        period = max(int(cfg["decay_epochs"]) or 1, 1)
+        return peak * float(cfg["decay_rate"]) ** int(epoch // period)
+    if kind == "multi_step_decay":
+        passed = sum(1 for m in cfg["multi_step_decay_milestones"] if epoch >= m)
+        return peak * float(cfg["decay_rate"]) ** passed
+    cycles = int(cfg["num_cycles"])
+    cycle_len = length / cycles
+    cycle = min(int(t // cycle_len), cycles - 1) if cycle_len > 0 else 0
+    local = (t - cycle * cycle_len) / cycle_len if cycle_len > 0 else 1.0
+    top = peak * float(cfg["cycle_decay"]) ** cycle
+    return min_lr + 0.5 * (top - min_lr) * (1.0 + math.cos(math.pi * min(local, 1.0)))
+
+
+def build_lr_schedule(cfg: Mapping[str, Any], steps_per_epoch: int, global_batch: int) -> np.ndarray:
+    """Learning rate of every optimizer step of the run (warmup, decay, cooldown), float32.
+
+    Warmup rises linearly from ``warmup_lr`` to the (scaled) peak over ``warmup_epochs``; cosine
+    then decays from the peak to ``min_lr`` at the end of ``epoch_size`` (or over ``decay_epochs``
+    if set), and ``cooldown_epochs`` more epochs run at ``min_lr``. ``lr_epoch_stair`` holds each
+    epoch's first value for the whole epoch.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    peak = scaled_lr(cfg["lr"], global_batch, cfg.get("lr_scale_batch"))
+    epochs = int(cfg["epoch_size"])
+    cooldown = int(cfg["cooldown_epochs"])
+    warmup_steps = int(cfg["warmup_epochs"]) * steps_per_epoch
+    main_steps = epochs * steps_per_epoch
+    kind = cfg["scheduler"]
+    decay_epochs = int(cfg["decay_epochs"]) if kind == "cosine_decay" and cfg["decay_epochs"] else 0
+    decay_len = decay_epochs * steps_per_epoch if decay_epochs else max(main_steps - warmup_steps, 1)
+    total = (epochs + cooldown) * steps_per_epoch
+    warmup_lr = float(cfg["warmup_lr"])
+    min_lr = float(cfg["min_lr"])
+    out = np.empty(total, dtype=np.float64)
+    for step in range(total):
+        pos = (step // steps_per_epoch) * steps_per_epoch if cfg.get("lr_epoch_stair") else step
+        epoch = pos / steps_per_epoch
+        if pos < warmup_steps:
+            out[step] = warmup_lr + (peak - warmup_lr) * pos / warmup_steps
+        elif pos >= main_steps:
+            out[step] = min_lr if kind == "cosine_decay" else _decay_value(kind, cfg, peak, decay_len, decay_len,
+                                                                            epoch)
+        else:
+            t = min(pos - warmup_steps, decay_len)
+            out[step] = _decay_value(kind, cfg, peak, t, decay_len, epoch)
+    return out.astype(np.float32)

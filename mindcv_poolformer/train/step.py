@@ -1,0 +1,183 @@
+"""The compiled training step: loss scaling, gradient accumulation, all-reduce, clipping, EMA.
+
+Order inside one optimizer step (the order matters for data-parallel exactness):
+forward/backward on the scaled loss -> (accumulate micro-batches) -> all-reduce (mean over ranks)
+-> unscale -> overflow check (dynamic scaling only; the step is skipped on overflow) -> clip by
+global norm -> optimizer -> EMA update. Clipping after the all-reduce makes every rank clip the
+same global gradient, so weights stay identical across ranks.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+__all__ = ["WithLoss", "TrainStep", "ApplyAccumulated", "LossScaleState", "apply_amp"]
+
+_grad_scale = ops.MultitypeFuncGraph("grad_scale")
+_ema_update = ops.MultitypeFuncGraph("ema_update")
+_accumulate = ops.MultitypeFuncGraph("accumulate")
+_zero = ops.MultitypeFuncGraph("zero")
+
+
+@_grad_scale.register("Tensor", "Tensor")
+def _scale_grad(factor: Tensor, grad: Tensor) -> Tensor:
+    return grad * ops.cast(factor, grad.dtype)
+
+
+@_ema_update.register("Tensor", "Tensor", "Tensor")
+def _ema(decay: Tensor, ema: Tensor, weight: Tensor) -> Tensor:
+    return ops.assign(ema, ema * decay + weight * (1.0 - decay))
+
+
+@_accumulate.register("Tensor", "Tensor")
+def _acc(buffer: Tensor, grad: Tensor) -> Tensor:
+    return ops.assign_add(buffer, grad)
+
+
+@_zero.register("Tensor")
+def _zeros(buffer: Tensor) -> Tensor:
+    return ops.assign(buffer, ops.zeros_like(buffer))
+
+
+def apply_amp(net: nn.Cell, level: str) -> nn.Cell:
+    """Mixed precision: O2 runs fp16 except the norms (GroupNorm/LayerNorm kept fp32); O3 all fp16.
+
+    Parameters stay fp32 (casts are inserted at cell inputs); the loss always runs in fp32.
+    """
+    if level in ("O0", None):
+        return net
+    if level == "O2":
+        from ..models import layers
+
+        keep = [getattr(layers, n) for n in ("GroupNorm1", "LayerNormChannel") if hasattr(layers, n)]
+        return ms.amp.custom_mixed_precision(net, black_list=ms.amp.get_black_list() + keep + [nn.GroupNorm],
+                                             dtype=ms.float16)
+    return ms.amp.auto_mixed_precision(net, level, dtype=ms.float16)
+
+
+class WithLoss(nn.Cell):
+    """network + loss (logits cast to fp32 before the loss)."""
+
+    def __init__(self, network: nn.Cell, loss_fn: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.network = network
+        self.loss_fn = loss_fn
+
+    def construct(self, images: Tensor, targets: Tensor) -> Tensor:
+        return self.loss_fn(ops.cast(self.network(images), ms.float32), targets)
+
+
+class LossScaleState(nn.Cell):
+    """Loss scale as checkpointable parameters; ``dynamic`` halves on overflow and doubles after a window."""
+
+    def __init__(self, value: float, dynamic: bool, skip_overflow: bool, factor: float = 2.0,
+                 window: int = 1000) -> None:
+        super().__init__()
+        self.dynamic = dynamic
+        self.skip_overflow = skip_overflow or dynamic
+        self.scale = Parameter(Tensor(value, ms.float32), name="loss_scale.value", requires_grad=False)
+        self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale.good_steps", requires_grad=False)
+        self.factor = factor
+        self.window = window
+
+    def update(self, finite: Tensor) -> Tensor:
+        """Advance the dynamic scale after a step whose gradients were (not) finite."""
+        one = ops.ones_like(self.good_steps)
+        good = ops.select(finite, self.good_steps + one, ops.zeros_like(self.good_steps))
+        grow = good >= self.window
+        grown = ops.select(grow, self.scale * self.factor, self.scale)
+        shrunk = ops.maximum(self.scale / self.factor, ops.ones_like(self.scale))
+        ops.assign(self.scale, ops.select(finite, grown, shrunk))
+        return ops.assign(self.good_steps, ops.select(grow, ops.zeros_like(good), good))
+
+
+class _Update(nn.Cell):
+    """Shared tail of a step: all-reduce, unscale, overflow check, clip, optimizer, EMA."""
+
+    def __init__(self, optimizer: nn.Optimizer, scaler: LossScaleState, reducer: nn.Cell | None,
+                 clip_value: float, ema: ParameterTuple | None, ema_decay: float) -> None:
+        super().__init__(auto_prefix=False)
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.scaler = scaler
+        self.reducer = reducer if reducer is not None else ops.identity
+        self.distributed = reducer is not None
+        self.clip = clip_value > 0
+        self.clip_value = clip_value
+        self.ema = ema
+        self.use_ema = ema is not None
+        self.ema_decay = Tensor(ema_decay, ms.float32)
+        self.hyper_map = ops.HyperMap()
+
+    def apply(self, grads: tuple, scale_inv: Tensor) -> Tensor:
+        if self.distributed:
+            grads = self.reducer(grads)
+        grads = self.hyper_map(ops.partial(_grad_scale, scale_inv), grads)
+        if not self.scaler.skip_overflow:  # a compile-time branch: no control flow in the graph
+            return self._step(self._clip(grads), Tensor(True))
+        finite = ms.amp.all_finite(grads)
+        grads = self._clip(grads)
+        if finite:
+            finite = self._step(grads, finite)
+        if self.scaler.dynamic:
+            finite = ops.depend(finite, self.scaler.update(finite))
+        return finite
+
+    def _clip(self, grads: tuple) -> tuple:
+        if self.clip:
+            return ops.clip_by_global_norm(grads, self.clip_value)
+        return grads
+
+    def _step(self, grads: tuple, flag: Tensor) -> Tensor:
+        flag = ops.depend(flag, self.optimizer(grads))
+        if self.use_ema:
+            flag = ops.depend(flag, self.hyper_map(ops.partial(_ema_update, self.ema_decay), self.ema, self.weights))
+        return flag
+
+
+class TrainStep(nn.Cell):
+    """One micro-batch: forward/backward; with ``accumulation_steps == 1`` also the optimizer step.
+
+    Returns the unscaled loss of the micro-batch (fp32). With accumulation the gradients are summed
+    into buffers and ``ApplyAccumulated`` performs the step.
+    """
+
+    def __init__(self, net_with_loss: nn.Cell, optimizer: nn.Optimizer, scaler: LossScaleState,
+                 reducer: nn.Cell | None = None, clip_value: float = 0.0, accumulation_steps: int = 1,
+                 ema: ParameterTuple | None = None, ema_decay: float = 0.9999) -> None:
+        super().__init__(auto_prefix=False)
+        self.net_with_loss = net_with_loss
+        self.weights = optimizer.parameters
+        self.scaler = scaler
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.accumulation_steps = accumulation_steps
+        self.accumulate = accumulation_steps > 1
+        self.hyper_map = ops.HyperMap()
+        self.update = _Update(optimizer, scaler, reducer, clip_value, ema, ema_decay)
+        if self.accumulate:
+            self.buffers = self.weights.clone(prefix="accum", init="zeros")
+
+    def construct(self, images: Tensor, targets: Tensor) -> Tensor:
+        loss = self.net_with_loss(images, targets)
+        scale = self.scaler.scale
+        sens = ops.fill(loss.dtype, loss.shape, 1.0) * scale
+        if self.accumulate:
+            sens = sens / self.accumulation_steps
+        grads = self.grad(self.net_with_loss, self.weights)(images, targets, sens)
+        if self.accumulate:
+            return ops.depend(loss, self.hyper_map(_accumulate, self.buffers, grads))
+        return ops.depend(loss, self.update.apply(grads, 1.0 / scale))
+
+
+class ApplyAccumulated(nn.Cell):
+    """The optimizer step after ``accumulation_steps`` micro-batches; zeroes the buffers."""
+
+    def __init__(self, step: TrainStep) -> None:
+        super().__init__(auto_prefix=False)
+        self.step = step
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self) -> Tensor:
+        finite = self.step.update.apply(self.step.buffers, 1.0 / self.step.scaler.scale)
+        return ops.depend(finite, self.hyper_map(_zero, self.step.buffers))

@@ -1,0 +1,14 @@
+"""Train or fine-tune a PoolFormer on an ImageFolder (or the built-in digits demo).
+
+    python train.py --config configs/demo/digits_cpu.yaml
+    mpirun -n 8 python train.py --config configs/poolformer/poolformer_s12_ascend.yaml --data_dir /path/to/imagenet
+    msrun --worker_num=8 --local_worker_num=8 train.py --config configs/poolformer/poolformer_s12_ascend.yaml ...
+"""
+
+import sys
+
+import mindcv_poolformer  # noqa: F401  (sets the fast oneDNN code path before any conv runs)
+from mindcv_poolformer.train.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
