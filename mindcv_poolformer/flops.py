@@ -16,6 +16,7 @@ import numpy as np
 from mindspore import nn
 
 from .models.layers import Attention, GroupNorm1, LayerNormChannel, RandomMixing
+from .models.metaformer import MetaFormerBlock
 
 __all__ = ["count_params", "count_macs"]
 
@@ -55,7 +56,14 @@ def _random_mixing_macs(cell: RandomMixing, inputs, output) -> int:
     return batch * channels * (height * width) ** 2
 
 
+def _fused_block_macs(cell: MetaFormerBlock, inputs, output) -> int:
+    # A block that fuses norm1 into the pooling mixer never calls norm1; count the norm it stands
+    # for, so MACs describe the architecture (as fvcore counts the reference), not our shortcut.
+    return _norm_macs(cell.norm1, inputs, output) if cell.fuse_norm_mixer else 0
+
+
 _RULES: list[tuple[type, Callable[..., int]]] = [
+    (MetaFormerBlock, _fused_block_macs),
     (nn.Conv2d, _conv_macs),
     (nn.Dense, _dense_macs),
     (GroupNorm1, _norm_macs),

@@ -96,7 +96,9 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_variant_builds_counts_and_trains(case):
     kwargs, expect = CASES[case]
-    net = tiny(drop_path_rate=0.1, **kwargs)
+    # no drop path here: with a batch of 2 it can drop a branch for both samples (then its weights
+    # rightly get no gradient) depending on the global RNG state; DropPath has its own tests
+    net = tiny(**kwargs)
     assert count_params(net) == expected_params(**expect)
     loss, before, after = train_step(net)
     assert np.isfinite(loss)

@@ -31,6 +31,7 @@ from .layers import (
     TOKEN_MIXERS,
     ConvMlp,
     DropPath,
+    GroupNorm1,
     PatchEmbed,
     Pooling,
     layer_scale_parameter,
@@ -83,6 +84,10 @@ class MetaFormerBlock(nn.Cell):
             self.norm2 = make_norm(norm, dim)
             self.mlp = ConvMlp(dim, int(dim * mlp_ratio), make_activation(act), drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # GroupNorm(1) is a per-(sample, channel) affine map a*x + b and the pooling mixer averages
+        # valid pixels only, so mixer(norm1(x)) = a * (pool(x) - x): the normalised tensor is never
+        # needed, saving two passes over the activations per block (exact, see Pooling).
+        self.fuse_norm_mixer = isinstance(self.norm1, GroupNorm1) and isinstance(self.token_mixer, Pooling)
         self.use_layer_scale = bool(layer_scale_init)
         if self.use_layer_scale:
             self.layer_scale_1 = layer_scale_parameter(layer_scale_init, dim)
@@ -90,9 +95,15 @@ class MetaFormerBlock(nn.Cell):
                 self.layer_scale_2 = layer_scale_parameter(layer_scale_init, dim)
 
     def construct(self, x: Tensor) -> Tensor:
-        mixed = self.token_mixer(self.norm1(x))
-        if self.use_layer_scale:
-            mixed = self.layer_scale_1.reshape((-1, 1, 1)) * mixed
+        if self.fuse_norm_mixer:
+            scale = self.norm1.channel_scale(x)
+            if self.use_layer_scale:
+                scale = scale * self.layer_scale_1.reshape((-1, 1, 1))
+            mixed = self.token_mixer(x) * scale
+        else:
+            mixed = self.token_mixer(self.norm1(x))
+            if self.use_layer_scale:
+                mixed = self.layer_scale_1.reshape((-1, 1, 1)) * mixed
         x = x + self.drop_path(mixed) if self.use_residual else self.drop_path(mixed)
         if not self.use_mlp:
             return x
