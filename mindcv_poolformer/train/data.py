@@ -222,7 +222,8 @@ def build_train_dataset(cfg: Mapping[str, Any], epoch: int, rank: int = 0, world
     num_classes = num_classes or cfg.get("num_classes") or classes
     base = np.arange(total)
     if cfg.get("num_samples"):
-        base = np.sort(epoch_order(total, cfg["seed"], -1)[: int(cfg["num_samples"])])
+        subset = np.random.default_rng([int(cfg["seed"]), 0x5AB5E7]).permutation(total)  # fixed for the run
+        base = np.sort(subset[: int(cfg["num_samples"])])
     order = base[epoch_order(len(base), cfg["seed"], epoch, cfg["shuffle"])]
     mine = shard_indices(order, rank, world)
     batch = int(cfg["batch_size"])

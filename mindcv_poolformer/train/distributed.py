@@ -88,10 +88,9 @@ def bootstrap_mpi_scheduler() -> None:
         _LOG.info("mpirun: started the MindSpore scheduler (pid %d) on %s:%d", proc.pid, host, port)
 
         def _reap() -> None:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
+            # The scheduler exits once every worker has finalised, which happens in MindSpore's own exit
+            # handler after this one; so it is not waited for here, only collected if already done.
+            proc.poll()
 
         atexit.register(_reap)
     os.environ["MS_ROLE"] = "MS_WORKER"

@@ -238,9 +238,9 @@ class Trainer:
     def _save(self, epoch: int, micro_in_epoch: int, top1: float | None, is_best: bool) -> None:
         if not self.dist.is_main:
             return
-        label_epoch = epoch + 1 if micro_in_epoch == 0 else epoch + 1
-        path = self.manager.save(self.state_dict(epoch if micro_in_epoch else epoch + 1, micro_in_epoch),
-                                 label_epoch, self.global_step, top1, is_best)
+        # train_state.epoch counts finished epochs; a mid-epoch checkpoint also records the micro-batch reached
+        state = self.state_dict(epoch if micro_in_epoch else epoch + 1, micro_in_epoch)
+        path = self.manager.save(state, epoch + 1, self.global_step, top1, is_best)
         self.result.last_checkpoint = str(path)
 
     # ------------------------------------------------------------------ evaluation

@@ -1,0 +1,106 @@
+"""Training configuration: MindCV recipes load, loss-scale plans per device, launcher and run-dir guards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from train_helpers import REPO, run_python
+
+from mindcv_poolformer.config import ConfigError, load_config
+from mindcv_poolformer.train.distributed import detect_launcher, init_distributed, mpi_env
+from mindcv_poolformer.train.run_io import check_run_dir
+from mindcv_poolformer.train.trainer import plan_loss_scale
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_mindcv_recipe_loads_unchanged():
+    cfg = load_config(DATA / "mindcv_poolformer_s12_ascend.yaml")
+    assert cfg.opt == "adamw" and cfg.lr == 5e-4 and cfg.amp_level == "O3" and cfg.epoch_size == 600
+    assert cfg.loss_scale == 1024 and cfg.distribute is True
+
+
+@pytest.mark.parametrize("variant,drop_path,crop", [("s12", 0.1, 0.9), ("s24", 0.1, 0.9), ("s36", 0.2, 0.9),
+                                                     ("m36", 0.3, 0.95), ("m48", 0.4, 0.95)])
+def test_official_recipes(variant, drop_path, crop):
+    cfg = load_config(REPO / "configs" / "poolformer" / f"poolformer_{variant}_ascend.yaml")
+    assert (cfg.model, cfg.drop_path_rate, cfg.crop_pct) == (f"poolformer_{variant}", drop_path, crop)
+    assert (cfg.lr, cfg.lr_scale_batch, cfg.weight_decay, cfg.epoch_size) == (1e-3, 1024, 0.05, 300)
+    assert (cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr, cfg.cooldown_epochs) == (5, 1e-6, 1e-5, 10)
+    assert (cfg.label_smoothing, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob) == (0.1, 0.8, 1.0, 0.5)
+    assert cfg.auto_augment == "rand-m9-mstd0.5-inc1" and (cfg.re_prob, cfg.re_mode) == (0.25, "pixel")
+    assert (cfg.batch_size, cfg.device_target, cfg.distribute, cfg.interpolation) == (128, "Ascend", True, "bicubic")
+    assert cfg.amp_level != "O0" and cfg.filter_bias_and_bn
+
+
+@pytest.mark.parametrize("name", ["demo/digits_cpu.yaml", "poolformer/poolformer_s12_finetune.yaml"])
+def test_other_recipes_load(name):
+    load_config(REPO / "configs" / name)
+
+
+def test_loss_scale_plans():
+    cpu = load_config(overrides={"device_target": "CPU", "amp_level": "O2", "loss_scale": 1024})
+    plan = plan_loss_scale(cpu)
+    assert (plan.value, plan.dynamic, plan.skip_overflow) == (1024.0, False, False)
+    ascend = load_config(overrides={"device_target": "Ascend", "amp_level": "O2"})
+    assert plan_loss_scale(ascend).dynamic and plan_loss_scale(ascend).skip_overflow
+    for bad in ({"loss_scale_type": "dynamic"}, {"drop_overflow_update": True}):
+        with pytest.raises(ConfigError, match="needs Ascend or GPU"):
+            plan_loss_scale(load_config(overrides={"device_target": "CPU", "amp_level": "O2", **bad}))
+
+
+def test_config_errors_are_one_line():
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        load_config(overrides={"gradient_accumulation_steps": 0})
+    with pytest.raises(ConfigError, match="warmup_lr"):
+        load_config(cli_overrides={"warmup_lr": "fast"})
+
+
+def test_distribute_without_launcher(monkeypatch):
+    for var in ("MS_ROLE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "PMIX_RANK",
+                "RANK_TABLE_FILE", "RANK_SIZE", "RANK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert detect_launcher() == "none" and mpi_env() is None
+    with pytest.raises(ConfigError, match="needs a launcher"):
+        init_distributed(True, "CPU")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert detect_launcher() == "mpirun" and mpi_env() == (1, 2)
+
+
+def test_run_dir_guard(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "poolformer_s12-e0001-s00000010.safetensors").write_bytes(b"x")
+    cfg = load_config(overrides={"ckpt_save_dir": str(run)})
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_run_dir(cfg)
+    check_run_dir(load_config(overrides={"ckpt_save_dir": str(run), "resume": "auto"}))
+    check_run_dir(load_config(overrides={"ckpt_save_dir": str(run), "overwrite": True}))
+
+
+@pytest.mark.slow
+def test_train_script_errors(tmp_path):
+    bad = run_python(["train.py", "--config", "configs/demo/digits_cpu.yaml", "--distribute", "True",
+                      "--data_dir", str(tmp_path / "d"), "--ckpt_save_dir", str(tmp_path / "r")],
+                     env={"MS_ROLE": "", "OMPI_COMM_WORLD_SIZE": ""})
+    assert bad.returncode == 2, bad.stderr
+    lines = [ln for ln in bad.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+    assert len(lines) == 1 and "needs a launcher" in lines[0] and "Traceback" not in bad.stderr
+    missing = run_python(["train.py", "--data_dir", str(tmp_path / "none"), "--ckpt_save_dir", str(tmp_path / "r")])
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    typo = run_python(["train.py", "--lr_scale_bacth", "1024"])
+    assert typo.returncode == 2 and "lr_scale_batch" in typo.stderr
+
+
+def test_saved_config_roundtrip(tmp_path):
+    cfg = load_config(REPO / "configs" / "demo" / "digits_cpu.yaml")
+    cfg.dump(tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    def norm(c):
+        return {k: (None if v == "" else v) for k, v in c.items()}  # a null str key reloads as ""
+
+    assert norm(again) == norm(cfg)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"] == "poolformer_s12"

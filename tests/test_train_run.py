@@ -1,0 +1,74 @@
+"""End-to-end training on a tiny real ImageFolder: loss falls, run files, exact resume, AMP O2 on CPU."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from train_helpers import make_tiny_folder, tiny_overrides
+
+from mindcv_poolformer.checkpoint import load_checkpoint_into
+from mindcv_poolformer.config import load_config
+from mindcv_poolformer.models import create_model
+from mindcv_poolformer.train.trainer import Trainer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny"), per_class_train=4, per_class_val=1)
+
+
+def test_loss_falls_and_run_files(folder, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(overrides=tiny_overrides(folder, run, epoch_size=3, val_while_train=True, num_samples=16,
+                                               ckpt_save_steps=3, keep_checkpoint_max=2, label_smoothing=0.1,
+                                               lr=5e-4))
+    result = Trainer(cfg).fit()
+    losses = [v for _, v in result.step_losses]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "step", "train_loss", "lr", "val_top1", "val_top5", "img_per_s", "epoch_time"}
+    assert all(r["val_top1"] != "" for r in rows)
+    assert (run / "curves.png").stat().st_size > 1000 and (run / "config.yaml").exists()
+    ckpts = sorted(run.glob("poolformer_s12-e*.safetensors"))
+    assert len(ckpts) == 2 and (run / "poolformer_s12-best.safetensors").exists()
+    assert not list(run.glob(".tmp-*")) and not list(run.glob("*.tmp*"))
+    # a training checkpoint is also a plain model checkpoint for validate/fine-tune
+    net = create_model("poolformer_s12", num_classes=10)
+    report = load_checkpoint_into(net, str(ckpts[-1]))
+    assert any(name.startswith("adam_m.") for name in report.ignored)
+    # a second run may not reuse the directory
+    from mindcv_poolformer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(load_config(overrides=tiny_overrides(folder, run)))
+
+
+def test_resume_gives_identical_losses(folder, tmp_path):
+    extra = {"epoch_size": 2, "num_samples": 16, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1,
+             "scale": [0.5, 1.0], "hflip": 0.5, "ema": True, "ema_decay": 0.9, "clip_grad": True, "clip_value": 1.0}
+    full = Trainer(load_config(overrides=tiny_overrides(folder, tmp_path / "full", **extra))).fit()
+    part_dir = tmp_path / "part"
+    first = Trainer(load_config(overrides=tiny_overrides(folder, part_dir, **extra))).fit(stop_after_epoch=1)
+    resumed = Trainer(load_config(overrides=tiny_overrides(folder, part_dir, resume="auto", **extra)))
+    assert resumed.start_epoch == 1 and resumed.global_step == 2
+    second = resumed.fit()
+    assert [s for s, _ in second.step_losses] == [2, 3]
+    a = np.array([v for _, v in full.step_losses])
+    b = np.array([v for _, v in first.step_losses] + [v for _, v in second.step_losses])
+    assert np.max(np.abs(a - b)) <= 1e-6, (a, b)
+    rows = list(csv.DictReader(open(part_dir / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]  # appended, not replayed
+
+
+def test_amp_o2_on_cpu(folder, tmp_path):
+    cfg = load_config(overrides=tiny_overrides(folder, tmp_path / "amp", amp_level="O2", loss_scale=1024.0,
+                                               epoch_size=2, num_samples=16, lr=1e-3))
+    result = Trainer(cfg).fit()
+    losses = [v for _, v in result.step_losses]
+    assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0]
