@@ -157,7 +157,8 @@ class Trainer:
             reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=world)
         self.ema = None
         if cfg["ema"]:
-            self.ema = ParameterTuple(self.net.trainable_params()).clone(prefix="ema", init="same")
+            # same order as optimizer.parameters (grouped by weight decay), which the step zips them with
+            self.ema = ParameterTuple(self.optimizer.parameters).clone(prefix="ema", init="same")
         clip = float(cfg["clip_value"]) if cfg["clip_grad"] else 0.0
         self.step = TrainStep(WithLoss(self.net, create_loss(cfg["loss"])), self.optimizer, self.scaler,
                               reducer, clip, self.accum, self.ema, float(cfg["ema_decay"]))
@@ -254,7 +255,7 @@ class Trainer:
         metrics = evaluate(self.net, self.eval_data, distributed=self.dist.world > 1)
         ema_top1 = None
         if self.ema is not None:
-            weights = self.net.trainable_params()
+            weights = list(self.optimizer.parameters)
             backup = [w.asnumpy().copy() for w in weights]
             for w, e in zip(weights, self.ema):
                 w.set_data(e.data.copy())
