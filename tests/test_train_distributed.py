@@ -48,6 +48,7 @@ def _check(out: Path, reference: dict) -> float:
     for name, ref in reference.items():
         assert np.array_equal(ranks[0][name], ranks[1][name]), name
         worst = max(worst, float(np.max(np.abs(ranks[0][name] - ref))))
+    print(f"max |2 ranks - 1 process| over all weights: {worst:.3e}")
     assert worst <= 1e-6, worst
     return worst
 

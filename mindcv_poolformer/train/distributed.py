@@ -12,8 +12,10 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -94,7 +96,20 @@ def bootstrap_mpi_scheduler() -> None:
 
         atexit.register(_reap)
     os.environ["MS_ROLE"] = "MS_WORKER"
-    os.environ.setdefault("MS_NODE_ID", str(rank))
+    _wait_for_port(host, port, timeout=120.0)
+
+
+def _wait_for_port(host: str, port: int, timeout: float) -> None:
+    """Block until the scheduler listens: workers that dial too early back off for tens of seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise ConfigError(f"mpirun: the MindSpore scheduler at {host}:{port} did not start within {timeout:.0f} s "
+                      "(set MS_SCHED_PORT to a free port)")
 
 
 def init_distributed(distribute: bool, device_target: str) -> DistInfo:
