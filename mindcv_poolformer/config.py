@@ -79,6 +79,9 @@ SCHEMA: dict[str, Option] = {
     "drop_remainder": _o(bool, True, "drop the last incomplete training batch (validation never drops)", _DATA),
     "aug_repeats": _o(int, 0, "repeated augmentation count (0 = off)", _DATA, low=0),
     "strict_data": _o(bool, False, "fail on a corrupt image instead of skipping it", _DATA),
+    "deterministic_augment": _o(bool, True, "random augmentations in one worker per rank (decoding stays parallel) "
+                                "so every epoch is reproducible and resume is exact; False: faster, not bit-exact",
+                                _DATA),
     # augmentation
     "image_resize": _o(int, 224, "training/eval crop size", _AUG, low=32),
     "scale": _o(list, [0.08, 1.0], "RandomResizedCrop area range", _AUG, length=2),

@@ -94,6 +94,13 @@ def test_ranks_draw_different_augmentations(folder):
     assert not np.array_equal(rank0, _batches(cfg, 1, rank=0, world=1)[0][0])  # and per epoch
 
 
+def test_epoch_reproducible_with_parallel_workers(folder):
+    cfg = _cfg(folder, num_parallel_workers=2, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8,
+               cutmix=1.0)
+    first, second = _batches(cfg, 3), _batches(cfg, 3)
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, second))
+
+
 def test_epoch_order_and_shards():
     order = epoch_order(100, 42, 3)
     assert np.array_equal(order, epoch_order(100, 42, 3)) and not np.array_equal(order, epoch_order(100, 42, 4))

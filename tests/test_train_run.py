@@ -87,3 +87,19 @@ def test_amp_o2_on_cpu(folder, tmp_path):
     assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     net = create_model("poolformer_s12", num_classes=10)
     load_checkpoint_into(net, result.last_checkpoint)  # canonical names despite the AMP wrapper
+
+
+def test_gradient_accumulation_equals_big_batch(folder, tmp_path):
+    def weights(run, **kw):
+        cfg = load_config(overrides=tiny_overrides(folder, tmp_path / run, num_samples=8, epoch_size=1, opt="momentum",
+                                                   lr=0.05, clip_grad=True, clip_value=0.5, **kw))
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+        assert trainer.global_step == 1
+        return {p.name: p.asnumpy() for p in trainer.net.trainable_params()}, result
+
+    big, _ = weights("big", batch_size=8)
+    acc, result = weights("acc", batch_size=4, gradient_accumulation_steps=2)
+    assert len(result.step_losses) == 2
+    worst = max(float(np.max(np.abs(big[k] - acc[k]))) for k in big)
+    assert worst <= 1e-6, worst

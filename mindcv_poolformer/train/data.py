@@ -32,7 +32,6 @@ __all__ = [
     "count_images",
     "SoftTargetMixer",
     "build_train_dataset",
-    "build_eval_dataset",
     "TrainData",
 ]
 
@@ -194,7 +193,7 @@ def _transforms(cfg: Mapping[str, Any], is_training: bool) -> list:
 
     kwargs = _transform_kwargs(cfg) if is_training else {}
     return create_transforms(is_training, cfg["image_resize"], cfg["crop_pct"], cfg["interpolation"],
-                             cfg["mean"], cfg["std"], **kwargs)
+                             cfg["mean"], cfg["std"], decode=False, **kwargs)
 
 
 @dataclass
@@ -232,7 +231,13 @@ def build_train_dataset(cfg: Mapping[str, Any], epoch: int, rank: int = 0, world
     ds.config.set_seed(augmentation_seed(cfg["seed"], rank, epoch))
     workers = int(cfg["num_parallel_workers"])
     dataset = _image_folder(folder, mine, workers)
-    dataset = dataset.map(operations=_transforms(cfg, True), input_columns="image", num_parallel_workers=workers)
+    # Random ops in several map workers draw in a nondeterministic order; decoding is not random and
+    # stays parallel, so only the augmentation runs in one worker when exact reproducibility is asked.
+    from mindspore.dataset import vision
+
+    dataset = dataset.map(operations=[vision.Decode()], input_columns="image", num_parallel_workers=workers)
+    aug_workers = 1 if cfg.get("deterministic_augment", True) else workers
+    dataset = dataset.map(operations=_transforms(cfg, True), input_columns="image", num_parallel_workers=aug_workers)
     off = int(cfg["mixup_off_epoch"])
     mixing = off == 0 or epoch < off
     mixer = SoftTargetMixer(num_classes, float(cfg["label_smoothing"]),
@@ -247,17 +252,3 @@ def build_train_dataset(cfg: Mapping[str, Any], epoch: int, rank: int = 0, world
     dataset = dataset.batch(batch, drop_remainder=True, per_batch_map=mix, input_columns=["image", "label"],
                             output_columns=["image", "label"], num_parallel_workers=1)
     return TrainData(dataset, len(mine) // batch)
-
-
-def build_eval_dataset(cfg: Mapping[str, Any], rank: int = 0, world: int = 1, batch_size: int | None = None):
-    """Validation batches of ``rank`` (uneven shards, nothing dropped): (images, int32 labels)."""
-    import mindspore.dataset as ds
-
-    folder = Path(cfg["data_dir"]) / cfg["val_split"]
-    total, _ = count_images(folder)
-    mine = shard_indices(np.arange(total), rank, world, even=False)
-    workers = int(cfg["num_parallel_workers"])
-    dataset = _image_folder(folder, mine, workers)
-    dataset = dataset.map(operations=_transforms(cfg, False), input_columns="image", num_parallel_workers=workers)
-    dataset = dataset.map(operations=ds.transforms.TypeCast(np.int32), input_columns="label")
-    return dataset.batch(batch_size or int(cfg["batch_size"]), drop_remainder=False)
