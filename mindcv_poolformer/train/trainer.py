@@ -289,9 +289,14 @@ class Trainer:
                                 self.dist.is_main)
             start = time.perf_counter()
             losses: list[float] = []
-            iterator = data.dataset.create_tuple_iterator(num_epochs=1)
-            run_step = ms.data_sink(self.step, data.dataset, sink_size=1) if sink else None
-            for micro, (images, targets) in enumerate(iterator):
+            # Sink mode (Ascend) feeds the step from the device queue; a mid-epoch resume replays that epoch
+            # through the host iterator so the skipped batches are consumed in order.
+            run_step = ms.data_sink(self.step, data.dataset, sink_size=1) if sink and not self.skip_micro else None
+            if run_step is not None:
+                batches = ((None, None) for _ in range(micro_per_epoch))
+            else:
+                batches = data.dataset.create_tuple_iterator(num_epochs=1)
+            for micro, (images, targets) in enumerate(batches):
                 if micro >= micro_per_epoch:
                     break
                 if micro < self.skip_micro:
