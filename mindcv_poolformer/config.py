@@ -216,8 +216,10 @@ _FALSE = {"false", "no", "0", "off"}
 def _coerce(key: str, value: Any, from_cli: bool) -> Any:
     opt = SCHEMA[key]
     if value is None or (from_cli and isinstance(value, str) and value.lower() in ("none", "null")):
-        if opt.nullable or opt.default is None or opt.type is str:
-            return None if opt.type is not str else ""
+        if opt.nullable or opt.default is None:
+            return None
+        if opt.type is str:
+            return ""
         raise ConfigError(f"{key}: a value is required (got none)")
     expected = opt.type.__name__
     if opt.type is bool:

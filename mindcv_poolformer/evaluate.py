@@ -115,7 +115,7 @@ def create_eval_dataset(
 
 
 def apply_amp(net, amp_level: str = "O0"):
-    """Mixed precision for inference. O2 keeps every normalisation in float32, O3 runs all in float16.
+    """Mixed precision for training and inference. O2 keeps every normalisation in float32, O3 runs all in fp16.
 
     MindSpore's O2 black list only names its own BatchNorm/LayerNorm cells, so our GroupNorm1 would
     run in float16; it (and any MindSpore norm) is forced back to float32 here. Logits come back float32.
@@ -123,7 +123,7 @@ def apply_amp(net, amp_level: str = "O0"):
     import mindspore as ms
     from mindspore import nn
 
-    from .models.layers import GroupNorm1
+    from .models.layers import GroupNorm1, LayerNormChannel
 
     if amp_level == "O0":
         return net
@@ -131,7 +131,7 @@ def apply_amp(net, amp_level: str = "O0"):
         raise ConfigError(f"amp_level: {amp_level!r} is not one of O0, O1, O2, O3")
     net = ms.amp.auto_mixed_precision(net, amp_level)
     if amp_level == "O2":
-        norms = (GroupNorm1, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+        norms = (GroupNorm1, LayerNormChannel, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
         for _, cell in net.cells_and_names():
             if isinstance(cell, norms):
                 cell.to_float(ms.float32)

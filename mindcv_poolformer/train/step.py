@@ -12,7 +12,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-__all__ = ["WithLoss", "TrainStep", "ApplyAccumulated", "LossScaleState", "apply_amp"]
+__all__ = ["WithLoss", "TrainStep", "ApplyAccumulated", "LossScaleState"]
 
 _grad_scale = ops.MultitypeFuncGraph("grad_scale")
 _ema_update = ops.MultitypeFuncGraph("ema_update")
@@ -38,22 +38,6 @@ def _acc(buffer: Tensor, grad: Tensor) -> Tensor:
 @_zero.register("Tensor")
 def _zeros(buffer: Tensor) -> Tensor:
     return ops.assign(buffer, ops.zeros_like(buffer))
-
-
-def apply_amp(net: nn.Cell, level: str) -> nn.Cell:
-    """Mixed precision: O2 runs fp16 except the norms (GroupNorm/LayerNorm kept fp32); O3 all fp16.
-
-    Parameters stay fp32 (casts are inserted at cell inputs); the loss always runs in fp32.
-    """
-    if level in ("O0", None):
-        return net
-    if level == "O2":
-        from ..models import layers
-
-        keep = [getattr(layers, n) for n in ("GroupNorm1", "LayerNormChannel") if hasattr(layers, n)]
-        return ms.amp.custom_mixed_precision(net, black_list=ms.amp.get_black_list() + keep + [nn.GroupNorm],
-                                             dtype=ms.float16)
-    return ms.amp.auto_mixed_precision(net, level, dtype=ms.float16)
 
 
 class WithLoss(nn.Cell):
