@@ -248,12 +248,11 @@ def run_validation(cfg) -> dict:
     from .export import load_network
 
     ms.set_context(mode=cfg.mode, device_target=cfg.device_target)
-    rank, group_size = 0, 1
-    if cfg.distribute:
-        from mindspore.communication import get_group_size, get_rank, init
+    from .train.distributed import init_distributed
 
-        init()
-        rank, group_size = get_rank(), get_group_size()
+    # the trainer's launcher-aware init: msrun, env cluster, or plain mpirun (scheduler bootstrapped)
+    dist = init_distributed(cfg.distribute, cfg.device_target)
+    rank, group_size = dist.rank, dist.world
     if not cfg.ckpt_path:
         raise ConfigError("ckpt_path: no checkpoint given (pass --ckpt_path FILE: .ckpt, .safetensors, "
                           ".pth(.tar) or an exported .mindir)")

@@ -120,29 +120,43 @@ def test_amp_levels_close_to_fp32(deploy_assets):  # noqa: F811
         assert results[level].loss == pytest.approx(results["O0"].loss, abs=1e-2)
 
 
-def test_msrun_two_ranks_all_reduce(deploy_assets, tmp_path):  # noqa: F811
-    """Real data-parallel validation (msrun, 2 processes): 7 + 6 samples, all-reduced to the 13-sample result."""
-    msrun = shutil.which("msrun", path=os.path.dirname(sys.executable)) or shutil.which("msrun")
-    if msrun is None:
-        pytest.skip("msrun is not installed next to this Python")
+@pytest.mark.parametrize("launcher", ["msrun", "mpirun"])
+def test_two_ranks_all_reduce(deploy_assets, tmp_path, launcher):  # noqa: F811
+    """Real data-parallel validation (2 processes): 7 + 6 samples, all-reduced to the 13-sample result."""
+    exe = shutil.which(launcher, path=os.path.dirname(sys.executable)) or shutil.which(launcher)
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{launcher} is not installed")
+        pytest.skip(f"{launcher} is not installed")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = tmp_path / "dist.json"
-    env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(REPO), PATH=f"{os.path.dirname(sys.executable)}:"
-               f"{os.environ.get('PATH', '')}")
-    proc = subprocess.run(
-        [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}", f"--log_dir={tmp_path / 'logs'}",
-         "--join=True", str(REPO / "validate.py"), "--data_dir", str(deploy_assets["data"]), "--ckpt_path",
-         str(deploy_assets["ckpt"]), "--batch_size", str(BATCH), "--image_resize", str(IMAGE_SIZE),
-         "--num_parallel_workers", "1", "--distribute", "True", "--json", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    env = dict(os.environ, GLOG_v="3", PYTHONPATH=str(REPO), MS_SCHED_PORT=str(port),
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PATH=f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}")
+    script = [str(REPO / "validate.py"), "--data_dir", str(deploy_assets["data"]), "--ckpt_path",
+              str(deploy_assets["ckpt"]), "--batch_size", str(BATCH), "--image_resize", str(IMAGE_SIZE),
+              "--num_parallel_workers", "1", "--distribute", "True", "--json", str(out)]
+    if launcher == "msrun":
+        cmd = [exe, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}",
+               f"--log_dir={tmp_path / 'logs'}", "--join=True", *script]
+    else:  # plain mpirun: validate bootstraps MindSpore's scheduler from the MPI environment
+        cmd = [exe, "-n", "2", "--oversubscribe", "--allow-run-as-root", "-x", "PATH", "-x", "PYTHONPATH",
+               "-x", "GLOG_v", "-x", "MS_SCHED_PORT", sys.executable, *script]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     record = json.loads(out.read_text())
     hand = _hand_metrics(deploy_assets["data"], deploy_assets["ckpt"])
     assert record["ranks"] == 2 and record["num_samples"] == 13
     assert record["top1"] == pytest.approx(hand["top1"], abs=1e-9)
     assert record["loss"] == pytest.approx(hand["loss"], abs=1e-4)
+
+
+def test_distribute_without_a_launcher_is_a_one_line_error(deploy_assets, capsys):  # noqa: F811
+    err = _error_line(capsys, ["--data_dir", str(deploy_assets["data"]), "--ckpt_path", str(deploy_assets["ckpt"]),
+                               "--distribute", "True"])
+    assert "distribute=True needs a launcher" in err
 
 
 def _error_line(capsys, argv: list[str]) -> str:
