@@ -13,14 +13,10 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common import initializer as init
 
 
-class GroupNorm1(nn.Cell):
-    """GroupNorm with one group: normalise each sample over (C, H, W), then a per-channel affine.
+class _AffineNorm(nn.Cell):
+    """Normalisation over ``axes`` followed by a per-channel affine (``gamma``/``beta``, MindSpore's names)."""
 
-    This is the paper's "modified layer norm". Parameter names ``gamma``/``beta`` follow
-    ``mindspore.nn.GroupNorm`` so MindCV checkpoints load unchanged. Written as reductions rather
-    than ``nn.GroupNorm`` so it behaves identically on every backend and exports to ONNX (which has
-    no GroupNorm, Rsqrt or Reciprocal: hence sqrt and a division on the (N,1,1,1) statistics only).
-    """
+    axes: tuple[int, ...] = (1,)
 
     def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -30,11 +26,26 @@ class GroupNorm1(nn.Cell):
         self.beta = Parameter(init.initializer("zeros", (num_channels,)), name="beta")
 
     def statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample mean and 1/std over (C, H, W), each (N, 1, 1, 1); two-pass for accuracy."""
-        mean = x.mean(axis=(1, 2, 3), keep_dims=True)
+        """Mean and 1/std over ``axes`` (kept as size-1 dims); two-pass for accuracy."""
+        mean = x.mean(axis=self.axes, keep_dims=True)
         centered = x - mean
-        var = (centered * centered).mean(axis=(1, 2, 3), keep_dims=True)
+        var = (centered * centered).mean(axis=self.axes, keep_dims=True)
         return mean, ops.div(ops.ones_like(var), ops.sqrt(var + self.eps))
+
+    def extend_repr(self) -> str:
+        return f"num_channels={self.num_channels}, eps={self.eps}"
+
+
+class GroupNorm1(_AffineNorm):
+    """GroupNorm with one group: normalise each sample over (C, H, W), then a per-channel affine.
+
+    This is the paper's "modified layer norm". Parameter names ``gamma``/``beta`` follow
+    ``mindspore.nn.GroupNorm`` so MindCV checkpoints load unchanged. Written as reductions rather
+    than ``nn.GroupNorm`` so it behaves identically on every backend and exports to ONNX (which has
+    no GroupNorm, Rsqrt or Reciprocal: hence sqrt and a division on the (N,1,1,1) statistics only).
+    """
+
+    axes = (1, 2, 3)
 
     def channel_scale(self, x: Tensor) -> Tensor:
         """The (N, C, 1, 1) multiplier ``gamma / std`` of the normalisation (its linear part)."""
@@ -46,9 +57,6 @@ class GroupNorm1(nn.Cell):
         mean, inv_std = self.statistics(x)
         scale = inv_std * self.gamma.reshape((1, -1, 1, 1))
         return x * scale + (self.beta.reshape((1, -1, 1, 1)) - mean * scale)
-
-    def extend_repr(self) -> str:
-        return f"num_channels={self.num_channels}, eps={self.eps}"
 
 
 class Pooling(nn.Cell):
@@ -136,29 +144,18 @@ def layer_scale_parameter(value: float, dim: int) -> Parameter:
     return Parameter(Tensor(np.full((dim,), value, dtype=np.float32)))
 
 
-class LayerNormChannel(nn.Cell):
+class LayerNormChannel(_AffineNorm):
     """LayerNorm over the channel axis only of an NCHW map (each pixel normalised on its own).
 
     The paper's ``LN`` ablation (and the norm of the official hybrid models). Written as explicit
     reductions over axis 1 so no transpose to NHWC is needed and it exports like ``GroupNorm1``.
     """
 
-    def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.num_channels = num_channels
-        self.eps = eps
-        self.gamma = Parameter(init.initializer("ones", (num_channels,)), name="gamma")
-        self.beta = Parameter(init.initializer("zeros", (num_channels,)), name="beta")
+    axes = (1,)
 
     def construct(self, x: Tensor) -> Tensor:
-        mean = x.mean(axis=1, keep_dims=True)
-        centered = x - mean
-        var = (centered * centered).mean(axis=1, keep_dims=True)
-        inv_std = ops.div(ops.ones_like(var), ops.sqrt(var + self.eps))
-        return centered * inv_std * self.gamma.reshape((1, -1, 1, 1)) + self.beta.reshape((1, -1, 1, 1))
-
-    def extend_repr(self) -> str:
-        return f"num_channels={self.num_channels}, eps={self.eps}"
+        mean, inv_std = self.statistics(x)
+        return (x - mean) * inv_std * self.gamma.reshape((1, -1, 1, 1)) + self.beta.reshape((1, -1, 1, 1))
 
 
 class _FixedTokens(nn.Cell):
