@@ -107,3 +107,15 @@ def test_epoch_order_and_shards():
     shards = [shard_indices(order, r, 3) for r in range(3)]
     assert all(len(s) == 33 for s in shards)
     assert len(set(np.concatenate(shards).tolist())) == 99
+
+
+def test_digits_without_scikit_learn_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from mindcv_poolformer.train.data import DataError, materialize_digits
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(DataError, match=r"needs scikit-learn, which is not installed \(pip install scikit-learn\)"):
+        materialize_digits(tmp_path / "digits")
+    assert not (tmp_path / "digits" / "train").exists()

@@ -73,8 +73,13 @@ def materialize_digits(root: str | os.PathLike, size: int = 32, val_fraction: fl
     both splits already exist; a partial write never leaves a half-populated folder behind.
     """
     from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise DataError("dataset 'digits' needs scikit-learn, which is not installed (pip install scikit-learn)") \
+            from None
 
     root = Path(root)
     if (root / "train").is_dir() and (root / "val").is_dir():
