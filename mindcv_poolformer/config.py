@@ -213,6 +213,23 @@ _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 
 
+def _number(key: str, value: Any, cast: type) -> int | float:
+    """``value`` as ``cast`` (int or float); ints accept integral floats, floats accept ints."""
+    what = "an integer" if cast is int else "a number"
+    if not isinstance(value, bool):
+        if cast is int and isinstance(value, float):
+            if value.is_integer():
+                return int(value)
+        elif isinstance(value, (int, float)):
+            return cast(value)
+        elif isinstance(value, str):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    raise ConfigError(f"{key}: expected {what}, got {value!r}")
+
+
 def _coerce(key: str, value: Any, from_cli: bool) -> Any:
     opt = SCHEMA[key]
     if value is None or (from_cli and isinstance(value, str) and value.lower() in ("none", "null")):
@@ -230,30 +247,8 @@ def _coerce(key: str, value: Any, from_cli: bool) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if opt.type is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if opt.type is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if opt.type in (int, float):
+        return _number(key, value, opt.type)
     if opt.type is list:
         items = value
         if isinstance(value, str):
