@@ -53,23 +53,28 @@ def _timed(fn, iters: int, batch: int) -> dict:
     return {"img_per_s": batch / median, "first_call_s": first, "median_step_s": median}
 
 
-def _weights(model: str, workdir: Path) -> Path:
-    """One randomised HF PoolFormer, saved as HF safetensors; every framework loads these weights."""
-    import torch
-    from safetensors.torch import save_file
+def _hf_model(model: str):
+    """HF PoolFormerForImageClassification with ``model``'s architecture (1000 classes)."""
     from transformers import PoolFormerConfig, PoolFormerForImageClassification
 
     from mindcv_poolformer.models.metaformer import POOLFORMER_VARIANTS
 
+    v = POOLFORMER_VARIANTS[model]
+    config = PoolFormerConfig(num_labels=1000, depths=list(v.depths), hidden_sizes=list(v.widths),
+                              layer_scale_init_value=v.layer_scale_init)
+    return PoolFormerForImageClassification(config)
+
+
+def _weights(model: str, workdir: Path) -> Path:
+    """One randomised HF PoolFormer, saved as HF safetensors; every framework loads these weights."""
+    import torch
+    from safetensors.torch import save_file
+
     path = workdir / f"{model}.hf.safetensors"
     if path.exists():
         return path
-    v = POOLFORMER_VARIANTS[model]
     torch.manual_seed(0)
-    config = PoolFormerConfig(num_labels=1000, depths=list(v.depths), hidden_sizes=list(v.widths),
-                              layer_scale_init_value=v.layer_scale_init)
-    hf = PoolFormerForImageClassification(config)
-    save_file({k: t.contiguous() for k, t in hf.state_dict().items()}, str(path))
+    save_file({k: t.contiguous() for k, t in _hf_model(model).state_dict().items()}, str(path))
     return path
 
 
@@ -109,14 +114,8 @@ def _ours(mode: str, task: str, model: str, weights: Path, batch: int, size: int
 def _torch(mode: str, task: str, model: str, weights: Path, batch: int, size: int, iters: int) -> dict:
     import torch
     from safetensors.torch import load_file
-    from transformers import PoolFormerConfig, PoolFormerForImageClassification
 
-    from mindcv_poolformer.models.metaformer import POOLFORMER_VARIANTS
-
-    v = POOLFORMER_VARIANTS[model]
-    config = PoolFormerConfig(num_labels=1000, depths=list(v.depths), hidden_sizes=list(v.widths),
-                              layer_scale_init_value=v.layer_scale_init)
-    hf = PoolFormerForImageClassification(config)
+    hf = _hf_model(model)
     hf.load_state_dict(load_file(str(weights)))
     x_np, y_np = _inputs(batch, size)
     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np).long()

@@ -68,13 +68,6 @@ def scan_image_folder(root: str, split: str = "") -> tuple[str, list[str], int]:
     return path, classes, count
 
 
-def _shard_indices(num_samples: int, rank: int, group_size: int) -> list[int]:
-    """Strided, non-overlapping shard: every index belongs to exactly one rank, none is repeated."""
-    if group_size < 1 or not 0 <= rank < group_size:
-        raise ValueError(f"rank {rank} is not in [0, {group_size})")
-    return list(range(rank, num_samples, group_size))
-
-
 def create_eval_dataset(
     data_dir: str,
     split: str = "val",
@@ -102,7 +95,9 @@ def create_eval_dataset(
     total = probe.get_dataset_size()
     sampler = None
     if group_size > 1:
-        indices = _shard_indices(total, rank, group_size)
+        from .train.data import shard_indices
+
+        indices = shard_indices(np.arange(total), rank, group_size, even=False).tolist()
         if not indices:
             return None, classes, total
         sampler = ds.SubsetSampler(indices)

@@ -56,7 +56,12 @@ def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool = True) -> 
 
 
 def shard_indices(order: np.ndarray, rank: int, world: int, even: bool = True) -> np.ndarray:
-    """Rank ``rank``'s strided share of ``order``; ``even`` trims so every rank gets as many items."""
+    """Rank ``rank``'s strided share of ``order``; ``even`` trims so every rank gets as many items.
+
+    With ``even=False`` every item belongs to exactly one rank (validation counts each sample once).
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
     if even:
         order = order[: (len(order) // world) * world]
     return order[rank::world]
