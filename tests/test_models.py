@@ -10,7 +10,7 @@ import pytest
 from mindspore import nn
 
 from mindcv_poolformer import count_macs, count_params, create_model, list_models, model_info
-from mindcv_poolformer.models.layers import DropPath, GroupNorm1, Pooling
+from mindcv_poolformer.models.layers import DropPath, DropPathNoise, GroupNorm1, Pooling
 from mindcv_poolformer.models.metaformer import POOLFORMER_VARIANTS
 
 PAPER_MACS_G = {"poolformer_s12": 1.8, "poolformer_s24": 3.4, "poolformer_s36": 5.0,
@@ -129,9 +129,10 @@ def test_mlp_uses_exact_erf_gelu():
 
 def test_drop_path_schedule_is_linear_over_all_blocks():
     net = create_model("poolformer_s12", drop_path_rate=0.1)
-    rates = [blk.drop_path.drop_prob if isinstance(blk.drop_path, DropPath) else 0.0
-             for stage in (0, 2, 4, 6) for blk in net.network[stage]]
-    np.testing.assert_allclose(rates, [0.1 * i / 11 for i in range(12)], atol=1e-9)
+    for attr in ("drop_path1", "drop_path2"):
+        rates = [getattr(blk, attr).drop_prob if isinstance(getattr(blk, attr), DropPath) else 0.0
+                 for stage in (0, 2, 4, 6) for blk in net.network[stage]]
+        np.testing.assert_allclose(rates, [0.1 * i / 11 for i in range(12)], atol=1e-9)
 
 
 def test_drop_path_drops_whole_samples_only_in_training():
@@ -144,6 +145,32 @@ def test_drop_path_drops_whole_samples_only_in_training():
     assert (per_sample == per_sample[:, :1]).all() and 0 < (per_sample[:, 0] == 0).sum() < 64
     layer.set_train(False)
     assert (layer(x).asnumpy() == 1).all()
+
+
+def test_drop_path_noise_is_keyed_and_reproducible():
+    """Exact resume needs masks that depend on (seed, rank, step, micro) only, not on the process history."""
+    net = create_model("poolformer_s12", num_classes=10, drop_path_rate=0.5)
+    source = DropPathNoise(net, 4, seed=3, rank=0)
+    assert len(source.layers) == 22  # 11 blocks with rate > 0, two branches each
+    assert not any(DropPathNoise.is_noise_name(p.name) for p in net.trainable_params())
+    draws = {key: source.draw(*key) for key in [(0, 0), (0, 1), (1, 0)]}
+    assert not np.array_equal(draws[(0, 0)], draws[(0, 1)]) and not np.array_equal(draws[(0, 0)], draws[(1, 0)])
+    np.testing.assert_array_equal(DropPathNoise(create_model("poolformer_s12", drop_path_rate=0.5), 4, 3).draw(1, 0),
+                                  draws[(1, 0)])
+    assert not np.array_equal(DropPathNoise(net, 4, seed=3, rank=1).draw(0, 0), draws[(0, 0)])
+    net.set_train(True)
+    x = ms.Tensor(np.random.default_rng(0).random((4, 3, 32, 32), np.float32))
+    outputs = []
+    for step in (5, 6, 5):
+        source.refill(step)
+        outputs.append(net(x).asnumpy())
+    np.testing.assert_array_equal(outputs[0], outputs[2])
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-6
+    # the masks are exactly floor(noise + keep): a branch whose noise is >= drop_prob is kept
+    layer = source.layers[-1]
+    layer.noise.set_data(ms.Tensor(np.array([0.49, 0.5, 0.0, 0.99], np.float32)))
+    branch = ms.Tensor(np.ones((4, 2, 1, 1), np.float32))
+    np.testing.assert_array_equal(layer(branch).asnumpy()[:, 0, 0, 0], [0.0, 2.0, 0.0, 2.0])
 
 
 @pytest.mark.parametrize("name", ["poolformer_s12", "poolformer_m36"])

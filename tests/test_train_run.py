@@ -51,7 +51,8 @@ def test_loss_falls_and_run_files(folder, tmp_path):
 
 def test_resume_gives_identical_losses(folder, tmp_path):
     extra = {"epoch_size": 2, "num_samples": 16, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1,
-             "scale": [0.5, 1.0], "hflip": 0.5, "ema": True, "ema_decay": 0.9, "clip_grad": True, "clip_value": 1.0}
+             "scale": [0.5, 1.0], "hflip": 0.5, "ema": True, "ema_decay": 0.9, "clip_grad": True, "clip_value": 1.0,
+             "drop_path_rate": 0.3}
     full = Trainer(load_config(overrides=tiny_overrides(folder, tmp_path / "full", **extra))).fit()
     part_dir = tmp_path / "part"
     first = Trainer(load_config(overrides=tiny_overrides(folder, part_dir, ckpt_save_steps=1, **extra))

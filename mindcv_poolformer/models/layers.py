@@ -90,7 +90,12 @@ class Pooling(nn.Cell):
 
 
 class DropPath(nn.Cell):
-    """Stochastic depth: drop the whole residual branch per sample while training."""
+    """Stochastic depth: drop the whole residual branch per sample while training.
+
+    By default the masks come from MindSpore's kernel RNG. That RNG's state cannot be saved or
+    restored on CPU, so a resumed run would draw different masks; ``DropPathNoise`` switches the
+    layer to a noise buffer that the caller refills before every step from a key it checkpoints.
+    """
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
@@ -98,16 +103,56 @@ class DropPath(nn.Cell):
             raise ValueError(f"drop path probability must be in [0, 1), got {drop_prob}")
         self.drop_prob = drop_prob
         self.keep_prob = 1.0 - drop_prob
+        self.external_noise = False  # a compile-time switch, set by DropPathNoise
 
     def construct(self, x: Tensor) -> Tensor:
         if not self.training or self.drop_prob == 0.0:
             return x
-        noise = ops.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        if self.external_noise:
+            noise = ops.cast(self.noise[: x.shape[0]], x.dtype).reshape(shape)
+        else:
+            noise = ops.rand(shape, dtype=x.dtype)
         mask = ops.floor(noise + self.keep_prob)
         return x / self.keep_prob * mask
 
     def extend_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+class DropPathNoise:
+    """Keyed, reproducible masks for every ``DropPath`` of a network (what exact resume needs).
+
+    Before each (micro-)step the trainer calls ``refill(step, micro)``: the uniform noise of all
+    layers is drawn on the host from ``SeedSequence((seed, rank, step, micro))``, so the masks are a
+    function of checkpointed counters, differ across ranks and do not depend on how many steps this
+    process has run. The buffers are non-trainable parameters named ``drop_path_noise.*``
+    (``is_noise_name``); they are scratch state and are left out of checkpoints.
+    """
+
+    PREFIX = "drop_path_noise."
+
+    def __init__(self, network: nn.Cell, batch_size: int, seed: int, rank: int = 0) -> None:
+        self.layers = [cell for _, cell in network.cells_and_names() if isinstance(cell, DropPath)]
+        self.batch_size = int(batch_size)
+        self.key = (int(seed), int(rank))
+        for index, layer in enumerate(self.layers):
+            layer.noise = Parameter(Tensor(np.zeros(self.batch_size, np.float32)), name=f"{self.PREFIX}{index}",
+                                    requires_grad=False)
+            layer.external_noise = True
+
+    @classmethod
+    def is_noise_name(cls, name: str) -> bool:
+        return name.startswith(cls.PREFIX)
+
+    def draw(self, step: int, micro: int = 0) -> np.ndarray:
+        """The noise of every layer for one micro-batch, shape (layers, batch), in [0, 1)."""
+        seq = np.random.SeedSequence([*self.key, int(step), int(micro)])
+        return np.random.Generator(np.random.PCG64(seq)).random((len(self.layers), self.batch_size), np.float32)
+
+    def refill(self, step: int, micro: int = 0) -> None:
+        for layer, row in zip(self.layers, self.draw(step, micro)):
+            layer.noise.set_data(Tensor(row))
 
 
 class ConvMlp(nn.Cell):

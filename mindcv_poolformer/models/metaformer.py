@@ -83,7 +83,9 @@ class MetaFormerBlock(nn.Cell):
         if use_mlp:
             self.norm2 = make_norm(norm, dim)
             self.mlp = ConvMlp(dim, int(dim * mlp_ratio), make_activation(act), drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # one cell per residual branch: each draws its own per-sample mask
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 and use_mlp else nn.Identity()
         # GroupNorm(1) is a per-(sample, channel) affine map a*x + b and the pooling mixer averages
         # valid pixels only, so mixer(norm1(x)) = a * (pool(x) - x): the normalised tensor is never
         # needed, saving two passes over the activations per block (exact, see Pooling).
@@ -104,13 +106,13 @@ class MetaFormerBlock(nn.Cell):
             mixed = self.token_mixer(self.norm1(x))
             if self.use_layer_scale:
                 mixed = self.layer_scale_1.reshape((-1, 1, 1)) * mixed
-        x = x + self.drop_path(mixed) if self.use_residual else self.drop_path(mixed)
+        x = x + self.drop_path1(mixed) if self.use_residual else self.drop_path1(mixed)
         if not self.use_mlp:
             return x
         mlp_out = self.mlp(self.norm2(x))
         if self.use_layer_scale:
             mlp_out = self.layer_scale_2.reshape((-1, 1, 1)) * mlp_out
-        return x + self.drop_path(mlp_out) if self.use_residual else self.drop_path(mlp_out)
+        return x + self.drop_path2(mlp_out) if self.use_residual else self.drop_path2(mlp_out)
 
 
 class PositionEmbeddedStage(nn.SequentialCell):

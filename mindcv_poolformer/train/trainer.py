@@ -4,9 +4,10 @@ Exact resume: a checkpoint holds the weights, the optimizer moments and ``global
 also the position in the precomputed learning-rate array), the EMA weights, the loss-scale state
 and ``train_state.*`` (epoch, micro-batch within the epoch, best top-1). The data order and
 augmentation RNG of every epoch depend only on (seed, rank, epoch) (see ``data.py``), so epoch
-k+1 after a resume sees the same batches as without the interruption. Stochastic depth draws its
-masks from MindSpore's kernel RNG, whose state cannot be saved: with ``drop_path_rate > 0`` the
-masks after a resume differ (same distribution), everything else is identical.
+k+1 after a resume sees the same batches as without the interruption. Stochastic depth masks are
+keyed by (seed, rank, global_step, micro-batch) (``DropPathNoise``) for the same reason: MindSpore's
+kernel RNG state cannot be saved on CPU. Only dropout (``drop_rate > 0``, 0 in every recipe) still
+draws from the kernel RNG, so its masks after a resume differ.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Trainer:
 
         from ..evaluate import apply_amp, create_eval_dataset, scan_image_folder
         from ..models import create_model
+        from ..models.layers import DropPathNoise
         from .loss import create_loss
         from .optim import create_optimizer
         from .step import ApplyAccumulated, LossScaleState, TrainStep, WithLoss
@@ -148,7 +150,8 @@ class Trainer:
         self.net = create_model(cfg["model"], pretrained=cfg["pretrained"], num_classes=self.num_classes,
                                 in_channels=cfg["in_channels"], checkpoint_path=ckpt,
                                 drop_path_rate=cfg["drop_path_rate"], drop_rate=cfg["drop_rate"])
-        ms.set_seed(augmentation_seed(cfg["seed"], rank, 0))  # stochastic depth differs per rank
+        ms.set_seed(augmentation_seed(cfg["seed"], rank, 0))  # dropout differs per rank
+        self.drop_path_noise = DropPathNoise(self.net, batch, int(cfg["seed"]), rank)
         self.optimizer = create_optimizer(self.net, cfg, self.lrs)
         self.net = apply_amp(self.net, cfg["amp_level"])
         self.scaler = LossScaleState(self.plan.value, self.plan.dynamic, self.plan.skip_overflow)
@@ -183,10 +186,13 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint state
 
     def _state_parameters(self) -> dict:
+        from ..models.layers import DropPathNoise
+
         params = {}
         for cell in (self.step,) + ((self.apply_accumulated,) if self.apply_accumulated else ()):
             for param in cell.get_parameters():
-                params.setdefault(param.name, param)
+                if not DropPathNoise.is_noise_name(param.name):  # per-step scratch, refilled from the step key
+                    params.setdefault(param.name, param)
         for param in self.optimizer.get_parameters():
             params.setdefault(param.name, param)
         return params
@@ -233,6 +239,9 @@ class Trainer:
         if int(state.get("world", self.dist.world)) != self.dist.world:
             _LOG.warning("resume: the checkpoint was written by %d ranks, this run has %d; the data order differs",
                          int(state["world"]), self.dist.world)
+        if float(self.cfg["drop_rate"]) > 0:
+            _LOG.warning("resume: dropout (drop_rate %s) draws from MindSpore's kernel RNG, which cannot be restored; "
+                         "its masks differ from the uninterrupted run (drop path masks do not)", self.cfg["drop_rate"])
         _LOG.info("resumed from %s: epoch %d, step %d", path, self.start_epoch + (1 if self.skip_micro else 0),
                   self.global_step)
 
@@ -301,6 +310,7 @@ class Trainer:
                     break
                 if micro < self.skip_micro:
                     continue
+                self.drop_path_noise.refill(self.global_step, micro % self.accum)
                 loss = run_step() if run_step is not None else self.step(images, targets)
                 if self.apply_accumulated is not None and (micro + 1) % self.accum == 0:
                     self.apply_accumulated()
