@@ -78,7 +78,9 @@ SCHEMA: dict[str, Option] = {
     "batch_size": _o(int, 128, "batch size per device", _DATA, low=1),
     "drop_remainder": _o(bool, True, "drop the last incomplete training batch (validation never drops)", _DATA),
     "aug_repeats": _o(int, 0, "repeated augmentation count (0 = off)", _DATA, low=0),
-    "strict_data": _o(bool, False, "fail on a corrupt image instead of skipping it", _DATA),
+    "strict_data": _o(bool, False, "an unreadable (corrupt or truncated) image stops the run with an error naming "
+                      "the file; False: it is skipped with a warning (training substitutes the next image of the "
+                      "epoch, validation leaves it out of top-1)", _DATA),
     "deterministic_augment": _o(bool, True, "random augmentations in one worker per rank (decoding stays parallel) "
                                 "so every epoch is reproducible and resume is exact; False: faster, not bit-exact",
                                 _DATA),
@@ -204,9 +206,12 @@ class Config(dict):
         os.replace(tmp, path)
 
 
-def _suggest(key: str) -> str:
+def _suggest(key: str, prefix: str = "") -> str:
+    """The closest valid key (a typo is the usual cause), else where the valid keys are listed."""
     close = difflib.get_close_matches(key, SCHEMA, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    if close:
+        return f"; did you mean {prefix}{close[0]}?"
+    return "; --help lists every valid key"
 
 
 _TRUE = {"true", "yes", "1", "on"}
@@ -281,11 +286,18 @@ def _check(key: str, value: Any) -> None:
         if probe not in opt.choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, opt.choices))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if opt.low is not None and (value < opt.low or (opt.low_open and value == opt.low)):
-            bound = f"> {opt.low}" if opt.low_open else f">= {opt.low}"
-            raise ConfigError(f"{key}: {value!r} is out of range (must be {bound})")
-        if opt.high is not None and value > opt.high:
-            raise ConfigError(f"{key}: {value!r} is out of range (must be <= {opt.high})")
+        too_low = opt.low is not None and (value < opt.low or (opt.low_open and value == opt.low))
+        if too_low or (opt.high is not None and value > opt.high):
+            raise ConfigError(f"{key}: {value!r} is out of range (must be {_accepted_range(opt)})")
+
+
+def _accepted_range(opt: Option) -> str:
+    """``> 0``, ``>= 1``, ``<= 1`` or ``in (0, 1]``: the whole accepted interval, so one error says it all."""
+    if opt.low is not None and opt.high is not None:
+        return f"in {'(' if opt.low_open else '['}{opt.low:g}, {opt.high:g}]"
+    if opt.low is not None:
+        return f"{'>' if opt.low_open else '>='} {opt.low:g}"
+    return f"<= {opt.high:g}"
 
 
 def _normalise_choice(key: str, value: Any) -> Any:
@@ -388,7 +400,7 @@ def parse_cli(argv: Sequence[str] | None = None, prog: str | None = None, descri
         if key in ("config", "c"):
             key = "config"
         elif key not in SCHEMA:
-            raise ConfigError(f"unknown option --{key}{_suggest(key)}")
+            raise ConfigError(f"unknown option --{key}{_suggest(key, prefix='--')}")
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if key != "config" and SCHEMA[key].type is bool and (nxt is None or nxt.startswith("--")):
