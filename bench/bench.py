@@ -105,10 +105,10 @@ def _ours(mode: str, task: str, model: str, weights: Path, batch: int, size: int
 
     cfg = load_config(overrides={"model": model, "opt": "adamw", "lr": 1e-3, "weight_decay": 0.05})
     optimizer = create_optimizer(net, cfg, 1e-3)
-    step = TrainStep(WithLoss(net, create_loss("CE")), optimizer, LossScaleState(1.0, False, False))
+    step = TrainStep(WithLoss(net, create_loss("CE")), optimizer, LossScaleState(1.0, False))
     step.set_train(True)
     y_soft = ms.Tensor(np.eye(1000, dtype=np.float32)[y_np])
-    return _timed(lambda: step(x, y_soft).asnumpy(), iters, batch)
+    return _timed(lambda: step(x, y_soft)[0].asnumpy(), iters, batch)
 
 
 def _torch(mode: str, task: str, model: str, weights: Path, batch: int, size: int, iters: int) -> dict:

@@ -41,14 +41,16 @@ def test_other_recipes_load(name):
 
 
 def test_loss_scale_plans():
-    cpu = load_config(overrides={"device_target": "CPU", "amp_level": "O2", "loss_scale": 1024})
-    plan = plan_loss_scale(cpu)
-    assert (plan.value, plan.dynamic, plan.skip_overflow) == (1024.0, False, False)
-    ascend = load_config(overrides={"device_target": "Ascend", "amp_level": "O2"})
-    assert plan_loss_scale(ascend).dynamic and plan_loss_scale(ascend).skip_overflow
-    for bad in ({"loss_scale_type": "dynamic"}, {"drop_overflow_update": True}):
-        with pytest.raises(ConfigError, match="needs Ascend or GPU"):
-            plan_loss_scale(load_config(overrides={"device_target": "CPU", "amp_level": "O2", **bad}))
+    def plan(**kw):
+        p = plan_loss_scale(load_config(overrides={"device_target": "CPU", **kw}))
+        return p.value, p.dynamic
+
+    # dynamic under mixed precision on every device: overflow skipping works on CPU with our step
+    assert plan(amp_level="O2", loss_scale=1024) == (1024.0, True)
+    assert plan(amp_level="O3") == (65536.0, True)
+    assert plan(amp_level="O2", loss_scale_type="fixed", loss_scale=128) == (128.0, False)
+    assert plan() == (1.0, False)
+    assert plan(device_target="Ascend", amp_level="O2") == (65536.0, True)
 
 
 def test_config_errors_are_one_line():

@@ -75,7 +75,7 @@ def test_resume_gives_identical_losses(folder, tmp_path):
 
 
 def test_amp_o2_on_cpu(folder, tmp_path):
-    # fixed loss scale 1024 without overflow skipping: what MindSpore supports on CPU
+    # auto loss scaling under O2 is dynamic, starting from loss_scale
     cfg = load_config(overrides=tiny_overrides(folder, tmp_path / "amp", amp_level="O2", loss_scale=1024.0,
                                                epoch_size=4, num_samples=8, lr=3e-4))
     trainer = Trainer(cfg)
@@ -88,6 +88,24 @@ def test_amp_o2_on_cpu(folder, tmp_path):
     assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     net = create_model("poolformer_s12", num_classes=10)
     load_checkpoint_into(net, result.last_checkpoint)  # canonical names despite the AMP wrapper
+
+
+def test_overflowed_steps_are_skipped(folder, tmp_path):
+    """fp16 gradients overflow at scale 2**30: the steps are skipped, the dynamic scale halves, weights stay."""
+    from mindcv_poolformer.train.trainer import TrainingDiverged
+
+    over = {"amp_level": "O2", "loss_scale": 2.0 ** 30, "epoch_size": 2, "num_samples": 16}
+    trainer = Trainer(load_config(overrides=tiny_overrides(folder, tmp_path / "dyn", **over)))
+    before = {p.name: p.asnumpy().copy() for p in trainer.net.trainable_params()}
+    result = trainer.fit()
+    assert result.skipped_steps == 4 and float(trainer.scaler.scale.asnumpy()) == 2.0 ** 26
+    assert all(np.array_equal(before[p.name], p.asnumpy()) for p in trainer.net.trainable_params())
+    # a fixed scale cannot absorb them: the run stops after max_nonfinite_steps, naming the step
+    fixed = Trainer(load_config(overrides=tiny_overrides(folder, tmp_path / "fixed", loss_scale_type="fixed",
+                                                         max_nonfinite_steps=3, **over)))
+    with pytest.raises(TrainingDiverged, match=r"3 consecutive steps \(the last at epoch 2, step 3\)"):
+        fixed.fit()
+    assert all(np.array_equal(before[p.name], p.asnumpy()) for p in fixed.net.trainable_params())
 
 
 def test_gradient_accumulation_equals_big_batch(folder, tmp_path):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,20 +20,45 @@ import numpy as np
 from ..checkpoint import CheckpointError, save_state_dict
 from ..config import ConfigError
 
-__all__ = ["RUN_FILES", "check_run_dir", "CheckpointManager", "MetricsLog", "Progress", "read_training_state"]
+__all__ = ["RUN_FILES", "check_run_dir", "CheckpointManager", "MetricsLog", "Progress", "read_training_state",
+           "remove_stale_temp_files"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
 METRIC_FIELDS = ("epoch", "step", "train_loss", "lr", "val_top1", "val_top5", "img_per_s", "epoch_time")
 RUN_FILES = ("metrics.csv", "curves.png", "checkpoints.json", "config.yaml")
 _CKPT_NAME = re.compile(r"^(?P<model>.+)-e(?P<epoch>\d+)-s(?P<step>\d+)\.(?P<fmt>safetensors|ckpt)$")
+_TEMP_PREFIX = ".tmp-"  # save_state_dict's temp files: complete only once renamed
 STATE_PREFIX = "train_state."
 
 
 def _checkpoints_in(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".ckpt"))
+    return sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".ckpt") and
+                  not p.name.startswith(_TEMP_PREFIX))
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> int:
+    """Delete the temp files of checkpoint writes that a killed process never renamed; returns how many."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    stale = [p for p in directory.iterdir() if p.name.startswith(_TEMP_PREFIX) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def _check_writable(directory: Path) -> None:
+    """Create ``directory`` and a probe file in it now, before hours of compute depend on it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=_TEMP_PREFIX, dir=directory):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"ckpt_save_dir: {directory} is not writable ({exc.strerror or exc}); "
+                          "pass a directory you can write to") from None
 
 
 def check_run_dir(cfg: Mapping[str, Any]) -> None:
@@ -46,6 +73,7 @@ def check_run_dir(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"ckpt_save_dir: {directory} already holds a run ({existing[0].name}, ...); "
                           "pass --resume auto to continue it, --overwrite True to replace it, or another "
                           "--ckpt_save_dir")
+    _check_writable(directory)
 
 
 def clear_run_dir(directory: str | os.PathLike) -> None:
@@ -67,7 +95,11 @@ def read_training_state(params: Mapping[str, Any]) -> dict[str, float]:
 
 
 class CheckpointManager:
-    """Writes checkpoints atomically, keeps the newest ``keep`` (or the ``keep`` best for top_k) and ``best``."""
+    """Writes checkpoints atomically, keeps the newest ``keep`` (or the ``keep`` best for top_k) and ``best``.
+
+    ``checkpoints.json`` indexes them (with their top-1); files a killed process wrote but never
+    indexed are adopted on start, so pruning still sees every checkpoint.
+    """
 
     def __init__(self, directory: str | os.PathLike, model: str, fmt: str, keep: int, policy: str) -> None:
         self.directory = Path(directory)
@@ -78,34 +110,58 @@ class CheckpointManager:
         self.index_path = self.directory / "checkpoints.json"
         self.entries: list[dict] = []
         if self.index_path.exists():
-            self.entries = json.loads(self.index_path.read_text()).get("checkpoints", [])
+            try:
+                self.entries = json.loads(self.index_path.read_text()).get("checkpoints", [])
+            except (ValueError, AttributeError):
+                _LOG.warning("%s is not valid JSON; rebuilding the checkpoint index from the file names",
+                             self.index_path)
+        present = {path.name: match for path, match in self._named()}
+        self.entries = [e for e in self.entries if e.get("file") in present]
+        indexed = {e["file"] for e in self.entries}
+        for name, match in present.items():
+            if name not in indexed:
+                self.entries.append({"file": name, "epoch": int(match["epoch"]), "step": int(match["step"]),
+                                     "top1": None, "time": None})
 
     @property
     def best_path(self) -> Path:
         return self.directory / f"{self.model}-best.{self.fmt}"
 
+    def _named(self) -> list[tuple[Path, re.Match]]:
+        return [(p, m) for p in _checkpoints_in(self.directory) if (m := _CKPT_NAME.match(p.name))]
+
+    def candidates(self) -> list[Path]:
+        """This run's step checkpoints, newest (highest global step) first."""
+        return [p for _, p in sorted(((int(m["step"]), p) for p, m in self._named()), reverse=True)]
+
     def latest(self) -> Path | None:
-        """Newest checkpoint of this run (by global step), from the index or the file names."""
-        found = []
-        for path in _checkpoints_in(self.directory):
-            match = _CKPT_NAME.match(path.name)
-            if match:
-                found.append((int(match["step"]), path))
-        return max(found)[1] if found else None
+        """Newest checkpoint of this run (by global step), from the file names."""
+        found = self.candidates()
+        return found[0] if found else None
 
     def save(self, state: Mapping[str, np.ndarray], epoch: int, step: int, top1: float | None,
              is_best: bool) -> Path:
+        """Write one checkpoint (and ``best``); an OSError (disk full) leaves the earlier ones intact."""
         path = self.directory / f"{self.model}-e{epoch:04d}-s{step:08d}.{self.fmt}"
-        save_state_dict(state, path)
-        if is_best:
-            save_state_dict(state, self.best_path)
+        try:
+            save_state_dict(state, path)
+            if is_best:
+                save_state_dict(state, self.best_path)
+        except Exception as exc:  # OSError, MindSpore's RuntimeError, SafetensorError: all "not written"
+            previous = self.latest()
+            kept = f"the newest complete checkpoint {previous} is intact" if previous else "no checkpoint was written"
+            raise CheckpointError(f"could not write checkpoint {path} ({_reason(exc)}); {kept}") from None
         self.entries = [e for e in self.entries if e["file"] != path.name]
         self.entries.append({"file": path.name, "epoch": epoch, "step": step, "top1": top1, "time": time.time()})
         self._prune()
-        tmp = self.index_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"checkpoints": self.entries, "best": self.best_path.name if
-                                   self.best_path.exists() else None}, indent=1))
-        os.replace(tmp, self.index_path)
+        tmp = self.directory / f"{_TEMP_PREFIX}checkpoints.json"
+        try:
+            tmp.write_text(json.dumps({"checkpoints": self.entries, "best": self.best_path.name if
+                                       self.best_path.exists() else None}, indent=1))
+            os.replace(tmp, self.index_path)
+        except OSError as exc:  # the checkpoint itself is complete; the index is rebuilt from names on resume
+            tmp.unlink(missing_ok=True)
+            _LOG.warning("could not update %s (%s)", self.index_path, _reason(exc))
         return path
 
     def _prune(self) -> None:
@@ -119,15 +175,18 @@ class CheckpointManager:
             self.entries.remove(victim)
 
 
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}, errno {exc.errno}"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
     """The checkpoint to resume from: an explicit path, or the newest one in the run directory (``auto``)."""
     if not resume:
         return None
     if resume == "auto":
-        latest = manager.latest()
-        if latest is None:
-            _LOG.info("resume auto: no checkpoint in %s, starting a new run", manager.directory)
-        return latest
+        return manager.latest()
     if not os.path.isfile(resume):
         raise CheckpointError(f"resume: checkpoint not found: {resume}")
     return Path(resume)
@@ -141,18 +200,38 @@ class MetricsLog:
         self.png_path = Path(directory) / "curves.png"
 
     def append(self, row: Mapping[str, Any]) -> None:
-        new = not self.csv_path.exists()
-        with open(self.csv_path, "a", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
+        """Append one epoch's row; a row for an epoch already logged (replayed after a kill) is skipped."""
+        if any(r["epoch"] == str(row["epoch"]) for r in self.rows()):
+            return
+        new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, lineterminator="\n")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
+        text = buffer.getvalue()
+        if not new and not self._ends_with_newline():
+            text = "\n" + text  # a row cut short by a kill stays behind as one unparsable line
+        # one write() on an O_APPEND descriptor: the row lands whole or (killed mid-call) not at all
+        fd = os.open(self.csv_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, text.encode("utf-8"))
+        finally:
+            os.close(fd)
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.csv_path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
 
     def rows(self) -> list[dict]:
+        """The complete rows (a partial line left by a killed write is ignored)."""
         if not self.csv_path.exists():
             return []
-        with open(self.csv_path, encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
+        with open(self.csv_path, encoding="utf-8", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        return [r for r in rows if None not in r and all(r.get(k) is not None for k in METRIC_FIELDS)
+                and r["epoch"].isdigit()]
 
     def plot(self) -> None:
         """Loss and accuracy versus epoch (matplotlib, Agg backend); skipped with a note if unavailable."""

@@ -2,9 +2,11 @@
 
 Order inside one optimizer step (the order matters for data-parallel exactness):
 forward/backward on the scaled loss -> (accumulate micro-batches) -> all-reduce (mean over ranks)
--> unscale -> overflow check (dynamic scaling only; the step is skipped on overflow) -> clip by
-global norm -> optimizer -> EMA update. Clipping after the all-reduce makes every rank clip the
-same global gradient, so weights stay identical across ranks.
+-> unscale -> finiteness check -> clip by global norm -> optimizer -> EMA update. Clipping after
+the all-reduce makes every rank clip the same global gradient, so weights stay identical across
+ranks. A step whose gradients are not all finite is skipped on every device (weights, optimizer
+moments and EMA untouched; with a dynamic loss scale the scale also shrinks): ``ms.amp.all_finite``
+and the in-graph branch work on CPU too, unlike MindSpore's NPU overflow-status cells.
 """
 
 from __future__ import annotations
@@ -55,11 +57,9 @@ class WithLoss(nn.Cell):
 class LossScaleState(nn.Cell):
     """Loss scale as checkpointable parameters; ``dynamic`` halves on overflow and doubles after a window."""
 
-    def __init__(self, value: float, dynamic: bool, skip_overflow: bool, factor: float = 2.0,
-                 window: int = 1000) -> None:
+    def __init__(self, value: float, dynamic: bool, factor: float = 2.0, window: int = 1000) -> None:
         super().__init__()
         self.dynamic = dynamic
-        self.skip_overflow = skip_overflow or dynamic
         self.scale = Parameter(Tensor(value, ms.float32), name="loss_scale.value", requires_grad=False)
         self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale.good_steps", requires_grad=False)
         self.factor = factor
@@ -98,8 +98,6 @@ class _Update(nn.Cell):
         if self.distributed:
             grads = self.reducer(grads)
         grads = self.hyper_map(ops.partial(_grad_scale, scale_inv), grads)
-        if not self.scaler.skip_overflow:  # a compile-time branch: no control flow in the graph
-            return self._step(self._clip(grads), Tensor(True))
         finite = ms.amp.all_finite(grads)
         grads = self._clip(grads)
         if finite:
@@ -123,8 +121,10 @@ class _Update(nn.Cell):
 class TrainStep(nn.Cell):
     """One micro-batch: forward/backward; with ``accumulation_steps == 1`` also the optimizer step.
 
-    Returns the unscaled loss of the micro-batch (fp32). With accumulation the gradients are summed
-    into buffers and ``ApplyAccumulated`` performs the step.
+    Returns ``(loss, applied)``: the unscaled loss of the micro-batch (fp32) and whether the
+    optimizer step was applied (False when its gradients were not finite). With accumulation the
+    gradients are summed into buffers, ``applied`` is True and ``ApplyAccumulated`` performs the
+    step and returns its own flag.
     """
 
     def __init__(self, net_with_loss: nn.Cell, optimizer: nn.Optimizer, scaler: LossScaleState,
@@ -142,7 +142,7 @@ class TrainStep(nn.Cell):
         if self.accumulate:
             self.buffers = self.weights.clone(prefix="accum", init="zeros")
 
-    def construct(self, images: Tensor, targets: Tensor) -> Tensor:
+    def construct(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         loss = self.net_with_loss(images, targets)
         scale = self.scaler.scale
         sens = ops.fill(loss.dtype, loss.shape, 1.0) * scale
@@ -150,8 +150,9 @@ class TrainStep(nn.Cell):
             sens = sens / self.accumulation_steps
         grads = self.grad(self.net_with_loss, self.weights)(images, targets, sens)
         if self.accumulate:
-            return ops.depend(loss, self.hyper_map(_accumulate, self.buffers, grads))
-        return ops.depend(loss, self.update.apply(grads, 1.0 / scale))
+            return ops.depend(loss, self.hyper_map(_accumulate, self.buffers, grads)), Tensor(True)
+        applied = self.update.apply(grads, 1.0 / scale)
+        return ops.depend(loss, applied), applied
 
 
 class ApplyAccumulated(nn.Cell):

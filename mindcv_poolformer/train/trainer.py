@@ -15,6 +15,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
+import signal
+import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .._script import ScriptError
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
 from .data import DataError, augmentation_seed, build_train_dataset, prepare_data_dir
@@ -35,44 +40,39 @@ from .run_io import (
     check_run_dir,
     clear_run_dir,
     read_training_state,
+    remove_stale_temp_files,
     resolve_resume,
 )
 from .schedule import build_lr_schedule
 
-__all__ = ["LossScalePlan", "plan_loss_scale", "validate_train_config", "TrainResult", "Trainer", "train"]
+__all__ = ["LossScalePlan", "plan_loss_scale", "validate_train_config", "StopSignals", "TrainResult",
+           "TrainingDiverged", "Trainer", "train"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
 
 @dataclass(frozen=True)
 class LossScalePlan:
-    """The resolved loss-scaling mode: initial value, dynamic or not, skip overflowed steps or not."""
+    """The resolved loss scaling: initial value and whether it is dynamic."""
 
     value: float
     dynamic: bool
-    skip_overflow: bool
 
 
 def plan_loss_scale(cfg: Mapping[str, Any]) -> LossScalePlan:
-    """Resolve ``loss_scale_type``/``drop_overflow_update`` for the device, or raise a ConfigError.
+    """Resolve ``loss_scale_type`` (auto: dynamic under mixed precision, fixed in fp32).
 
-    MindSpore on CPU has no overflow-status kernels for loss scaling: only a fixed scale without
-    skipping works there, so asking for more on CPU is a configuration error, not a crash later.
+    Steps with non-finite gradients are skipped in every mode (see ``step.py``); a dynamic scale
+    also halves on them and doubles after 1000 clean steps. It starts at ``loss_scale`` unless that
+    is left at 1, where it starts at 2**16.
     """
     kind = cfg["loss_scale_type"]
-    device = cfg["device_target"]
-    mixed = cfg["amp_level"] != "O0"
     if kind == "auto":
-        kind = "dynamic" if (device != "CPU" and mixed) else "fixed"
-        value = float(cfg["loss_scale"]) if cfg["loss_scale"] != 1.0 or kind == "fixed" else 2.0 ** 16
-    else:
-        value = float(cfg["loss_scale"])
-    skip = kind == "dynamic" or bool(cfg["drop_overflow_update"])
-    if device == "CPU" and skip:
-        what = "loss_scale_type=dynamic" if kind == "dynamic" else "drop_overflow_update=True"
-        raise ConfigError(f"{what} needs Ascend or GPU: MindSpore on CPU supports only a fixed loss scale without "
-                          "overflow skipping (use --loss_scale_type fixed --drop_overflow_update False, or auto)")
-    return LossScalePlan(value, kind == "dynamic", skip)
+        kind = "dynamic" if cfg["amp_level"] != "O0" else "fixed"
+    value = float(cfg["loss_scale"])
+    if kind == "dynamic" and value == 1.0:
+        value = 2.0 ** 16
+    return LossScalePlan(value, kind == "dynamic")
 
 
 def validate_train_config(cfg: Mapping[str, Any]) -> LossScalePlan:
@@ -84,9 +84,17 @@ def validate_train_config(cfg: Mapping[str, Any]) -> LossScalePlan:
     return plan_loss_scale(cfg)
 
 
+class TrainingDiverged(ScriptError):
+    """Too many consecutive steps with non-finite loss or gradients: a one-line error, exit code 2."""
+
+
 @dataclass
 class TrainResult:
-    """What a run did: per-step losses of this process, per-epoch records, the best top-1, files."""
+    """What a run did: per-step losses of this process, per-epoch records, the best top-1, files.
+
+    ``interrupted`` names the signal (``"SIGTERM"``) when the run stopped early on one, after
+    writing ``last_checkpoint``; ``skipped_steps`` counts steps whose gradients were not finite.
+    """
 
     step_losses: list[tuple[int, float]] = field(default_factory=list)
     epochs: list[dict] = field(default_factory=list)
@@ -94,6 +102,47 @@ class TrainResult:
     last_checkpoint: str | None = None
     rank: int = 0
     world: int = 1
+    interrupted: str | None = None
+    skipped_steps: int = 0
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop at the next step boundary; a second one aborts at once.
+
+    Installed only in the main thread (where Python delivers signals); the previous handlers come
+    back on exit. The compiled step is C++ code, so the handler runs when the current step returns.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            _LOG.warning("second %s: aborting without a checkpoint", name)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.received = name
+        _LOG.warning("%s received: stopping after the current step and writing a checkpoint (send it again to "
+                     "abort at once)", name)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 def _setup_context(cfg: Mapping[str, Any]) -> None:
@@ -154,7 +203,7 @@ class Trainer:
         self.drop_path_noise = DropPathNoise(self.net, batch, int(cfg["seed"]), rank)
         self.optimizer = create_optimizer(self.net, cfg, self.lrs)
         self.net = apply_amp(self.net, cfg["amp_level"])
-        self.scaler = LossScaleState(self.plan.value, self.plan.dynamic, self.plan.skip_overflow)
+        self.scaler = LossScaleState(self.plan.value, self.plan.dynamic)
         reducer = None
         if world > 1:
             reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=world)
@@ -179,9 +228,14 @@ class Trainer:
         self.start_epoch = 0
         self.skip_micro = 0
         self.best_top1 = -1.0
-        resume_path = resolve_resume(cfg["resume"], self.manager)
-        if resume_path is not None:
-            self._resume(resume_path)
+        self.epoch_loss = self.resumed_epoch_loss = (0.0, 0)
+        self.saved_step = -1
+        self.resumed_from: str | None = None
+        self.nonfinite_streak = 0
+        if cfg["resume"] == "auto":
+            self._resume_auto()
+        elif cfg["resume"]:
+            self._resume(resolve_resume(cfg["resume"], self.manager))
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -208,8 +262,34 @@ class Trainer:
         state[STATE_PREFIX + "micro_in_epoch"] = np.array([micro_in_epoch], np.int64)
         state[STATE_PREFIX + "global_step"] = np.array([self.global_step], np.int64)
         state[STATE_PREFIX + "best_top1"] = np.array([self.best_top1], np.float32)
+        # a mid-epoch checkpoint carries the loss sum so far, so the resumed epoch's mean loss is the same
+        state[STATE_PREFIX + "epoch_loss_sum"] = np.array([self.epoch_loss[0] if micro_in_epoch else 0.0], np.float64)
+        state[STATE_PREFIX + "epoch_loss_count"] = np.array([self.epoch_loss[1] if micro_in_epoch else 0], np.int64)
         state[STATE_PREFIX + "world"] = np.array([self.dist.world], np.int64)
         return state
+
+    def _resume_auto(self) -> None:
+        """Resume from the newest checkpoint of the run that loads; skip (and report) unreadable ones.
+
+        Checkpoints are written atomically, so an unreadable one means outside damage (a copy cut
+        short, a full disk on another tool's write); falling back keeps a long run going.
+        """
+        if self.dist.is_main:
+            removed = remove_stale_temp_files(self.run_dir)
+            if removed:
+                _LOG.info("resume: removed %d partial checkpoint file(s) of an interrupted write", removed)
+        candidates = self.manager.candidates()
+        if not candidates:
+            _LOG.info("resume auto: no checkpoint in %s, starting a new run", self.run_dir)
+            return
+        for path in candidates:
+            try:
+                self._resume(path)
+                return
+            except CheckpointError as exc:
+                _LOG.warning("resume auto: skipping %s (%s)", path.name, exc)
+        raise CheckpointError(f"resume auto: none of the {len(candidates)} checkpoints in {self.run_dir} is readable "
+                              f"(newest: {candidates[0].name}); pass --resume PATH or --overwrite True")
 
     def _resume(self, path: Path) -> None:
         import mindspore as ms
@@ -223,19 +303,29 @@ class Trainer:
         if "epoch" not in state:
             raise CheckpointError(f"resume: {path} is not a training checkpoint of this trainer (no train_state.*); "
                                   "to start from its weights use --ckpt_path")
-        targets = self._state_parameters()
-        missing = [n for n in targets if n not in loaded and not n.startswith("accum.")]
+        # the learning-rate array is derived from the config (a resume may extend epoch_size), not state
+        lr = self.optimizer.learning_rate
+        derived = {p.name for p in lr.get_parameters()} if hasattr(lr, "get_parameters") else {lr.name}
+        targets = {n: p for n, p in self._state_parameters().items()
+                   if not n.startswith("accum.") and n not in derived}
+        missing = [n for n in targets if n not in loaded]
         if missing:
             raise CheckpointError(f"resume: {path} lacks {len(missing)} entries of this run "
                                   f"({', '.join(missing[:4])}); other model/optimizer/ema settings?")
+        values = {n: loaded[n].asnumpy() for n in targets}
+        wrong = [f"{n}: {tuple(v.shape)} vs {tuple(targets[n].shape)}" for n, v in values.items()
+                 if v.size != int(np.prod(targets[n].shape))]
+        if wrong:
+            raise CheckpointError(f"resume: {path} does not fit this run ({len(wrong)} shapes differ: "
+                                  f"{'; '.join(wrong[:3])}); another model or num_classes?")
         for name, param in targets.items():
-            if name in loaded:
-                value = loaded[name].asnumpy().reshape(param.shape).astype(param.asnumpy().dtype)
-                param.set_data(ms.Tensor(value))
+            param.set_data(ms.Tensor(values[name].reshape(param.shape).astype(param.asnumpy().dtype)))
         self.start_epoch = int(state["epoch"])
         self.skip_micro = int(state["micro_in_epoch"])
-        self.global_step = int(state["global_step"])
+        self.global_step = self.saved_step = int(state["global_step"])
         self.best_top1 = float(state["best_top1"])
+        self.resumed_epoch_loss = (float(state.get("epoch_loss_sum", 0.0)), int(state.get("epoch_loss_count", 0)))
+        self.resumed_from = str(path)
         if int(state.get("world", self.dist.world)) != self.dist.world:
             _LOG.warning("resume: the checkpoint was written by %d ranks, this run has %d; the data order differs",
                          int(state["world"]), self.dist.world)
@@ -245,13 +335,20 @@ class Trainer:
         _LOG.info("resumed from %s: epoch %d, step %d", path, self.start_epoch + (1 if self.skip_micro else 0),
                   self.global_step)
 
-    def _save(self, epoch: int, micro_in_epoch: int, top1: float | None, is_best: bool) -> None:
+    def _save(self, finished_epochs: int, micro_in_epoch: int, top1: float | None, is_best: bool,
+              only_if_new: bool = False) -> None:
+        """Checkpoint after ``finished_epochs`` epochs plus ``micro_in_epoch`` micro-batches of the next one."""
+        if only_if_new and self.saved_step == self.global_step:
+            return
+        self.saved_step = self.global_step
         if not self.dist.is_main:
             return
-        # train_state.epoch counts finished epochs; a mid-epoch checkpoint also records the micro-batch reached
-        state = self.state_dict(epoch if micro_in_epoch else epoch + 1, micro_in_epoch)
-        path = self.manager.save(state, epoch + 1, self.global_step, top1, is_best)
+        state = self.state_dict(finished_epochs, micro_in_epoch)
+        label = finished_epochs + (1 if micro_in_epoch else 0)  # the epoch the file belongs to, from 1
+        path = self.manager.save(state, label, self.global_step, top1, is_best)
         self.result.last_checkpoint = str(path)
+        if self.nonfinite_streak == 0:
+            self.checkpoint_before_streak = str(path)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -278,65 +375,133 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self, stop_after_epoch: int | None = None) -> TrainResult:
-        """Train from the current position to the last epoch (or to ``stop_after_epoch``, for tests)."""
-        import mindspore as ms
+        """Train from the current position to the last epoch (or to ``stop_after_epoch``, for tests).
 
+        SIGINT/SIGTERM stop the run at the next optimizer-step boundary with a checkpoint
+        (``result.interrupted``); ``max_nonfinite_steps`` consecutive skipped steps raise
+        ``TrainingDiverged`` naming the last checkpoint written before them.
+        """
         cfg = self.cfg
         self.result = TrainResult(rank=self.dist.rank, world=self.dist.world)
-        micro_per_epoch = self.steps_per_epoch * self.accum
-        batch = int(cfg["batch_size"])
-        sink = cfg["device_target"] == "Ascend" and cfg["dataset_sink_mode"] and cfg["mode"] == 0
+        self.nonfinite_streak = 0
+        self.checkpoint_before_streak = self.result.last_checkpoint = self.resumed_from
         if self.dist.is_main:
             _LOG.info("training %s: %d epochs x %d steps, global batch %d, peak lr %.3e, %d rank(s)",
                       cfg["model"], self.total_epochs, self.steps_per_epoch, self.global_batch,
                       float(self.lrs.max()), self.dist.world)
-        for epoch in range(self.start_epoch, self.total_epochs):
-            data = build_train_dataset(cfg, epoch, self.dist.rank, self.dist.world, self.num_classes)
-            self.net.set_train(True)
-            self.step.set_train(True)
-            progress = Progress(self.steps_per_epoch, epoch + 1, self.total_epochs, int(cfg["log_interval"]),
-                                self.dist.is_main)
-            start = time.perf_counter()
-            losses: list[float] = []
-            # Sink mode (Ascend) feeds the step from the device queue; a mid-epoch resume replays that epoch
-            # through the host iterator so the skipped batches are consumed in order.
-            run_step = ms.data_sink(self.step, data.dataset, sink_size=1) if sink and not self.skip_micro else None
-            if run_step is not None:
-                batches = ((None, None) for _ in range(micro_per_epoch))
-            else:
-                batches = data.dataset.create_tuple_iterator(num_epochs=1)
-            for micro, (images, targets) in enumerate(batches):
-                if micro >= micro_per_epoch:
+        with StopSignals() as self.signals:
+            for epoch in range(self.start_epoch, self.total_epochs):
+                record = self._train_epoch(epoch)
+                if record is None:  # stopped by a signal; the checkpoint is written
                     break
-                if micro < self.skip_micro:
-                    continue
-                self.drop_path_noise.refill(self.global_step, micro % self.accum)
-                loss = run_step() if run_step is not None else self.step(images, targets)
-                if self.apply_accumulated is not None and (micro + 1) % self.accum == 0:
-                    self.apply_accumulated()
-                value = float(loss.asnumpy())
-                if not math.isfinite(value) and not self.plan.skip_overflow:
-                    raise FloatingPointError(f"loss is {value} at epoch {epoch + 1} step {self.global_step + 1}; "
-                                             "lower lr or use amp_level O0")
-                losses.append(value)
-                self.result.step_losses.append((self.global_step, value))
-                if (micro + 1) % self.accum == 0:
-                    self.global_step += 1
-                    lr = float(self.lrs[min(self.global_step - 1, len(self.lrs) - 1)])
-                    progress.update((micro + 1) // self.accum, value, lr, batch * self.accum * self.dist.world)
-                    every = int(cfg["ckpt_save_steps"])
-                    if every and self.global_step % every == 0 and micro + 1 < micro_per_epoch:
-                        self._save(epoch, micro + 1, None, False)
-            self.skip_micro = 0
-            epoch_time = time.perf_counter() - start
-            record = self._end_epoch(epoch, losses, epoch_time)
-            self.result.epochs.append(record)
-            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-                break
+                self.result.epochs.append(record)
+                if self._stop_requested():
+                    self._save(epoch + 1, 0, None, False, only_if_new=True)
+                    self.result.interrupted = self.signals.received or "a signal on another rank"
+                    break
+                if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+                    break
         self.result.best_top1 = self.best_top1
         return self.result
 
-    def _end_epoch(self, epoch: int, losses: list[float], epoch_time: float) -> dict:
+    def _stop_requested(self) -> bool:
+        """Whether any rank got SIGINT/SIGTERM: ranks must agree, or the others would wait in the all-reduce."""
+        local = self.signals.received is not None
+        if self.dist.world == 1:
+            return local
+        from ..evaluate import _all_reduce
+
+        return bool(_all_reduce(np.array([1.0 if local else 0.0], np.float32))[0] > 0)
+
+    def _train_epoch(self, epoch: int) -> dict | None:
+        """One epoch (from ``skip_micro`` on a mid-epoch resume); None when a signal stopped it."""
+        import mindspore as ms
+
+        cfg = self.cfg
+        micro_per_epoch = self.steps_per_epoch * self.accum
+        batch = int(cfg["batch_size"])
+        sink = cfg["device_target"] == "Ascend" and cfg["dataset_sink_mode"] and cfg["mode"] == 0
+        data = build_train_dataset(cfg, epoch, self.dist.rank, self.dist.world, self.num_classes)
+        self.net.set_train(True)
+        self.step.set_train(True)
+        progress = Progress(self.steps_per_epoch, epoch + 1, self.total_epochs, int(cfg["log_interval"]),
+                            self.dist.is_main)
+        start = time.perf_counter()
+        # the steps before a mid-epoch resume count towards this epoch's mean loss (see state_dict)
+        loss_sum, loss_count = self.resumed_epoch_loss
+        self.resumed_epoch_loss = (0.0, 0)
+        # Sink mode (Ascend) feeds the step from the device queue; a mid-epoch resume replays that epoch
+        # through the host iterator so the skipped batches are consumed in order.
+        run_step = ms.data_sink(self.step, data.dataset, sink_size=1) if sink and not self.skip_micro else None
+        if run_step is not None:
+            batches = ((None, None) for _ in range(micro_per_epoch))
+        else:
+            batches = data.dataset.create_tuple_iterator(num_epochs=1)
+        images_seen = 0
+        for micro, (images, targets) in enumerate(batches):
+            if micro >= micro_per_epoch:
+                break
+            if micro < self.skip_micro:
+                continue
+            self.drop_path_noise.refill(self.global_step, micro % self.accum)
+            loss, applied = run_step() if run_step is not None else self.step(images, targets)
+            if self.apply_accumulated is not None and (micro + 1) % self.accum == 0:
+                applied = self.apply_accumulated()
+            value = float(loss.asnumpy())
+            images_seen += batch * self.dist.world
+            if math.isfinite(value):
+                loss_sum += value
+                loss_count += 1
+            self.result.step_losses.append((self.global_step, value))
+            if (micro + 1) % self.accum:
+                continue
+            self.global_step += 1
+            self._check_finite(bool(applied.asnumpy()), value, epoch)
+            lr = float(self.lrs[min(self.global_step - 1, len(self.lrs) - 1)])
+            progress.update((micro + 1) // self.accum, value, lr, batch * self.accum * self.dist.world)
+            if micro + 1 == micro_per_epoch:
+                break
+            self.epoch_loss = (loss_sum, loss_count)
+            if self._stop_requested():
+                self._save(epoch, micro + 1, None, False)
+                self.result.interrupted = self.signals.received or "a signal on another rank"
+                return None
+            every = int(cfg["ckpt_save_steps"])
+            if every and self.global_step % every == 0:
+                self._save(epoch, micro + 1, None, False)
+        self.skip_micro = 0
+        self.epoch_loss = (0.0, 0)
+        return self._end_epoch(epoch, loss_sum / loss_count if loss_count else float("nan"), images_seen,
+                               time.perf_counter() - start)
+
+    def _check_finite(self, applied: bool, loss: float, epoch: int) -> None:
+        """Count consecutive skipped steps; stop the run after ``max_nonfinite_steps`` of them.
+
+        A skip that a dynamic loss scale absorbs (its scale was still above 1) is routine overflow
+        handling under fp16 and does not count.
+        """
+        if applied and math.isfinite(loss):
+            self.nonfinite_streak = 0
+            return
+        if not applied:
+            self.result.skipped_steps += 1
+        absorbed = not applied and self.plan.dynamic and float(self.scaler.scale.asnumpy()) > 1.0
+        if absorbed:
+            return
+        self.nonfinite_streak += 1
+        limit = int(self.cfg["max_nonfinite_steps"])
+        if self.dist.is_main:
+            _LOG.warning("step %d: loss %s, %s (%d/%d in a row)", self.global_step, loss,
+                         "update skipped" if not applied else "gradients finite, update applied",
+                         self.nonfinite_streak, limit)
+        if self.nonfinite_streak >= limit:
+            last = self.checkpoint_before_streak or "none written yet"
+            raise TrainingDiverged(
+                f"training diverged: loss or gradients not finite for {limit} consecutive steps (the last at "
+                f"epoch {epoch + 1}, step {self.global_step}); last good checkpoint: {last}; lower --lr, enable "
+                "--clip_grad True, or use amp_level O0, then resume from that checkpoint")
+
+    def _end_epoch(self, epoch: int, train_loss: float, images: int, epoch_time: float) -> dict:
         cfg = self.cfg
         last = epoch + 1 == self.total_epochs
         top1 = top5 = ema_top1 = None
@@ -346,19 +511,21 @@ class Trainer:
         is_best = top1 is not None and best_candidate > self.best_top1
         if is_best:
             self.best_top1 = best_candidate
-        images = len(losses) * int(cfg["batch_size"]) * self.dist.world
         lr = float(self.lrs[min(max(self.global_step - 1, 0), len(self.lrs) - 1)])
         record = {"epoch": epoch + 1, "step": self.global_step,
-                  "train_loss": round(float(np.mean(losses)), 6) if losses else float("nan"),
+                  "train_loss": round(train_loss, 6),
                   "lr": float(f"{lr:.6g}"), "val_top1": None if top1 is None else round(top1, 4),
                   "val_top5": None if top5 is None else round(top5, 4),
                   "img_per_s": round(images / epoch_time, 2) if epoch_time > 0 else 0.0,
                   "epoch_time": round(epoch_time, 3)}
-        if (epoch + 1) % int(cfg["ckpt_save_interval"]) == 0 or last or is_best:
-            self._save(epoch, 0, top1, is_best)
         if self.dist.is_main:
+            # the row goes first: a run killed before its checkpoint replays this epoch on resume, and
+            # MetricsLog skips the replayed row instead of losing it
             self.metrics.append(record)
             self.metrics.plot()
+        if (epoch + 1) % int(cfg["ckpt_save_interval"]) == 0 or last or is_best:
+            self._save(epoch + 1, 0, top1, is_best)
+        if self.dist.is_main:
             ema = f", ema top-1 {ema_top1:.2f}%" if ema_top1 is not None else ""
             val = f", val top-1 {top1:.2f}% top-5 {top5:.2f}%{ema}" if top1 is not None else ""
             _LOG.info("epoch %d/%d: loss %.4f, lr %.3e%s, %.1f img/s, %.1f s", epoch + 1, self.total_epochs,
@@ -370,4 +537,28 @@ def train(cfg: Config, stop_after_epoch: int | None = None) -> TrainResult:
     """Run a whole training (or resume one) as configured; returns what happened in this process."""
     if cfg["device_target"] == "CPU" and os.environ.get("MS_ROLE") == "MS_SCHED":
         raise ConfigError("train.py was started as the MindSpore scheduler; use msrun or the trainer's mpirun support")
-    return Trainer(cfg).fit(stop_after_epoch)
+    result = Trainer(cfg).fit(stop_after_epoch)
+    if result.interrupted and result.rank == 0:
+        _LOG.warning("stopped by %s at step %d; checkpoint: %s. Resume with: %s", result.interrupted,
+                     result.step_losses[-1][0] + 1 if result.step_losses else 0, result.last_checkpoint,
+                     resume_command())
+    return result
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that continues this run: the same arguments with ``--resume auto``."""
+    args = list(sys.argv if argv is None else argv)
+    kept: list[str] = []
+    skip = False
+    for token in args[1:]:
+        if skip:
+            skip = False
+            continue
+        if token == "--resume":
+            skip = True
+            continue
+        if token.startswith("--resume="):
+            continue
+        kept.append(token)
+    script = os.path.basename(args[0]) if args else "train.py"
+    return " ".join(["python", shlex.quote(script), *(shlex.quote(t) for t in kept), "--resume", "auto"])
