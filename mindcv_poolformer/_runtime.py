@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 
 # MindSpore's bundled oneDNN picks its AVX-512 code path on AVX-512 CPUs, and for every conv
 # except stride-1 1x1 that path falls back to a reference kernel: one 3x3/s2 conv of PoolFormer-S12
@@ -19,3 +23,62 @@ def configure_cpu_runtime() -> None:
         return
     if not any(os.environ.get(name) for name in _ISA_VARS):
         os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+
+
+DEVICE_TARGETS = ("Ascend", "GPU", "CPU")
+
+
+def available_device_targets() -> list[str]:
+    """The backends this MindSpore installation can run on (its plugins loaded at import), without logging."""
+    import mindspore as ms
+
+    try:  # what mindspore.device_context.*.is_available() consult, minus their warnings on stderr
+        from mindspore._c_expression import MSContext
+
+        context = MSContext.get_instance()
+        return [t for t in DEVICE_TARGETS if context.is_pkg_support_device(t)]
+    except (ImportError, AttributeError):
+        modules = {"Ascend": "ascend", "GPU": "gpu", "CPU": "cpu"}
+        return [t for t in DEVICE_TARGETS if getattr(ms.device_context, modules[t]).is_available()]
+
+
+def check_device_target(target: str) -> None:
+    """Refuse an absent backend in one line, before ``set_context`` prints a long C++ error and a stack.
+
+    Raises ConfigError naming the target and the backends that are available.
+    """
+    from .config import ConfigError
+
+    available = available_device_targets()
+    if target not in available:
+        import mindspore as ms
+
+        raise ConfigError(f"device_target: {target} is not available on this machine (this MindSpore "
+                          f"{ms.__version__} can run on: {', '.join(available) or 'nothing'}); pass "
+                          f"--device_target {available[0] if available else 'CPU'}")
+
+
+@contextlib.contextmanager
+def native_stderr_only_on_success() -> Iterator[None]:
+    """Hold back what is written to file descriptor 2 inside the block; pass it on only if the block succeeds.
+
+    MindSpore's C++ loaders log an ``[ERROR]`` line for a damaged file and then raise; the caller
+    turns the exception into one error line, which that log line would duplicate.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    succeeded = False
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+            succeeded = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if succeeded:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)

@@ -28,6 +28,8 @@ import numpy as np
 __all__ = [
     "CheckpointError",
     "LoadReport",
+    "check_architecture",
+    "check_checkpoint",
     "read_state_dict",
     "detect_layout",
     "to_canonical",
@@ -265,6 +267,60 @@ def match_variant(arch: Architecture) -> str | None:
     return None
 
 
+def _describe(arch: Architecture) -> str:
+    name = match_variant(arch)
+    shape = f"depths {arch.depths}, widths {arch.widths}"
+    return f"a {name} ({shape})" if name else f"a PoolFormer with {shape}"
+
+
+def _architecture_mismatch(label: str, state: Mapping[str, np.ndarray], params: Mapping) -> str | None:
+    """'X holds a poolformer_s24 (...) but the model is a poolformer_s12 (...)', when that explains a misfit.
+
+    A checkpoint of another registered PoolFormer is the usual cause of missing keys and shape
+    mismatches, and saying so beats a list of key names; anything else keeps the key listing.
+    """
+    try:
+        found, wanted = infer_architecture(state), infer_architecture(params)
+    except CheckpointError:
+        return None
+    variant = match_variant(found)
+    if variant is None or (found.depths, found.widths) == (wanted.depths, wanted.widths):
+        return None
+    return f"{label} holds {_describe(found)} but the model is {_describe(wanted)}; use model {variant}"
+
+
+def check_architecture(state: Mapping[str, np.ndarray], model: str, label: str) -> Architecture | None:
+    """Check that a canonical model ``state`` has the depths and widths of ``model`` (one of the five PoolFormers).
+
+    Entry points call it before building the model, so a checkpoint of another PoolFormer is one
+    line naming both and the ``--model`` to pass. Other registered models are not checked here
+    (``load_checkpoint_into`` still is) and give None; else the checkpoint's architecture.
+    """
+    from .models.metaformer import POOLFORMER_VARIANTS
+
+    variant = POOLFORMER_VARIANTS.get(model)
+    if variant is None:
+        return None
+    found = infer_architecture(state)
+    if (found.depths, found.widths) != (variant.depths, variant.widths):
+        wanted = Architecture(variant.depths, variant.widths, found.num_classes, found.in_channels)
+        hint = f"; pass --model {match_variant(found)}" if match_variant(found) else ""
+        raise CheckpointError(f"{label} holds {_describe(found)} but the model is {_describe(wanted)}{hint}")
+    return found
+
+
+def check_checkpoint(path: str | os.PathLike, model: str) -> Architecture | None:
+    """Read ``path`` and check that it can initialise ``model``, without building the model.
+
+    For entry points that must fail before writing anything: every read error, and a checkpoint of
+    another PoolFormer, is a ``CheckpointError`` here. The class count is not checked (a different
+    one is fine-tuning). Returns the checkpoint's architecture (None for models other than the five).
+    """
+    state, _ = to_canonical(read_state_dict(path))
+    state, _ = split_model_state(state)
+    return check_architecture(state, model, str(path))
+
+
 def save_state_dict(state: Mapping[str, np.ndarray], dst: str | os.PathLike) -> str:
     """Write ``state`` as ``.ckpt`` or ``.safetensors`` (by suffix), atomically: temp file + rename."""
     import mindspore as ms
@@ -307,6 +363,9 @@ def load_checkpoint_into(net, source: str | os.PathLike | Mapping[str, np.ndarra
     mismatched = [k for k in params if k in state and tuple(state[k].shape) != tuple(params[k].shape)]
     head_mismatch = [k for k in mismatched if k in head_keys]
     other_mismatch = [k for k in mismatched if k not in head_keys]
+    misfit = other_mismatch or (strict and (any(k not in state for k in params) or any(k not in params for k in state)))
+    if misfit and (mismatch := _architecture_mismatch(str(label), state, params)):
+        raise CheckpointError(mismatch)
     if other_mismatch:
         details = "; ".join(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(params[k].shape)}"
                             for k in other_mismatch[:5])

@@ -4,7 +4,9 @@
 
 SRC: official sail-sg ``.pth``/``.pth.tar`` (bare or wrapped in ``state_dict``/``model``), timm
 ``metaformer.py``, HF transformers, MindCV/MindSpore ``.ckpt``, or a ``.safetensors`` of any of them.
-DST: ``.safetensors`` (recommended: no pickle, readable everywhere) or ``.ckpt``.
+``.pth`` files are read with torch's ``weights_only=True``: no pickled code runs.
+DST: a ``.safetensors`` (the default: no pickle, readable everywhere) or ``.ckpt`` file; a DST
+without a suffix gets ``.safetensors``, and an existing directory receives ``<SRC name>.safetensors``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from ._script import run_script
 from .checkpoint import (
     CheckpointError,
     infer_architecture,
@@ -25,8 +28,9 @@ from .checkpoint import (
     split_model_state,
     to_canonical,
 )
+from .config import ConfigError
 
-__all__ = ["ConvertResult", "convert_checkpoint", "main"]
+__all__ = ["ConvertResult", "convert_checkpoint", "main", "output_path"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
@@ -47,15 +51,36 @@ class ConvertResult:
     dst: str
 
 
+def output_path(src: str, dst: str) -> str:
+    """Where ``dst`` puts the converted weights: ``.safetensors`` unless it names ``.ckpt``.
+
+    A directory (existing, or spelled with a trailing slash) receives ``<src name>.safetensors``;
+    a name without a suffix gets ``.safetensors``; ``.ckpt``/``.safetensors`` are kept as given.
+    """
+    if os.path.isdir(dst) or dst.endswith(("/", os.sep)):
+        name = os.path.basename(src)
+        for suffix in (".pth.tar", ".pth", ".pt", ".bin", ".tar", ".ckpt", ".safetensors"):
+            if name.lower().endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        return os.path.join(dst, name + ".safetensors")
+    if not os.path.splitext(os.path.basename(dst))[1]:
+        return dst + ".safetensors"
+    return dst
+
+
 def convert_checkpoint(src: str, dst: str, arch: str | None = None, overwrite: bool = False) -> ConvertResult:
-    """Convert ``src`` (any known layout/file type) to our names and write ``dst``.
+    """Convert ``src`` (any known layout/file type) to our names and write it to ``output_path(src, dst)``.
 
     The architecture is inferred from the tensors (depths and widths) and, with ``arch``, checked
     against it; the result is verified by loading it into a freshly built model before writing.
-    An existing ``dst`` is never replaced unless ``overwrite`` is set.
+    An existing output is never replaced unless ``overwrite`` is set.
     """
-    from .models.registry import model_info
+    from .models.registry import list_models, model_info
 
+    dst = output_path(src, dst)
+    if not dst.lower().endswith((".safetensors", ".ckpt")):
+        raise CheckpointError(f"{dst}: the output must be a .safetensors (default) or .ckpt file")
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
     state, layout = to_canonical(read_state_dict(src))
@@ -63,7 +88,12 @@ def convert_checkpoint(src: str, dst: str, arch: str | None = None, overwrite: b
     found = infer_architecture(state)
     detected = match_variant(found)
     if arch is not None:
-        model_info(arch)  # unknown names fail here with the list of valid ones
+        if arch not in list_models():
+            try:
+                model_info(arch)
+            except ValueError as exc:  # names the closest registered models
+                raise ConfigError(f"arch: {exc}") from None
+
         if detected is not None and detected != arch:
             raise CheckpointError(
                 f"{src} holds a {detected} (depths {found.depths}, widths {found.widths}), not {arch}"
@@ -84,22 +114,25 @@ def convert_checkpoint(src: str, dst: str, arch: str | None = None, overwrite: b
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m mindcv_poolformer.convert SRC DST``; user errors exit with code 2 and one line on stderr."""
     parser = argparse.ArgumentParser(prog="python -m mindcv_poolformer.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="input checkpoint (.pth, .pth.tar, .ckpt, .safetensors, ...)")
-    parser.add_argument("dst", help="output file, .safetensors or .ckpt")
+    parser.add_argument("dst", help="output: a .safetensors (default when DST has no suffix; a directory gets "
+                                    "<SRC name>.safetensors) or .ckpt file")
     parser.add_argument("--arch", default=None, help="expected model name (checked against the weights)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def _main(_: list[str]) -> int:
         result = convert_checkpoint(args.src, args.dst, arch=args.arch, overwrite=args.overwrite)
-    except (CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {result.dst}: {result.arch}, {result.num_classes} classes, {result.num_tensors} tensors "
-          f"(from {result.layout} layout)")
-    return 0
+        print(f"wrote {result.dst}: {result.arch}, {result.num_classes} classes, {result.num_tensors} tensors "
+              f"(from {result.layout} layout)")
+        return 0
+
+    return run_script(_main, "convert", [], debug=args.debug)
 
 
 if __name__ == "__main__":

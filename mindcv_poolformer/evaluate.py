@@ -227,23 +227,23 @@ def evaluate(net, dataset: Iterable | None, pad_to: int | None = None, distribut
 
 def _load_mindir(path: str):
     """An exported MINDIR as a callable graph plus its sidecar (image size, batch) when present."""
-    import mindspore as ms
-
-    from .export import read_sidecar, sidecar_path
+    from .export import load_mindir, read_sidecar, sidecar_path
 
     meta = read_sidecar(path) if os.path.isfile(sidecar_path(path)) else {}
-    return ms.nn.GraphCell(ms.load(path)), meta
+    return load_mindir(path), meta
 
 
 def run_validation(cfg) -> dict:
     """validate.py's work for a parsed config: build/load the network, evaluate, return the JSON record."""
     import mindspore as ms
 
+    from ._runtime import check_device_target
     from ._script import ScriptError
     from .export import load_network
-
-    ms.set_context(mode=cfg.mode, device_target=cfg.device_target)
     from .train.distributed import init_distributed
+
+    check_device_target(cfg.device_target)
+    ms.set_context(mode=cfg.mode, device_target=cfg.device_target)
 
     # the trainer's launcher-aware init: msrun, env cluster, or plain mpirun (scheduler bootstrapped)
     dist = init_distributed(cfg.distribute, cfg.device_target)

@@ -24,7 +24,14 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ._script import ScriptError
-from .checkpoint import CheckpointError, load_checkpoint_into, read_state_dict, split_model_state, to_canonical
+from .checkpoint import (
+    CheckpointError,
+    check_architecture,
+    load_checkpoint_into,
+    read_state_dict,
+    split_model_state,
+    to_canonical,
+)
 from .config import ConfigError
 from .models.layers import Pooling
 
@@ -33,6 +40,7 @@ __all__ = [
     "ErfFreeGELU",
     "SamePadPooling",
     "export_model",
+    "load_mindir",
     "load_network",
     "make_onnx_exportable",
     "read_labels",
@@ -61,11 +69,13 @@ def load_network(model: str, ckpt_path: str, num_classes: int | None = None):
         raise CheckpointError(f"ckpt_path: {ckpt_path!r} does not exist")
     state, _ = to_canonical(read_state_dict(ckpt_path))
     state, _ = split_model_state(state)
+    check_architecture(state, model, ckpt_path)
     head = state.get("head.weight")
     ckpt_classes = int(head.shape[0]) if head is not None else None
     if num_classes and ckpt_classes and num_classes != ckpt_classes:
-        raise CheckpointError(f"{ckpt_path}: the checkpoint's head has {ckpt_classes} classes, "
-                              f"num_classes={num_classes} was requested")
+        raise CheckpointError(f"num_classes: {ckpt_path} has a {ckpt_classes}-class head but num_classes is "
+                              f"{num_classes}; drop --num_classes (or set it to {ckpt_classes}) to use the "
+                              "checkpoint's head (training with another num_classes fine-tunes a new head)")
     classes = num_classes or ckpt_classes
     if not classes:
         raise CheckpointError(f"{ckpt_path}: the checkpoint has no classifier head; pass --num_classes")
@@ -73,6 +83,21 @@ def load_network(model: str, ckpt_path: str, num_classes: int | None = None):
     load_checkpoint_into(net, state)
     net.set_train(False)
     return net, classes
+
+
+def load_mindir(path: str):
+    """An exported MINDIR as a callable ``GraphCell``; a damaged file is a one-line ``CheckpointError``."""
+    import mindspore as ms
+
+    from ._runtime import native_stderr_only_on_success
+
+    try:
+        with native_stderr_only_on_success():
+            graph = ms.load(path)
+    except Exception as exc:  # MindSpore raises RuntimeError/ValueError (and logs a C++ error) for a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a loadable MINDIR ({first})") from None
+    return ms.nn.GraphCell(graph)
 
 
 def _erfc_as(a: Tensor) -> Tensor:
@@ -228,7 +253,7 @@ def export_model(
         ms.export(net, ms.Tensor(shape=[None, 3, image_size, image_size], dtype=ms.float32),
                   file_name=path, file_format="MINDIR")
         batch = None
-        graph = ms.nn.GraphCell(ms.load(path))
+        graph = load_mindir(path)
         diff = float(np.abs(graph(ms.Tensor(x)).asnumpy() - reference).max())
         one = float(np.abs(graph(ms.Tensor(x[:1])).asnumpy() - reference[:1]).max())
         diff = max(diff, one)
@@ -289,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import mindspore as ms
 
+    from ._runtime import check_device_target
     from ._script import run_script
     from .config import parse_cli
     from .evaluate import scan_image_folder
@@ -298,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         first = parse_cli(args, prog="export.py", defaults={"batch_size": 1})
         cfg = parse_cli(args, prog="export.py",
                         defaults={"batch_size": 1, "crop_pct": model_info(first.model).crop_pct})
+        check_device_target(cfg.device_target)
         ms.set_context(mode=ms.GRAPH_MODE, device_target=cfg.device_target)
         labels = None
         if cfg.labels:

@@ -86,6 +86,10 @@ def load_predictor(cfg) -> Predictor:
     path = cfg[kind]
     if not os.path.isfile(path):
         raise ConfigError(f"{kind}: {path!r} does not exist")
+    if kind != "onnx":  # onnxruntime runs on the CPU whatever device_target says
+        from ._runtime import check_device_target
+
+        check_device_target(cfg.device_target)
     if kind == "ckpt_path":
         import mindspore as ms
 
@@ -99,8 +103,10 @@ def load_predictor(cfg) -> Predictor:
     if kind == "mindir":
         import mindspore as ms
 
+        from .export import load_mindir
+
         ms.set_context(mode=ms.GRAPH_MODE, device_target=cfg.device_target)
-        run = _ms_runner(ms.nn.GraphCell(ms.load(path)))
+        run = _ms_runner(load_mindir(path))
         batch = int(meta.get("batch") or cfg.batch_size)
     else:
         try:

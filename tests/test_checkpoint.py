@@ -56,12 +56,17 @@ def test_create_model_with_checkpoint_path_and_same_classes_loads_everything(s12
     np.testing.assert_array_equal(net.parameters_dict()["head.bias"].asnumpy(), read_state_dict(s12_ckpt)["head.bias"])
 
 
-def test_wrong_architecture_is_an_error_naming_the_keys(s12_ckpt):
-    expected = r"shapes do not match.*patch_embed\.proj\.weight: checkpoint \(64, 3, 7, 7\)"
-    with pytest.raises(CheckpointError, match=expected):
-        create_model("poolformer_m36", checkpoint_path=s12_ckpt)
-    with pytest.raises(CheckpointError, match=r"missing from checkpoint: network\.0\.2\."):
-        create_model("poolformer_s24", checkpoint_path=s12_ckpt)
+def test_another_poolformer_is_named_and_other_misfits_name_the_keys(s12_ckpt):
+    for model in ("poolformer_m36", "poolformer_s24"):  # shapes differ / blocks missing
+        with pytest.raises(CheckpointError, match=rf"s12\.ckpt holds a poolformer_s12 \(depths \(2, 2, 6, 2\), "
+                                                  rf"widths \(64, 128, 320, 512\)\) but the model is a {model} "
+                                                  rf".*use model poolformer_s12$"):
+            create_model(model, checkpoint_path=s12_ckpt)
+    state = read_state_dict(s12_ckpt)
+    state["network.2.0.mlp.fc1.weight"] = np.zeros((8, 128, 1, 1), np.float32)
+    with pytest.raises(CheckpointError, match=r"shapes do not match.*network\.2\.0\.mlp\.fc1\.weight: "
+                                              r"checkpoint \(8, 128, 1, 1\)"):
+        load_checkpoint_into(create_model("poolformer_s12"), state)
 
 
 def test_missing_and_unexpected_keys_are_errors(s12_ckpt):
@@ -175,4 +180,5 @@ def test_convert_cli(tmp_path, s12_ckpt):
     again = _cli(str(src), str(tmp_path / "s12.safetensors"))
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
     bad = _cli(str(tmp_path / "missing.pth"), str(tmp_path / "o.ckpt"))
-    assert bad.returncode == 2 and bad.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'missing.pth'}"
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"convert: error: checkpoint not found: {tmp_path / 'missing.pth'}"

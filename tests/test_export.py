@@ -1,4 +1,4 @@
-"""export.py: MINDIR round trip (dynamic batch), ONNX checked in onnxruntime, AIR refused off Ascend."""
+"""export.py: MINDIR round trip (dynamic batch), ONNX checked in onnxruntime (bad input: test_failures_cli)."""
 
 from __future__ import annotations
 
@@ -103,13 +103,6 @@ def test_load_network_reads_official_layout(deploy_assets, tmp_path):  # noqa: F
     assert classes == 3
     for (name, pa), (_, pb) in zip(a.parameters_and_names(), b.parameters_and_names()):
         assert np.array_equal(pa.asnumpy(), pb.asnumpy()), name
-    with pytest.raises(CheckpointError, match="3 classes"):
+    with pytest.raises(CheckpointError, match="has a 3-class head but num_classes is 5"):
         load_network(MODEL, str(deploy_assets["ckpt"]), num_classes=5)
 
-
-def test_air_needs_ascend(deploy_assets, tmp_path):  # noqa: F811
-    proc = _export(deploy_assets["ckpt"], tmp_path / "s12", "AIR")
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Ascend" in lines[0] and "Traceback" not in proc.stderr
-    assert not list(tmp_path.iterdir())

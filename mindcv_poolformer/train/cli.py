@@ -3,21 +3,48 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from .._script import run_script
-from ..config import parse_cli
+from ..config import ConfigError, parse_cli
 
-__all__ = ["main"]
+__all__ = ["main", "preflight"]
 
 DESCRIPTION = ("Train or fine-tune a PoolFormer: a YAML recipe (--config) plus --key value overrides. "
                "Distributed: launch with msrun or mpirun and pass --distribute True.")
+
+
+def preflight(cfg: Mapping[str, Any]) -> None:
+    """Checks of the device and the initial weights that need no model, run before the trainer starts.
+
+    The trainer clears (``--overwrite``) and writes the run directory before it builds the model;
+    a missing backend or an unusable ``--ckpt_path`` must fail before that, in one line, not cost
+    the user a previous run. (Data and run-directory checks come first in the trainer itself.)
+    """
+    from .._runtime import check_device_target
+    from ..checkpoint import check_checkpoint, resolve_pretrained
+
+    check_device_target(cfg["device_target"])
+    import mindspore as ms
+
+    ms.set_context(device_target=cfg["device_target"])  # before any tensor: reading a checkpoint makes some
+    source = cfg["ckpt_path"]
+    if source and not os.path.isfile(source):
+        raise ConfigError(f"ckpt_path: {source} does not exist (a .ckpt, .safetensors or .pth(.tar) file of weights)")
+    if not source and cfg["pretrained"]:
+        source = resolve_pretrained(cfg["model"], True)
+    if source:
+        check_checkpoint(source, cfg["model"])
 
 
 def _main(argv: list[str]) -> int:
     from .trainer import train
 
     cfg = parse_cli(argv, prog="train.py", description=DESCRIPTION)
+    preflight(cfg)
     train(cfg)
     return 0
 
