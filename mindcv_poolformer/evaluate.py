@@ -1,9 +1,11 @@
 """Reusable evaluation: the eval dataset, mixed precision for inference, and exact top-1/top-5/loss.
 
-Every sample is counted exactly once. The last partial batch is padded on the host to the batch
-size (so a fixed-shape graph or MINDIR never recompiles) and the padding is masked out. Sharded
-evaluation gives rank ``r`` the samples ``r, r + g, r + 2g, ...`` (no repeated samples, unlike
-``num_shards``, which pads shards to equal length by repeating some) and all-reduces the sums.
+Every readable sample is counted exactly once; an unreadable image file is skipped (counted in
+``EvalMetrics.skipped``, never in the top-1 denominator) or, with ``strict_data``, an error. The
+last partial batch is padded on the host to the batch size (so a fixed-shape graph or MINDIR never
+recompiles) and the padding is masked out. Sharded evaluation gives rank ``r`` the samples
+``r, r + g, r + 2g, ...`` (no repeated samples, unlike ``num_shards``, which pads shards to equal
+length by repeating some) and all-reduces the sums.
 Softmax, loss and top-k are computed on the host in float64 from the (float32) logits.
 """
 
@@ -18,10 +20,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .config import ConfigError
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, create_transforms
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageReader, create_transforms
 
-__all__ = ["IMAGE_EXTENSIONS", "EvalMetrics", "apply_amp", "create_eval_dataset", "evaluate", "format_table",
-           "run_validation", "scan_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "EvalMetrics", "ImageList", "apply_amp", "create_eval_dataset", "evaluate",
+           "format_table", "list_image_folder", "run_validation", "scan_image_folder"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 
@@ -31,7 +33,8 @@ class EvalMetrics:
     """Top-k accuracies in percent, the mean cross-entropy, and how many samples they cover.
 
     ``img_per_s`` is the steady-state throughput: the first batch (graph compilation) is excluded
-    when there is more than one batch. ``seconds`` is the whole loop.
+    when there is more than one batch. ``seconds`` is the whole loop. ``skipped`` counts unreadable
+    images left out of every metric.
     """
 
     top1: float
@@ -40,32 +43,70 @@ class EvalMetrics:
     num_samples: int
     seconds: float
     img_per_s: float
+    skipped: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def scan_image_folder(root: str, split: str = "") -> tuple[str, list[str], int]:
-    """Check an ImageFolder (``root/split/<class>/<image>``); return its path, class names and image count.
+@dataclass(frozen=True)
+class ImageList:
+    """The images of one ImageFolder split: ``files[i]`` has label ``labels[i]``, an index into ``classes``."""
 
-    Raises ConfigError naming what is missing: the root, the split, class folders or images.
+    path: str
+    classes: list[str]
+    files: list[str]
+    labels: np.ndarray
+
+
+def list_image_folder(root: str, split: str = "", class_names: Sequence[str] | None = None,
+                      split_key: str = "data_dir") -> ImageList:
+    """List ``root/split/<class>/<image>`` (classes and files sorted by name), checking it is usable.
+
+    Raises ConfigError naming what is wrong: no ``root``, no ``split`` folder (``split_key`` is the
+    config key that chose it), no class folders, a class folder without images, or, with
+    ``class_names`` (the training classes, which also fix the labels), a class the model lacks.
     """
     if not root:
-        raise ConfigError("data_dir: no dataset directory given (pass --data_dir DIR)")
+        raise ConfigError("data_dir: no dataset directory given (pass --data_dir DIR, the folder holding train/ and "
+                          "val/)")
+    if not os.path.exists(root):
+        raise ConfigError(f"data_dir: {root} does not exist")
     if not os.path.isdir(root):
-        raise ConfigError(f"data_dir: {root!r} is not a directory")
+        raise ConfigError(f"data_dir: {root} is not a directory")
     path = os.path.join(root, split) if split else root
     if not os.path.isdir(path):
         found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        raise ConfigError(f"val_split: {path!r} does not exist (sub-folders of {root}: {', '.join(found) or 'none'})")
+        holds = f"it holds the folders {', '.join(found)}" if found else "it has no sub-folders"
+        raise ConfigError(f"{split_key}: {path} does not exist ({holds}; expected {path}/<class>/<image>)")
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if not classes:
-        raise ConfigError(f"{path!r} has no class sub-folders (expected {path}/<class>/<image>)")
-    count = sum(1 for c in classes for f in os.listdir(os.path.join(path, c))
-                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
-    if count == 0:
-        raise ConfigError(f"{path!r} has no images ({', '.join(IMAGE_EXTENSIONS)}) in its {len(classes)} class folders")
-    return path, classes, count
+        raise ConfigError(f"data_dir: {path} has no class folders (expected {path}/<class>/<image>)")
+    index = {c: i for i, c in enumerate(class_names if class_names is not None else classes)}
+    unknown = [c for c in classes if c not in index]
+    if unknown:
+        raise ConfigError(f"data_dir: {path} has {len(unknown)} class folder(s) that the training split lacks "
+                          f"({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}); the model has no output "
+                          "for them")
+    files: list[str] = []
+    labels: list[int] = []
+    for cls in classes:
+        folder = os.path.join(path, cls)
+        with os.scandir(folder) as entries:
+            names = sorted(e.name for e in entries
+                           if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file())
+        if not names:
+            raise ConfigError(f"data_dir: class folder {folder} has no images ({' '.join(IMAGE_EXTENSIONS)}); "
+                              "add images or remove the folder")
+        files += [os.path.join(folder, name) for name in names]
+        labels += [index[cls]] * len(names)
+    return ImageList(path, list(index), files, np.asarray(labels, dtype=np.int32))
+
+
+def scan_image_folder(root: str, split: str = "", split_key: str = "data_dir") -> tuple[str, list[str], int]:
+    """Check an ImageFolder (see ``list_image_folder``); return its path, class names and image count."""
+    images = list_image_folder(root, split, split_key=split_key)
+    return images.path, images.classes, len(images.files)
 
 
 def create_eval_dataset(
@@ -80,33 +121,32 @@ def create_eval_dataset(
     num_parallel_workers: int = 4,
     rank: int = 0,
     group_size: int = 1,
+    *,
+    strict: bool = False,
+    class_names: Sequence[str] | None = None,
 ):
     """The validation ImageFolder of ``data_dir/split`` through the reference eval transform, batched.
 
     Returns ``(dataset, class_names, num_samples_total)``; ``dataset`` holds this rank's shard only
-    (``None`` when the shard is empty, i.e. more ranks than images). No sample is ever dropped.
+    (``None`` when the shard is empty, i.e. more ranks than images). No sample is ever dropped; an
+    unreadable image comes out with label -1 (see ``ImageReader``), or raises with ``strict``.
+    ``class_names`` (the training classes) fixes the labels when the split has only some of them.
     """
-    import mindspore.dataset as ds
-
-    path, classes, _ = scan_image_folder(data_dir, split)
+    images = list_image_folder(data_dir, split, class_names)
+    total = len(images.files)
     workers = max(1, min(num_parallel_workers, os.cpu_count() or 1))
-    extensions = sorted({e for ext in IMAGE_EXTENSIONS for e in (ext, ext.upper())})
-    probe = ds.ImageFolderDataset(path, shuffle=False, extensions=extensions)
-    total = probe.get_dataset_size()
-    sampler = None
+    rows = np.arange(total)
     if group_size > 1:
         from .train.data import shard_indices
 
-        indices = shard_indices(np.arange(total), rank, group_size, even=False).tolist()
-        if not indices:
-            return None, classes, total
-        sampler = ds.SubsetSampler(indices)
-    dataset = ds.ImageFolderDataset(path, shuffle=None if sampler else False, sampler=sampler,
-                                    extensions=extensions, num_parallel_workers=workers)
-    ops = create_transforms(False, image_size, crop_pct, interpolation, mean, std)
-    dataset = dataset.map(ops, input_columns="image", num_parallel_workers=workers)
+        rows = shard_indices(rows, rank, group_size, even=False)
+        if not len(rows):
+            return None, images.classes, total
+    reader = ImageReader([images.files[i] for i in rows], images.labels[rows], strict=strict, substitute=False)
+    ops = create_transforms(False, image_size, crop_pct, interpolation, mean, std, decode=False)
+    dataset = reader.dataset(workers).map(ops, input_columns="image", num_parallel_workers=workers)
     dataset = dataset.batch(batch_size, drop_remainder=False)
-    return dataset, classes, total
+    return dataset, images.classes, total
 
 
 def apply_amp(net, amp_level: str = "O0"):
@@ -180,7 +220,7 @@ def evaluate(net, dataset: Iterable | None, pad_to: int | None = None, distribut
         batches = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
     else:
         batches = dataset
-    correct1 = correct5 = count = 0
+    correct1 = correct5 = count = skipped = 0
     loss_sum = 0.0
     start = time.perf_counter()
     warm_start, warm_count = start, 0
@@ -193,6 +233,10 @@ def evaluate(net, dataset: Iterable | None, pad_to: int | None = None, distribut
         if n < pad_to:
             images = np.concatenate([images, np.zeros((pad_to - n,) + images.shape[1:], np.float32)])
         logits = net(ms.Tensor(images)).asnumpy()[:n]
+        readable = labels >= 0  # -1 marks an unreadable image (ImageReader): in no metric, counted as skipped
+        if not readable.all():
+            skipped += int(n - readable.sum())
+            logits, labels, n = logits[readable], labels[readable], int(readable.sum())
         c1, c5, loss = _batch_metrics(logits, labels)
         correct1, correct5, count, loss_sum = correct1 + c1, correct5 + c5, count + n, loss_sum + loss
         if step == 1:
@@ -208,13 +252,13 @@ def evaluate(net, dataset: Iterable | None, pad_to: int | None = None, distribut
     img_per_s = timed_count / timed_seconds if timed_seconds > 0 else 0.0
     if distributed:
         # MindSpore's CPU AllReduce takes float16/float32 only; float32 holds counts exactly below 2**24.
-        counts = _all_reduce(np.array([correct1, correct5, count], dtype=np.float32))
-        correct1, correct5, count = (int(round(float(v))) for v in counts)
+        counts = _all_reduce(np.array([correct1, correct5, count, skipped], dtype=np.float32))
+        correct1, correct5, count, skipped = (int(round(float(v))) for v in counts)
         # CPU AllReduce only sums: seconds becomes the mean over ranks; throughput adds up over ranks.
         sums = _all_reduce(np.array([loss_sum, img_per_s, seconds, 1.0], dtype=np.float32))
         loss_sum, img_per_s, seconds = float(sums[0]), float(sums[1]), float(sums[2] / sums[3])
     if count == 0:
-        return EvalMetrics(0.0, 0.0, float("nan"), 0, seconds, 0.0)
+        return EvalMetrics(0.0, 0.0, float("nan"), 0, seconds, 0.0, skipped)
     return EvalMetrics(
         top1=100.0 * correct1 / count,
         top5=100.0 * correct5 / count,
@@ -222,6 +266,7 @@ def evaluate(net, dataset: Iterable | None, pad_to: int | None = None, distribut
         num_samples=count,
         seconds=seconds,
         img_per_s=img_per_s,
+        skipped=skipped,
     )
 
 
@@ -253,7 +298,7 @@ def run_validation(cfg) -> dict:
                           ".pth(.tar) or an exported .mindir)")
     if not os.path.isfile(cfg.ckpt_path):
         raise ConfigError(f"ckpt_path: {cfg.ckpt_path!r} does not exist")
-    path, classes, _ = scan_image_folder(cfg.data_dir, cfg.val_split)
+    path, classes, _ = scan_image_folder(cfg.data_dir, cfg.val_split, split_key="val_split")
     image_size, batch_size, pad_to = cfg.image_resize, cfg.batch_size, cfg.batch_size
     model_name = cfg.model
     if cfg.ckpt_path.lower().endswith(".mindir"):
@@ -269,18 +314,23 @@ def run_validation(cfg) -> dict:
         net, num_classes = load_network(cfg.model, cfg.ckpt_path, cfg.num_classes)
         net = apply_amp(net, cfg.amp_level)
     if num_classes is not None and num_classes < len(classes):
-        raise ConfigError(f"{path} has {len(classes)} classes but the model has {num_classes} outputs")
+        raise ConfigError(f"data_dir: {path} has {len(classes)} class folders but the model ({cfg.ckpt_path}) has "
+                          f"only {num_classes} outputs; validate on the dataset it was trained for")
     if num_classes is not None and num_classes != len(classes) and rank == 0:
         print(f"note: the model has {num_classes} outputs and {path} {len(classes)} class folders; label i is "
               "the i-th folder in sorted order", file=sys.stderr)
     dataset, _, total = create_eval_dataset(
         cfg.data_dir, cfg.val_split, batch_size, image_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std,
-        cfg.num_parallel_workers, rank, group_size)
+        cfg.num_parallel_workers, rank, group_size, strict=cfg.strict_data)
     metrics = evaluate(net, dataset, pad_to=pad_to, distributed=group_size > 1)
-    if metrics.num_samples != total:
-        raise ScriptError(f"evaluated {metrics.num_samples} samples but {path} holds {total}")
+    if metrics.num_samples + metrics.skipped != total:
+        raise ScriptError(f"evaluated {metrics.num_samples} samples (+{metrics.skipped} unreadable) but {path} "
+                          f"holds {total}")
+    if metrics.skipped and rank == 0:
+        print(f"warning: {metrics.skipped} unreadable image(s) of {path} were skipped and are not counted in top-1/"
+              f"top-5/loss (--strict_data True makes them an error)", file=sys.stderr)
     record = {"top1": metrics.top1, "top5": metrics.top5, "loss": metrics.loss, "num_samples": metrics.num_samples,
-              "model": model_name, "ckpt": cfg.ckpt_path, "img_per_s": metrics.img_per_s,
+              "skipped": metrics.skipped, "model": model_name, "ckpt": cfg.ckpt_path, "img_per_s": metrics.img_per_s,
               "amp_level": cfg.amp_level, "image_size": image_size, "crop_pct": cfg.crop_pct,
               "interpolation": cfg.interpolation, "data": path, "ranks": group_size}
     return record
@@ -289,6 +339,7 @@ def run_validation(cfg) -> dict:
 def format_table(record: dict) -> str:
     """The metrics as a small two-column text table."""
     rows = [("model", record["model"]), ("checkpoint", record["ckpt"]), ("samples", record["num_samples"]),
+            ("skipped (unreadable)", record.get("skipped", 0)),
             ("top-1 (%)", f"{record['top1']:.3f}"), ("top-5 (%)", f"{record['top5']:.3f}"),
             ("loss", f"{record['loss']:.4f}"), ("img/s", f"{record['img_per_s']:.1f}"),
             ("amp", record["amp_level"]), ("input", f"{record['image_size']} crop_pct {record['crop_pct']} "

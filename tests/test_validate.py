@@ -169,7 +169,7 @@ def _error_line(capsys, argv: list[str]) -> str:
 
 def test_user_errors_are_one_line(deploy_assets, tmp_path, capsys):  # noqa: F811
     data, ckpt = str(deploy_assets["data"]), str(deploy_assets["ckpt"])
-    assert "is not a directory" in _error_line(capsys, ["--data_dir", str(tmp_path / "nope"), "--ckpt_path", ckpt])
+    assert "does not exist" in _error_line(capsys, ["--data_dir", str(tmp_path / "nope"), "--ckpt_path", ckpt])
     assert "val_split" in _error_line(capsys, ["--data_dir", data, "--val_split", "test", "--ckpt_path", ckpt])
     (tmp_path / "empty" / "val" / "a").mkdir(parents=True)
     assert "no images" in _error_line(capsys, ["--data_dir", str(tmp_path / "empty"), "--ckpt_path", ckpt])

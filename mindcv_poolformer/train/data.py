@@ -5,6 +5,10 @@ drawn from ``(seed, epoch)`` (the same on every rank, then sharded by rank, so s
 disjoint), and every epoch's augmentation RNG is seeded from ``(seed, rank, epoch)``. So ranks
 draw different augmentations (MindCV seeds every rank alike) and epoch k+1 after a resume sees
 exactly the batches an uninterrupted run would have seen.
+
+Images are decoded inside the pipeline's parallel workers by ``transforms.ImageReader``: an
+unreadable file is replaced by the next image of the rank's epoch order (deterministic, and the
+epoch keeps its length on every rank) and reported, or with ``strict_data`` stops the run.
 """
 
 from __future__ import annotations
@@ -29,14 +33,12 @@ __all__ = [
     "shard_indices",
     "materialize_digits",
     "prepare_data_dir",
-    "count_images",
     "SoftTargetMixer",
     "build_train_dataset",
     "TrainData",
 ]
 
 _LOG = logging.getLogger("mindcv_poolformer")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 class DataError(ConfigError):
@@ -113,25 +115,28 @@ def materialize_digits(root: str | os.PathLike, size: int = 32, val_fraction: fl
 
 
 def prepare_data_dir(cfg: Mapping[str, Any]) -> Path:
-    """Check (or, for ``dataset: digits``, create) ``data_dir`` with its train and val splits."""
+    """Check (or, for ``dataset: digits``, create) ``data_dir`` before a run writes anything.
+
+    The training split must have class folders that all hold images, at least as many classes
+    as ``num_classes``; the validation split (when ``val_while_train``) likewise, with no class
+    the training split lacks. Raises ConfigError naming the path and what is expected.
+    """
+    from ..evaluate import list_image_folder
+
     if not cfg["data_dir"]:
-        raise DataError("data_dir: no dataset directory given (--data_dir /path/to/imagenet)")
+        raise DataError("data_dir: no dataset directory given (pass --data_dir DIR, the folder holding "
+                        f"{cfg['train_split']}/ and {cfg['val_split']}/)")
     root = Path(cfg["data_dir"])
     if cfg["dataset"] == "digits":
         materialize_digits(root)
-    for split in (cfg["train_split"], cfg["val_split"]):
-        if not (root / split).is_dir():
-            raise DataError(f"data_dir: {root / split} does not exist (expected ImageNet layout {root}/"
-                            f"{cfg['train_split']}/<class>/*.jpg and {root}/{cfg['val_split']}/<class>/*.jpg)")
+    train = list_image_folder(str(root), cfg["train_split"], split_key="train_split")
+    num_classes = cfg.get("num_classes")
+    if num_classes and num_classes < len(train.classes):
+        raise DataError(f"num_classes: {num_classes} is fewer than the {len(train.classes)} class folders of "
+                        f"{train.path}; pass --num_classes {len(train.classes)} (or more), or leave it unset")
+    if cfg.get("val_while_train", True):
+        list_image_folder(str(root), cfg["val_split"], class_names=train.classes, split_key="val_split")
     return root
-
-
-def count_images(folder: str | os.PathLike) -> tuple[int, int]:
-    """(images, classes) of an ImageFolder directory, counted the way ImageFolderDataset lists them."""
-    folder = Path(folder)
-    classes = sorted(d for d in folder.iterdir() if d.is_dir())
-    total = sum(1 for d in classes for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    return total, len(classes)
 
 
 # ---------------------------------------------------------------------------------------------- mixing
@@ -214,21 +219,17 @@ class TrainData:
     num_batches: int
 
 
-def _image_folder(path: Path, indices: np.ndarray, workers: int):
-    import mindspore.dataset as ds
-
-    return ds.ImageFolderDataset(str(path), sampler=ds.SubsetSampler([int(i) for i in indices]),
-                                 num_parallel_workers=workers)
-
-
 def build_train_dataset(cfg: Mapping[str, Any], epoch: int, rank: int = 0, world: int = 1,
                         num_classes: int | None = None) -> TrainData:
     """The training batches of ``rank`` in ``epoch``: (images float32 NCHW, soft targets float32)."""
     import mindspore.dataset as ds
 
-    folder = Path(cfg["data_dir"]) / cfg["train_split"]
-    total, classes = count_images(folder)
-    num_classes = num_classes or cfg.get("num_classes") or classes
+    from ..evaluate import list_image_folder
+    from ..transforms import ImageReader
+
+    images = list_image_folder(str(cfg["data_dir"]), cfg["train_split"], split_key="train_split")
+    folder, total = images.path, len(images.files)
+    num_classes = num_classes or cfg.get("num_classes") or len(images.classes)
     base = np.arange(total)
     if cfg.get("num_samples"):
         subset = np.random.default_rng([int(cfg["seed"]), 0x5AB5E7]).permutation(total)  # fixed for the run
@@ -239,13 +240,12 @@ def build_train_dataset(cfg: Mapping[str, Any], epoch: int, rank: int = 0, world
     if len(mine) < batch:
         raise DataError(f"{folder}: {len(mine)} images per rank is fewer than batch_size {batch}")
     ds.config.set_seed(augmentation_seed(cfg["seed"], rank, epoch))
-    workers = int(cfg["num_parallel_workers"])
-    dataset = _image_folder(folder, mine, workers)
+    workers = max(1, min(int(cfg["num_parallel_workers"]), os.cpu_count() or 1))  # MindSpore refuses more
     # Random ops in several map workers draw in a nondeterministic order; decoding is not random and
     # stays parallel, so only the augmentation runs in one worker when exact reproducibility is asked.
-    from mindspore.dataset import vision
-
-    dataset = dataset.map(operations=[vision.Decode()], input_columns="image", num_parallel_workers=workers)
+    reader = ImageReader([images.files[i] for i in mine], images.labels[mine], strict=bool(cfg.get("strict_data")),
+                         substitute=True)
+    dataset = reader.dataset(workers)
     aug_workers = 1 if cfg.get("deterministic_augment", True) else workers
     dataset = dataset.map(operations=_transforms(cfg, True), input_columns="image", num_parallel_workers=aug_workers)
     off = int(cfg["mixup_off_epoch"])
