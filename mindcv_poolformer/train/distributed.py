@@ -118,8 +118,9 @@ def init_distributed(distribute: bool, device_target: str) -> DistInfo:
         return DistInfo()
     launcher = detect_launcher()
     if launcher == "none":
-        raise ConfigError("distribute=True needs a launcher: run under `msrun --worker_num=N --local_worker_num=N "
-                          "train.py ...` or `mpirun -n N python train.py ...`, or pass --distribute False")
+        script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "train.py"
+        raise ConfigError(f"distribute=True needs a launcher: run under `msrun --worker_num=N --local_worker_num=N "
+                          f"{script} ...` or `mpirun -n N python {script} ...`, or pass --distribute False")
     if launcher == "mpirun" and device_target == "CPU":
         bootstrap_mpi_scheduler()
     import mindspore as ms
