@@ -321,8 +321,20 @@ def check_checkpoint(path: str | os.PathLike, model: str) -> Architecture | None
     return check_architecture(state, model, str(path))
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_state_dict(state: Mapping[str, np.ndarray], dst: str | os.PathLike) -> str:
-    """Write ``state`` as ``.ckpt`` or ``.safetensors`` (by suffix), atomically: temp file + rename."""
+    """Write ``state`` as ``.ckpt`` or ``.safetensors`` (by suffix), atomically: temp file + rename.
+
+    The temp file is flushed to disk before the rename and the directory after it, so a crash or
+    power loss leaves either the complete new file or none, never a named partial one.
+    """
     import mindspore as ms
 
     dst = str(dst)
@@ -336,7 +348,9 @@ def save_state_dict(state: Mapping[str, np.ndarray], dst: str | os.PathLike) -> 
     try:
         items = [{"name": k, "data": ms.Tensor(np.ascontiguousarray(v))} for k, v in state.items()]
         ms.save_checkpoint(items, tmp, format="safetensors" if suffix == ".safetensors" else "ckpt")
+        _fsync(tmp)
         os.replace(tmp, dst)
+        _fsync(directory)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -220,7 +220,8 @@ class Trainer:
         if cfg["val_while_train"]:
             self.eval_data, _, _ = create_eval_dataset(
                 cfg["data_dir"], cfg["val_split"], batch, cfg["image_resize"], cfg["crop_pct"], cfg["interpolation"],
-                cfg["mean"], cfg["std"], cfg["num_parallel_workers"], rank, world)
+                cfg["mean"], cfg["std"], cfg["num_parallel_workers"], rank, world, strict=bool(cfg["strict_data"]),
+                class_names=classes)  # labels follow the training classes even if val lacks some
         self.manager = CheckpointManager(self.run_dir, cfg["model"], cfg["ckpt_format"],
                                          int(cfg["keep_checkpoint_max"]), cfg["ckpt_save_policy"])
         self.metrics = MetricsLog(self.run_dir)
@@ -359,6 +360,9 @@ class Trainer:
         if self.eval_data is None and not self.dist.world > 1:
             return float("nan"), float("nan"), None
         metrics = evaluate(self.net, self.eval_data, distributed=self.dist.world > 1)
+        if metrics.skipped and self.dist.is_main:
+            _LOG.warning("validation: %d unreadable image(s) left out of top-1/top-5 (strict_data stops instead)",
+                         metrics.skipped)
         ema_top1 = None
         if self.ema is not None:
             weights = list(self.optimizer.parameters)
