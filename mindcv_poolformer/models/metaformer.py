@@ -86,9 +86,9 @@ class MetaFormerBlock(nn.Cell):
         # one cell per residual branch: each draws its own per-sample mask
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 and use_mlp else nn.Identity()
-        # GroupNorm(1) is a per-(sample, channel) affine map a*x + b and the pooling mixer averages
-        # valid pixels only, so mixer(norm1(x)) = a * (pool(x) - x): the normalised tensor is never
-        # needed, saving two passes over the activations per block (exact, see Pooling).
+        # GroupNorm(1) is normalize(x) * gamma + beta with a per-channel affine, and the pooling mixer
+        # averages valid pixels only, so mixer(norm1(x)) = gamma * mixer(normalize(x)): beta cancels
+        # and gamma joins LayerScale in one per-channel multiply (exact, see Pooling).
         self.fuse_norm_mixer = isinstance(self.norm1, GroupNorm1) and isinstance(self.token_mixer, Pooling)
         self.use_layer_scale = bool(layer_scale_init)
         if self.use_layer_scale:
@@ -98,10 +98,10 @@ class MetaFormerBlock(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         if self.fuse_norm_mixer:
-            scale = self.norm1.channel_scale(x)
+            scale = self.norm1.gamma
             if self.use_layer_scale:
-                scale = scale * self.layer_scale_1.reshape((-1, 1, 1))
-            mixed = self.token_mixer(x) * scale
+                scale = scale * self.layer_scale_1
+            mixed = self.token_mixer(self.norm1.normalize(x)) * scale.reshape((-1, 1, 1))
         else:
             mixed = self.token_mixer(self.norm1(x))
             if self.use_layer_scale:
