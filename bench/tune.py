@@ -15,6 +15,7 @@ A configuration is a comma-separated list of ``key=value``:
   isa=AVX2|default  oneDNN ISA (default = the CPU's own, i.e. AVX-512 here)
   batch=N        batch size
   omp=N          OMP_NUM_THREADS
+  env.NAME=V     set environment variable NAME to V in the subprocess
   src=DIR        import mindcv_poolformer from DIR (e.g. ``git archive HEAD mindcv_poolformer | tar -x -C DIR``:
                  the code before a change, against the working tree)
 """
@@ -53,6 +54,7 @@ def environment(config: dict[str, str]) -> dict[str, str]:
         env["ONEDNN_MAX_CPU_ISA"] = isa
     if "omp" in config:
         env["OMP_NUM_THREADS"] = config["omp"]
+    env.update({key[4:]: value for key, value in config.items() if key.startswith("env.")})
     if "src" in config:
         env["PYTHONPATH"] = os.pathsep.join([config["src"], env.get("PYTHONPATH", "")])
     return env

@@ -57,9 +57,11 @@ def _random_mixing_macs(cell: RandomMixing, inputs, output) -> int:
 
 
 def _fused_block_macs(cell: MetaFormerBlock, inputs, output) -> int:
-    # A block that fuses norm1 into the pooling mixer never calls norm1; count the norm it stands
-    # for, so MACs describe the architecture (as fvcore counts the reference), not our shortcut.
-    return _norm_macs(cell.norm1, inputs, output) if cell.fuse_norm_mixer else 0
+    # A block that fuses norm1 into the pooling mixer (or norm2's affine into fc1) never calls that
+    # norm as a cell; count the norm it stands for, so MACs describe the architecture (as fvcore
+    # counts the reference), not our shortcut. Both norms see a tensor of the block input's shape.
+    fused = int(cell.fuse_norm_mixer) + int(cell.fold_norm2)
+    return fused * _norm_macs(cell.norm1, inputs, output)
 
 
 _RULES: list[tuple[type, Callable[..., int]]] = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common import dtype as mstype
 from mindspore.common import initializer as init
 
 
@@ -160,21 +161,76 @@ class DropPathNoise:
             layer.noise.set_data(Tensor(row))
 
 
+class Conv1x1(nn.Conv2d):
+    """A biased 1x1 conv that can fold per-channel affine maps of its input and output into its weights.
+
+    ``conv(x * in_scale + in_shift) * weight_scale`` (with the bias scaled by ``bias_scale``) is
+    computed by rewriting the small weight and bias instead of passing over the large activations:
+    that is how a preceding GroupNorm affine, the GELU constants and LayerScale cost nothing. Same
+    parameters (``weight``, ``bias``) as ``nn.Conv2d``; scales are per channel or scalar tensors.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 1, has_bias=True, weight_init=init.TruncatedNormal(0.02),
+                         bias_init="zeros")
+
+    def construct(self, x: Tensor, weight_scale: Tensor | None = None, bias_scale: Tensor | None = None,
+                  in_scale: Tensor | None = None, in_shift: Tensor | None = None) -> Tensor:
+        weight = self.weight
+        bias = self.bias
+        if in_shift is not None:  # W (x + shift) = W x + W shift
+            w2d = weight.reshape((weight.shape[0], weight.shape[1]))
+            bias = bias + ops.matmul(w2d, in_shift.astype(weight.dtype).reshape((-1, 1))).reshape((-1,))
+        if in_scale is not None:
+            weight = weight * in_scale.astype(weight.dtype).reshape((1, -1, 1, 1))
+        if weight_scale is not None:
+            weight = weight * weight_scale.astype(weight.dtype).reshape((-1, 1, 1, 1))
+            bias = bias * bias_scale.astype(bias.dtype)
+        return self.bias_add(self.conv2d(x, weight), bias)
+
+
+_INV_SQRT2 = 0.7071067811865476
+
+
 class ConvMlp(nn.Cell):
-    """Channel MLP as two 1x1 convs (keeps the NCHW layout): fc1 -> act -> drop -> fc2 -> drop."""
+    """Channel MLP as two 1x1 convs (keeps the NCHW layout): fc1 -> act -> drop -> fc2 -> drop.
+
+    ``out_scale`` (the block's LayerScale) multiplies the output and ``in_scale``/``in_shift`` (the
+    preceding GroupNorm's affine) apply to the input, both folded into the conv weights (Conv1x1).
+    With the exact GELU the constants
+    are folded into the convs' weights: fc1 computes z = h/sqrt2 directly, ``z * (1 + erf(z))`` is
+    sqrt2 * GELU(h), and fc2's weight absorbs 1/sqrt2 and the LayerScale. That turns the five
+    elementwise passes of ``0.5*h*(1+erf(h/sqrt2))`` plus the LayerScale multiply into three passes
+    over the 4x-wide hidden map (exact up to float rounding). Any other activation (or the
+    ``ErfFreeGELU`` that ONNX export swaps in) runs as a cell in the plain order.
+    """
 
     def __init__(self, dim: int, hidden_dim: int, act: nn.Cell, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden_dim, 1, has_bias=True, weight_init=init.TruncatedNormal(0.02),
-                             bias_init="zeros")
+        self.fc1 = Conv1x1(dim, hidden_dim)
         self.act = act
         self.drop = nn.Dropout(p=drop) if drop > 0 else nn.Identity()
-        self.fc2 = nn.Conv2d(hidden_dim, dim, 1, has_bias=True, weight_init=init.TruncatedNormal(0.02),
-                             bias_init="zeros")
+        self.fc2 = Conv1x1(hidden_dim, dim)
+        self.inv_sqrt2 = Tensor(_INV_SQRT2, mstype.float32)
+        self.one = Tensor(1.0, mstype.float32)
 
-    def construct(self, x: Tensor) -> Tensor:
-        x = self.drop(self.act(self.fc1(x)))
-        return self.drop(self.fc2(x))
+    @property
+    def folds_gelu(self) -> bool:
+        """Whether ``act`` is the exact GELU (read at graph compile time, so a swapped ``act`` is seen)."""
+        return isinstance(self.act, nn.GELU) and str(self.act.approximate).lower() in ("none", "false")
+
+    def construct(self, x: Tensor, out_scale: Tensor | None = None, in_scale: Tensor | None = None,
+                  in_shift: Tensor | None = None) -> Tensor:
+        if self.folds_gelu:
+            z = self.fc1(x, self.inv_sqrt2, self.inv_sqrt2, in_scale, in_shift)
+            hidden = self.drop(z * (ops.erf(z) + 1.0))
+            if out_scale is None:
+                return self.drop(self.fc2(hidden, self.inv_sqrt2, self.one))
+            return self.drop(self.fc2(hidden, out_scale * self.inv_sqrt2, out_scale))
+        out = self.drop(self.fc2(self.drop(self.act(self.fc1(x, None, None, in_scale, in_shift)))))
+        if out_scale is None:
+            return out
+        return out * out_scale.reshape((-1, 1, 1))
 
 
 class PatchEmbed(nn.Cell):

@@ -90,6 +90,8 @@ class MetaFormerBlock(nn.Cell):
         # averages valid pixels only, so mixer(norm1(x)) = gamma * mixer(normalize(x)): beta cancels
         # and gamma joins LayerScale in one per-channel multiply (exact, see Pooling).
         self.fuse_norm_mixer = isinstance(self.norm1, GroupNorm1) and isinstance(self.token_mixer, Pooling)
+        # likewise norm2's affine is a per-channel map before a 1x1 conv: folded into fc1's weights
+        self.fold_norm2 = use_mlp and isinstance(self.norm2, GroupNorm1)
         self.use_layer_scale = bool(layer_scale_init)
         if self.use_layer_scale:
             self.layer_scale_1 = layer_scale_parameter(layer_scale_init, dim)
@@ -109,9 +111,12 @@ class MetaFormerBlock(nn.Cell):
         x = x + self.drop_path1(mixed) if self.use_residual else self.drop_path1(mixed)
         if not self.use_mlp:
             return x
-        mlp_out = self.mlp(self.norm2(x))
-        if self.use_layer_scale:
-            mlp_out = self.layer_scale_2.reshape((-1, 1, 1)) * mlp_out
+        # the MLP folds LayerScale into its last conv's weight, and GroupNorm's affine into its first (ConvMlp)
+        layer_scale = self.layer_scale_2 if self.use_layer_scale else None
+        if self.fold_norm2:
+            mlp_out = self.mlp(self.norm2.normalize(x), layer_scale, self.norm2.gamma, self.norm2.beta)
+        else:
+            mlp_out = self.mlp(self.norm2(x), layer_scale)
         return x + self.drop_path2(mlp_out) if self.use_residual else self.drop_path2(mlp_out)
 
 
