@@ -176,16 +176,19 @@ class Conv1x1(nn.Conv2d):
 
     def construct(self, x: Tensor, weight_scale: Tensor | None = None, bias_scale: Tensor | None = None,
                   in_scale: Tensor | None = None, in_shift: Tensor | None = None) -> Tensor:
-        weight = self.weight
-        bias = self.bias
+        # everything in the activation's dtype: under AMP the cell's input is fp16 while the
+        # parameters stay fp32 (the folds then run in the precision the conv itself uses)
+        dtype = x.dtype
+        weight = ops.cast(self.weight, dtype)
+        bias = ops.cast(self.bias, dtype)
         if in_shift is not None:  # W (x + shift) = W x + W shift
             w2d = weight.reshape((weight.shape[0], weight.shape[1]))
-            bias = bias + ops.matmul(w2d, in_shift.astype(weight.dtype).reshape((-1, 1))).reshape((-1,))
+            bias = bias + ops.matmul(w2d, ops.cast(in_shift, dtype).reshape((-1, 1))).reshape((-1,))
         if in_scale is not None:
-            weight = weight * in_scale.astype(weight.dtype).reshape((1, -1, 1, 1))
+            weight = weight * ops.cast(in_scale, dtype).reshape((1, -1, 1, 1))
         if weight_scale is not None:
-            weight = weight * weight_scale.astype(weight.dtype).reshape((-1, 1, 1, 1))
-            bias = bias * bias_scale.astype(bias.dtype)
+            weight = weight * ops.cast(weight_scale, dtype).reshape((-1, 1, 1, 1))
+            bias = bias * ops.cast(bias_scale, dtype)
         return self.bias_add(self.conv2d(x, weight), bias)
 
 
