@@ -29,11 +29,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+from bench import _timed  # noqa: E402  (bench.py beside this file)
+
 if os.environ.get("PYTHONPATH"):  # src=DIR: that copy of the package before this checkout's
     sys.path[:0] = [p for p in os.environ["PYTHONPATH"].split(os.pathsep) if p]
 
@@ -100,17 +102,8 @@ def worker(config: dict[str, str], task: str, model: str, size: int, iters: int)
         out = cell(*args)
         (out[0] if isinstance(out, tuple) else out).asnumpy()
 
-    start = time.perf_counter()
-    run()
-    first = time.perf_counter() - start
-    run()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    step = statistics.median(times)
-    return {"img_per_s": batch / step, "step_s": step, "first_s": first,
+    timed = _timed(run, iters, batch)  # the same warm-up and median as bench.py's rows
+    return {"img_per_s": timed["img_per_s"], "step_s": timed["median_step_s"], "first_s": timed["first_call_s"],
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -181,12 +181,8 @@ def _reason(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
-    """The checkpoint to resume from: an explicit path, or the newest one in the run directory (``auto``)."""
-    if not resume:
-        return None
-    if resume == "auto":
-        return manager.latest()
+def resolve_resume(resume: str) -> Path:
+    """An explicit ``--resume PATH`` (``auto`` is the trainer's: newest loadable checkpoint first)."""
     if not os.path.isfile(resume):
         raise CheckpointError(f"resume: checkpoint not found: {resume}")
     return Path(resume)

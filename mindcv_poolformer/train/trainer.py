@@ -236,7 +236,7 @@ class Trainer:
         if cfg["resume"] == "auto":
             self._resume_auto()
         elif cfg["resume"]:
-            self._resume(resolve_resume(cfg["resume"], self.manager))
+            self._resume(resolve_resume(cfg["resume"]))
 
     # ------------------------------------------------------------------ checkpoint state
 
