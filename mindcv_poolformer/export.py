@@ -34,6 +34,7 @@ from .checkpoint import (
 )
 from .config import ConfigError
 from .models.layers import Pooling
+from .models.metaformer import set_cpu_kernels
 
 __all__ = [
     "ExportResult",
@@ -128,6 +129,7 @@ class SamePadPooling(nn.Cell):
 
 def make_onnx_exportable(net):
     """Swap, in place, the cells ONNX export rejects for equal formulations; parameter names are kept."""
+    set_cpu_kernels(net, None)
     for _, cell in list(net.cells_and_names()):
         for attr, sub in list(cell.name_cells().items()):
             if isinstance(sub, nn.GELU):
@@ -241,6 +243,7 @@ def export_model(
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     net, classes = load_network(model, ckpt_path, num_classes)
+    set_cpu_kernels(net, None)  # an exported graph must not name this machine's kernel library
     if labels is not None and len(labels) != classes:
         raise ConfigError(f"labels: {len(labels)} names given but the model has {classes} classes")
     ms.set_context(mode=ms.GRAPH_MODE)

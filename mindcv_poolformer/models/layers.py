@@ -122,6 +122,16 @@ class DropPath(nn.Cell):
         mask = ops.floor(noise + self.keep_prob)
         return x / self.keep_prob * mask
 
+    def sample_scale(self, batch: int, dtype) -> Tensor:
+        """The per-sample factor ``mask / keep_prob`` (shape (batch,)) that ``construct`` multiplies by."""
+        if not self.training or self.drop_prob == 0.0:
+            return ops.ones((batch,), dtype)
+        if self.external_noise:
+            noise = ops.cast(self.noise[:batch], dtype)
+        else:
+            noise = ops.rand((batch,), dtype=dtype)
+        return ops.floor(noise + self.keep_prob) / self.keep_prob
+
     def extend_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
 
@@ -176,9 +186,14 @@ class Conv1x1(nn.Conv2d):
 
     def construct(self, x: Tensor, weight_scale: Tensor | None = None, bias_scale: Tensor | None = None,
                   in_scale: Tensor | None = None, in_shift: Tensor | None = None) -> Tensor:
+        weight, bias = self.folded(x.dtype, weight_scale, bias_scale, in_scale, in_shift)
+        return self.bias_add(self.conv2d(x, weight), bias)
+
+    def folded(self, dtype, weight_scale: Tensor | None = None, bias_scale: Tensor | None = None,
+               in_scale: Tensor | None = None, in_shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The weight and bias with the folds applied, in ``dtype`` (what ``construct`` convolves with)."""
         # everything in the activation's dtype: under AMP the cell's input is fp16 while the
         # parameters stay fp32 (the folds then run in the precision the conv itself uses)
-        dtype = x.dtype
         weight = ops.cast(self.weight, dtype)
         bias = ops.cast(self.bias, dtype)
         if in_shift is not None:  # W (x + shift) = W x + W shift
@@ -189,7 +204,7 @@ class Conv1x1(nn.Conv2d):
         if weight_scale is not None:
             weight = weight * ops.cast(weight_scale, dtype).reshape((-1, 1, 1, 1))
             bias = bias * ops.cast(bias_scale, dtype)
-        return self.bias_add(self.conv2d(x, weight), bias)
+        return weight, bias
 
 
 _INV_SQRT2 = 0.7071067811865476

@@ -23,9 +23,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from mindspore import Parameter, Tensor, nn
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common import dtype as mstype
 from mindspore.common import initializer as init
 
+from ..kernels import CpuKernels, cpu_kernels
 from .layers import (
     FIXED_SIZE_MIXERS,
     TOKEN_MIXERS,
@@ -42,6 +44,7 @@ from .layers import (
 from .registry import ModelInfo, register_model
 
 __all__ = [
+    "set_cpu_kernels",
     "MetaFormer",
     "MetaFormerBlock",
     "MetaFormerVariant",
@@ -97,8 +100,51 @@ class MetaFormerBlock(nn.Cell):
             self.layer_scale_1 = layer_scale_parameter(layer_scale_init, dim)
             if use_mlp:
                 self.layer_scale_2 = layer_scale_parameter(layer_scale_init, dim)
+        self.use_cpu_kernels = False  # set by set_cpu_kernels (MetaFormer does it at build time)
+
+    def supports_cpu_kernels(self) -> bool:
+        """Whether this block is the PoolFormer block the fused CPU kernels implement."""
+        return (self.fuse_norm_mixer and self.fold_norm2 and self.use_residual and self.mlp.folds_gelu
+                and self.norm1.eps == 1e-5 and self.norm2.eps == 1e-5)
+
+    def set_cpu_kernels(self, kernels: CpuKernels | None) -> None:
+        """Run this block on the fused CPU kernels (``mindcv_poolformer.kernels``), or on MindSpore ops (None).
+
+        Read when the graph is compiled: set it before the first call.
+        """
+        self.use_cpu_kernels = kernels is not None and self.supports_cpu_kernels()
+        if self.use_cpu_kernels:
+            self.k_pool_mixer = kernels.pool_mixer
+            self.k_normalize = kernels.normalize
+            self.k_gelu_bias = kernels.gelu_bias
+            self.k_residual_bias = kernels.residual_bias
+            self.pool_size_tensor = Tensor([self.token_mixer.pool_size], mstype.int32)
+
+    def _drop_scale(self, drop_path: nn.Cell, batch: int) -> Tensor:
+        if isinstance(drop_path, DropPath):
+            return drop_path.sample_scale(batch, mstype.float32)
+        return ops.ones((batch,), mstype.float32)
+
+    def _construct_cpu(self, x: Tensor) -> Tensor:
+        """The same block on the fused float32 CPU kernels (see ``mindcv_poolformer.kernels``)."""
+        batch = x.shape[0]
+        scale = self.norm1.gamma
+        if self.use_layer_scale:
+            scale = scale * self.layer_scale_1
+        y = self.k_pool_mixer(x, scale, self._drop_scale(self.drop_path1, batch), self.pool_size_tensor)[0]
+        mlp = self.mlp
+        w1, b1 = mlp.fc1.folded(x.dtype, mlp.inv_sqrt2, mlp.inv_sqrt2, self.norm2.gamma, self.norm2.beta)
+        hidden = mlp.drop(self.k_gelu_bias(mlp.fc1.conv2d(self.k_normalize(y)[0], w1), b1))
+        if self.use_layer_scale:
+            w2, b2 = mlp.fc2.folded(x.dtype, self.layer_scale_2 * mlp.inv_sqrt2, self.layer_scale_2)
+        else:
+            w2, b2 = mlp.fc2.folded(x.dtype, mlp.inv_sqrt2, mlp.one)
+        out = self.k_residual_bias(y, mlp.fc2.conv2d(hidden, w2), b2, self._drop_scale(self.drop_path2, batch))
+        return out
 
     def construct(self, x: Tensor) -> Tensor:
+        if self.use_cpu_kernels and x.dtype == mstype.float32:
+            return self._construct_cpu(x)
         if self.fuse_norm_mixer:
             scale = self.norm1.gamma
             if self.use_layer_scale:
@@ -118,6 +164,19 @@ class MetaFormerBlock(nn.Cell):
         else:
             mlp_out = self.mlp(self.norm2(x), layer_scale)
         return x + self.drop_path2(mlp_out) if self.use_residual else self.drop_path2(mlp_out)
+
+
+def set_cpu_kernels(network: nn.Cell, kernels: CpuKernels | None) -> int:
+    """Switch every PoolFormer block of ``network`` to the fused CPU kernels (or back to MindSpore ops with None).
+
+    Models are built with the kernels wherever ``mindcv_poolformer.kernels.kernels_enabled()``; export
+    switches them off, since an exported graph must not name a local library. Call before the
+    network is first run (the choice is compiled into the graph). Returns the blocks that use them.
+    """
+    blocks = [cell for _, cell in network.cells_and_names() if isinstance(cell, MetaFormerBlock)]
+    for block in blocks:
+        block.set_cpu_kernels(kernels)
+    return sum(block.use_cpu_kernels for block in blocks)
 
 
 class PositionEmbeddedStage(nn.SequentialCell):
@@ -277,6 +336,7 @@ class MetaFormer(nn.Cell):
             self.norm = make_norm(norm, widths[-1])
             self.head_drop = nn.Dropout(p=drop_rate) if drop_rate > 0 else nn.Identity()
             self.head = self._make_head(num_classes)
+        set_cpu_kernels(self, cpu_kernels())
 
     def _stage_shapes(self, image_size, stages: int, stem, downsample) -> list[tuple[int, int]] | None:
         """Token-map (H, W) of each stage for ``image_size``, or None when no size was given."""

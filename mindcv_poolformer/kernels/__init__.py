@@ -1,0 +1,166 @@
+"""Fused CPU kernels of the PoolFormer block, as MindSpore ``Custom`` "aot" ops with their gradients.
+
+MindSpore's CPU backend runs the block's elementwise work as one memory pass per op, and its Erf
+kernel is scalar and single-threaded (a quarter of the S12 forward). ``poolformer_cpu.cc`` fuses the
+block into four threaded, vectorised kernels (norm1 + pooling mixer + LayerScale + drop path +
+residual; norm2; bias + exact GELU; bias + drop path + residual), each with a backward kernel.
+
+The library is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``/``c++``)
+for this CPU (``-march=native``) and cached under ``$MINDCV_POOLFORMER_CACHE`` (default
+``~/.cache/mindcv_poolformer``), keyed by the source, the compiler and the CPU's flags. Where there
+is no compiler, or the device target is not CPU, or ``MINDCV_POOLFORMER_CPU_KERNELS=0``, the model
+runs MindSpore's own ops instead: same parameters, same results to float rounding, just slower.
+Exported files (MINDIR/AIR/ONNX) never contain these ops: they name a local ``.so``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from mindspore import ops
+
+__all__ = ["CpuKernels", "cpu_kernels", "kernels_enabled", "library_path"]
+
+_LOG = logging.getLogger("mindcv_poolformer")
+SOURCE = Path(__file__).with_name("poolformer_cpu.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+ENV_SWITCH = "MINDCV_POOLFORMER_CPU_KERNELS"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MINDCV_POOLFORMER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mindcv_poolformer")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU model and flags: ``-march=native`` code is only valid on a CPU with the same features."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    keep = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(keep))
+
+
+@cache
+def library_path() -> str | None:
+    """Path of the compiled kernel library, building it if needed; None (with one warning) if it cannot be built."""
+    compiler = _compiler()
+    if compiler is None:
+        _LOG.warning("no C++ compiler found ($CXX, g++, c++): the PoolFormer blocks run MindSpore's generic CPU "
+                     "ops (correct, several times slower); install g++ to enable the fused CPU kernels")
+        return None
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"poolformer_cpu-{key}.so"
+    if target.is_file():
+        return str(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        directory = str(target.parent)
+    except OSError:  # read-only home: build into a private temporary directory
+        directory = tempfile.mkdtemp(prefix="mindcv_poolformer_kernels_")
+        target = Path(directory) / target.name
+    fd, partial = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True,
+                                timeout=300)
+        if result.returncode != 0:
+            detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            _LOG.warning("building the fused CPU kernels failed (%s: %s): the PoolFormer blocks run MindSpore's "
+                         "generic CPU ops instead", compiler, detail)
+            return None
+        os.replace(partial, target)  # atomic: concurrent ranks each build and the last rename wins
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return str(target)
+
+
+def kernels_enabled() -> bool:
+    """Whether new models use the fused kernels: CPU device target, not switched off, library built."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    import mindspore as ms
+
+    if ms.get_context("device_target") != "CPU":
+        return False
+    return library_path() is not None
+
+
+def _per_sample(shape):
+    return [shape[0]]
+
+
+class CpuKernels:
+    """The fused block kernels as ``Custom`` primitives, each with a ``bprop`` made of its gradient kernel.
+
+    Call ``cpu_kernels()`` for the shared instance. The primitives are float32-only; callers fall
+    back to MindSpore's ops for other dtypes (AMP).
+    """
+
+    def __init__(self, library: str) -> None:
+        def custom(name, out_shape, out_dtype, bprop=None):
+            return ops.Custom(f"{library}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot",
+                              bprop=bprop)
+
+        mixer_grad = custom("PoolMixerGrad", lambda x, s, *_: (x, s), lambda x, s, *_: (x, s))
+
+        def mixer_bprop(x, scale, drop, pool_size, out, dout):
+            dx, dscale = mixer_grad(x, scale, drop, pool_size, out[1], out[2], dout[0])
+            return dx, dscale, ops.zeros_like(drop), ops.zeros_like(pool_size)
+
+        self.pool_mixer = custom("PoolMixer", lambda x, *_: (x, _per_sample(x), _per_sample(x)),
+                                 lambda x, *_: (x, x, x), mixer_bprop)
+
+        normalize_grad = custom("NormalizeGrad", lambda n, *_: n, lambda n, *_: n)
+
+        def normalize_bprop(x, out, dout):
+            return (normalize_grad(out[0], out[2], dout[0]),)
+
+        self.normalize = custom("Normalize", lambda x: (x, _per_sample(x), _per_sample(x)), lambda x: (x, x, x),
+                                normalize_bprop)
+
+        gelu_grad = custom("GeluBiasGrad", lambda acc, bias, _: (acc, bias), lambda acc, bias, _: (acc, bias))
+
+        def gelu_bprop(acc, bias, out, dout):
+            return gelu_grad(acc, bias, dout)
+
+        self.gelu_bias = custom("GeluBias", lambda acc, bias: acc, lambda acc, bias: acc, gelu_bprop)
+
+        residual_grad = custom("ResidualBiasGrad", lambda drop, dout: (dout, [dout[1]]),
+                               lambda drop, dout: (dout, dout))
+
+        def residual_bprop(y, acc, bias, drop, out, dout):
+            dacc, dbias = residual_grad(drop, dout)
+            return dout, dacc, dbias, ops.zeros_like(drop)
+
+        self.residual_bias = custom("ResidualBias", lambda y, *_: y, lambda y, *_: y, residual_bprop)
+
+
+@cache
+def _kernels_for(library: str) -> CpuKernels:
+    return CpuKernels(library)
+
+
+def cpu_kernels() -> CpuKernels | None:
+    """The shared kernel primitives, or None where ``kernels_enabled()`` is false."""
+    return _kernels_for(library_path()) if kernels_enabled() else None

@@ -1,0 +1,162 @@
+"""The fused CPU kernels of the PoolFormer block: same outputs and gradients as MindSpore's ops, and fallbacks."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from mindcv_poolformer import kernels
+from mindcv_poolformer.models import MetaFormer, create_model, set_cpu_kernels
+from mindcv_poolformer.models.layers import DropPathNoise
+
+from deploy_helpers import IMAGE_SIZE, MODEL, deploy_assets  # noqa: F401  (fixture)
+
+CONFIGS = {
+    "default": {},
+    "pool5-no-layer-scale": {"pool_size": 5, "layer_scale_init": None},
+    "drop-path": {"drop_path_rate": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def library():
+    path = kernels.library_path()
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the fused CPU kernels did not build in CI (is g++ installed?)")
+        pytest.skip("no C++ compiler: the fused CPU kernels are unavailable")
+    return path
+
+
+def _pair(**overrides):
+    """Two equal tiny MetaFormers (perturbed away from their init), one on the kernels, one on MindSpore ops."""
+    settings = {"layer_scale_init": 0.5, **overrides}
+    fast = MetaFormer((1, 2, 1, 1), (8, 16, 24, 32), num_classes=5, **settings)
+    slow = MetaFormer((1, 2, 1, 1), (8, 16, 24, 32), num_classes=5, **settings)
+    assert set_cpu_kernels(fast, kernels.cpu_kernels()) == 5
+    assert set_cpu_kernels(slow, None) == 0
+    rng = np.random.default_rng(1)
+    for a, b in zip(fast.get_parameters(), slow.get_parameters()):
+        value = (a.asnumpy() + rng.normal(0, 0.3, a.shape)).astype(np.float32)
+        a.set_data(Tensor(value))
+        b.set_data(Tensor(value))
+    return fast, slow
+
+
+@pytest.mark.parametrize("mode", ["GRAPH", "PYNATIVE"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_kernels_match_mindspore_ops(library, config, mode):
+    if mode == "PYNATIVE" and config != "default":
+        pytest.skip("one PyNative configuration is enough")
+    ms.set_context(mode=getattr(ms, f"{mode}_MODE"))
+    try:
+        fast, slow = _pair(**CONFIGS[config])
+        rng = np.random.default_rng(2)
+        x = Tensor(rng.normal(0, 1, (3, 3, 64, 48)).astype(np.float32))  # stage maps 16x12 .. 2x2 (odd-free borders)
+        fast.set_train(False)
+        slow.set_train(False)
+        np.testing.assert_allclose(fast(x).asnumpy(), slow(x).asnumpy(), rtol=0, atol=2e-6)
+
+        fast.set_train(True)
+        slow.set_train(True)
+        for net in (fast, slow):
+            noise = DropPathNoise(net, 3, seed=7)
+            noise.refill(1)
+        target = Tensor(rng.normal(0, 1, (3, 5)).astype(np.float32))
+
+        def grads(net):
+            def loss_fn(inputs):
+                return ((net(inputs) - target) ** 2).sum()
+
+            loss, (dx, dparams) = ms.value_and_grad(loss_fn, 0, net.trainable_params())(x)
+            return float(loss), dx.asnumpy(), [g.asnumpy() for g in dparams]
+
+        loss_f, dx_f, dp_f = grads(fast)
+        loss_s, dx_s, dp_s = grads(slow)
+        assert loss_f == pytest.approx(loss_s, rel=1e-6)
+        np.testing.assert_allclose(dx_f, dx_s, rtol=0, atol=1e-6 * np.abs(dx_s).max())
+        for (name, _), gf, gs in zip(fast.parameters_and_names(), dp_f, dp_s):
+            np.testing.assert_allclose(gf, gs, rtol=0, atol=1e-5 * max(np.abs(gs).max(), 1e-6), err_msg=name)
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def test_models_use_kernels_by_default_and_only_where_they_apply(library, monkeypatch):
+    net = create_model("poolformer_s12", num_classes=3)
+    assert sum(b.use_cpu_kernels for _, b in net.cells_and_names() if hasattr(b, "use_cpu_kernels")) == 12
+    # channel LayerNorm, ReLU or no residual: not the block the kernels implement
+    for name in ("metaformer_s12_ln", "metaformer_s12_relu", "metaformer_s12_no_residual"):
+        assert set_cpu_kernels(create_model(name, num_classes=3), kernels.cpu_kernels()) == 0, name
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert not kernels.kernels_enabled()
+    off = create_model("poolformer_s12", num_classes=3)
+    assert set_cpu_kernels(off, None) == 0
+    assert not any(getattr(b, "use_cpu_kernels", False) for _, b in off.cells_and_names())
+
+
+def test_float16_inputs_use_mindspore_ops(library):
+    """AMP O2/O3 hands the blocks float16: the float32-only kernels step aside."""
+    from mindspore import amp
+
+    fast, slow = _pair()
+    x = Tensor(np.random.default_rng(3).normal(0, 1, (2, 3, 64, 64)).astype(np.float32))
+    fast_half = amp.auto_mixed_precision(fast, "O3")
+    slow_half = amp.auto_mixed_precision(slow, "O3")
+    out_fast, out_slow = fast_half(x).asnumpy(), slow_half(x).asnumpy()
+    np.testing.assert_array_equal(out_fast, out_slow)
+
+
+def test_export_graph_does_not_name_the_library(library, deploy_assets, tmp_path):  # noqa: F811
+    from mindcv_poolformer.export import export_model, load_network
+
+    # the check can fail: a graph compiled with the kernels does carry the library path
+    net, _ = load_network(MODEL, str(deploy_assets["ckpt"]))
+    ms.export(net, Tensor(np.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)), file_name=str(tmp_path / "raw"),
+              file_format="MINDIR")
+    assert os.path.basename(library).encode() in (tmp_path / "raw.mindir").read_bytes()
+    result = export_model(model=MODEL, ckpt_path=str(deploy_assets["ckpt"]), file_format="MINDIR",
+                          file_name=str(tmp_path / "clean"), image_size=IMAGE_SIZE)
+    assert os.path.basename(library).encode() not in open(result.path, "rb").read()
+
+
+@pytest.mark.parametrize("broken", ["no-compiler", "failing-compiler"])
+def test_without_a_working_compiler_models_fall_back(broken, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MINDCV_POOLFORMER_CACHE", str(tmp_path))
+    kernels.library_path.cache_clear()
+    try:
+        if broken == "no-compiler":
+            monkeypatch.setattr(kernels, "_compiler", lambda: None)
+        else:
+            script = tmp_path / "cxx"
+            script.write_text("#!/bin/sh\necho 'fatal error: simulated' >&2\nexit 1\n")
+            script.chmod(0o755)
+            monkeypatch.setenv("CXX", str(script))
+        with caplog.at_level(logging.WARNING, logger="mindcv_poolformer"):
+            assert kernels.library_path() is None
+            assert not kernels.kernels_enabled()
+        assert "generic CPU ops" in caplog.text
+        assert not list((tmp_path / "kernels").glob("*.so")), "a failed build must leave no library behind"
+        net = create_model("poolformer_s12", num_classes=3, depths=(1, 1, 1, 1), widths=(8, 16, 24, 32))
+        assert not any(getattr(b, "use_cpu_kernels", False) for _, b in net.cells_and_names())
+        assert net(Tensor(np.zeros((1, 3, 64, 64), np.float32))).shape == (1, 3)
+    finally:
+        kernels.library_path.cache_clear()
+
+
+def test_library_is_cached_by_source_and_built_atomically(tmp_path, monkeypatch, library):
+    monkeypatch.setenv("MINDCV_POOLFORMER_CACHE", str(tmp_path))
+    kernels.library_path.cache_clear()
+    try:
+        first = kernels.library_path()
+        assert first is not None and first.startswith(str(tmp_path))
+        built = os.path.getmtime(first)
+        kernels.library_path.cache_clear()
+        assert kernels.library_path() == first and os.path.getmtime(first) == built  # reused, not rebuilt
+        assert [p.name for p in (tmp_path / "kernels").iterdir()] == [os.path.basename(first)]  # no temp files
+    finally:
+        kernels.library_path.cache_clear()
