@@ -160,3 +160,32 @@ def test_library_is_cached_by_source_and_built_atomically(tmp_path, monkeypatch,
         assert [p.name for p in (tmp_path / "kernels").iterdir()] == [os.path.basename(first)]  # no temp files
     finally:
         kernels.library_path.cache_clear()
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 7, 7, 24), (3, 8, 5, 3, 8), (1, 40, 16, 9, 64)])
+def test_fc1_gemm_matches_numpy_including_ragged_tiles(library, shape):
+    """The AVX-512 GEMM tiles 8 rows x 48 pixels: pixel counts of 49, 15 and 144 exercise every tail width."""
+    fast = kernels.cpu_kernels()
+    if fast.conv1x1 is None:
+        pytest.skip("the kernel library was built without AVX-512: fc1 runs on oneDNN")
+    batch, channels, height, width, rows = shape
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (batch, channels, height, width)).astype(np.float32)
+    w = rng.normal(0, 1, (rows, channels)).astype(np.float32)
+    dy = rng.normal(0, 1, (batch, rows, height, width)).astype(np.float32)
+
+    def loss(inputs, weight):
+        return (fast.conv1x1(inputs, weight) * Tensor(dy)).sum()
+
+    out = fast.conv1x1(Tensor(x), Tensor(w)).asnumpy()
+    np.testing.assert_allclose(out, np.einsum("kc,bchw->bkhw", w, x), rtol=1e-5, atol=1e-4)
+    dx, dw = ms.grad(loss, (0, 1))(Tensor(x), Tensor(w))
+    np.testing.assert_allclose(dx.asnumpy(), np.einsum("kc,bkhw->bchw", w, dy), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dw.asnumpy(), np.einsum("bkhw,bchw->kc", dy, x), rtol=1e-5, atol=1e-4)
+
+
+def test_gemm_switch_keeps_fc1_on_onednn(library, monkeypatch):
+    monkeypatch.setenv("MINDCV_POOLFORMER_CPU_GEMM", "0")
+    net = MetaFormer((1, 1, 1, 1), (8, 16, 24, 32), num_classes=3)
+    assert set_cpu_kernels(net, kernels.CpuKernels(library)) == 4
+    assert not any(getattr(b, "use_fast_gemm", False) for _, b in net.cells_and_names())

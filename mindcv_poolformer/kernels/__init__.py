@@ -15,6 +15,7 @@ Exported files (MINDIR/AIR/ONNX) never contain these ops: they name a local ``.s
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -154,6 +155,26 @@ class CpuKernels:
             return dout, dacc, dbias, ops.zeros_like(drop)
 
         self.residual_bias = custom("ResidualBias", lambda y, *_: y, lambda y, *_: y, residual_bprop)
+
+        # The MLP's expanding 1x1 conv (fc1, C -> 4C) as an AVX-512 GEMM where the library was compiled
+        # with AVX-512 (else None: oneDNN convs). Measured per shape at batch 32 (bench/results/
+        # optimizations-20261121.md), it beats MindSpore's AVX2-capped oneDNN on fc1's forward
+        # (64->256: 26 vs 41 ms) and weight gradient (320->1280: 26 vs 58 ms) but not on the
+        # contracting shapes, so fc1's input gradient (a 4C -> C conv) and fc2 stay on oneDNN.
+        self.conv1x1 = None
+        gemm_switch = os.environ.get("MINDCV_POOLFORMER_CPU_GEMM", "1").strip().lower()
+        if gemm_switch not in ("0", "false", "off", "no") and ctypes.CDLL(library).PoolformerHasFastGemm():
+            def conv_shape(x, w):
+                return [x[0], w[0], x[2], x[3]]
+
+            conv_weight_grad = custom("Conv1x1WeightGrad", lambda dy, x: [dy[1], x[1]], lambda dy, x: x)
+
+            def conv_bprop(x, w, out, dout):
+                transposed = w.transpose(1, 0)
+                dx = ops.conv2d(dout, transposed.reshape(transposed.shape + (1, 1)))
+                return dx, conv_weight_grad(dout, x)
+
+            self.conv1x1 = custom("Conv1x1", conv_shape, lambda x, w: x, conv_bprop)
 
 
 @cache

@@ -61,7 +61,7 @@ void ParallelFor(int64_t n, int64_t min_per_thread, F fn) {
 // erf as a rational function on [-4, 4] (beyond it erf is +-1 in float32); max error ~1e-7, the
 // coefficients of Eigen's / XLA's float erf. Branch-free so the loops vectorise.
 inline float Erf(float a) {
-  float x = std::min(4.f, std::max(-4.f, a));
+  float x = a < -4.f ? -4.f : (a > 4.f ? 4.f : a);
   float x2 = x * x;
   float p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
   p = x2 * p + -2.10102402082508e-06f;
@@ -77,10 +77,11 @@ inline float Erf(float a) {
   return p / q;
 }
 
-// exp(x) for x <= 0 (here x = -z*z): 2^n * 2^f with a degree-6 polynomial for 2^f, f in [-0.5, 0.5];
-// relative error ~2e-7, flushed to 0 below -87.
-inline float ExpNonPositive(float x) {
-  x = std::max(x, -87.f);
+// exp(x) for x in [-16, 0] (here x = -z*z with |z| <= 4, where the GELU derivative needs it; below,
+// z * exp(-z*z) < 5e-7): 2^-m * 2^f with a degree-6 polynomial for 2^f, f in [-0.5, 0.5], and 2^-m
+// (m = 0..24) from the bits of m by selects, so the loops around it vectorise. Relative error ~2e-7.
+inline float ExpNegativeSmall(float x) {
+  x = x < -16.f ? -16.f : x;
   float t = x * 1.44269504088896341f;
   float n = std::floor(t + 0.5f);
   float f = t - n;
@@ -91,16 +92,71 @@ inline float ExpNonPositive(float x) {
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  int m = static_cast<int>(-n);
+  p *= (m & 1) ? 0.5f : 1.f;
+  p *= (m & 2) ? 0.25f : 1.f;
+  p *= (m & 4) ? 0.0625f : 1.f;
+  p *= (m & 8) ? 0.00390625f : 1.f;
+  p *= (m & 16) ? 1.52587890625e-05f : 1.f;
+  return p;
 }
 
-int64_t Numel(int ndim, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < ndim; ++i) n *= shape[i];
-  return n;
+#if defined(__AVX512F__)
+}  // namespace
+#include <immintrin.h>
+namespace {
+
+inline __m512 ErfV(__m512 a) {
+  __m512 x = _mm512_min_ps(_mm512_set1_ps(4.f), _mm512_max_ps(_mm512_set1_ps(-4.f), a));
+  __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(-2.72614225801306e-10f), _mm512_set1_ps(2.77068142495902e-08f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-2.10102402082508e-06f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-5.69250639462346e-05f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-7.34990630326855e-04f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-2.95459980854025e-03f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-1.60960333262415e-02f));
+  p = _mm512_mul_ps(x, p);
+  __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(-1.45660718464996e-05f), _mm512_set1_ps(-2.13374055278905e-04f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-1.68282697438203e-03f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-7.37332916720468e-03f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-1.42647390514189e-02f));
+  return _mm512_div_ps(p, q);
+}
+
+// exp(x) for x in [-87, 0]: 2^n * 2^f, the same polynomial as ExpNegativeSmall, 2^n by scalef
+inline __m512 ExpV(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// dst = grad * d/dz [z (erf(z) + 1)] with z = src + bias
+void GeluGradRow(const float *src, float bias, const float *grad, float *dst, int64_t size) {
+  const float two_over_sqrt_pi = 1.12837916709551257f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 vb = _mm512_set1_ps(bias), one = _mm512_set1_ps(1.f), k = _mm512_set1_ps(two_over_sqrt_pi);
+  for (; i + 16 <= size; i += 16) {
+    __m512 z = _mm512_add_ps(_mm512_loadu_ps(src + i), vb);
+    __m512 e = ExpV(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z));
+    __m512 d = _mm512_add_ps(_mm512_add_ps(ErfV(z), one), _mm512_mul_ps(_mm512_mul_ps(z, k), e));
+    _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_loadu_ps(grad + i), d));
+  }
+#endif
+  for (; i < size; ++i) {
+    float z = src[i] + bias;
+    dst[i] = grad[i] * (Erf(z) + 1.f + z * two_over_sqrt_pi * ExpNegativeSmall(z < -4.f || z > 4.f ? -16.f : -z * z));
+  }
 }
 
 // Geometry of an NCHW map and of a k x k window (stride 1, zero padding k/2, count_include_pad=False).
@@ -389,17 +445,14 @@ int GeluBiasGrad(int, void **params, int *ndims, int64_t **shapes, const char **
   Planes g(shapes[0]);
   const int64_t planes = g.batch * g.channels;
   std::vector<double> sums(planes);
-  constexpr float kTwoOverSqrtPi = 1.12837916709551257f;
   ParallelFor(planes, 1, [&](int64_t begin, int64_t end) {
+    const int64_t size = g.plane;
     for (int64_t p = begin; p < end; ++p) {
       const float b = bias[p % g.channels];
-      const float *src = acc + p * g.plane;
-      const float *grad = dh + p * g.plane;
-      float *dst = dacc + p * g.plane;
-      for (int64_t i = 0; i < g.plane; ++i) {
-        float z = src[i] + b;
-        dst[i] = grad[i] * (Erf(z) + 1.f + z * kTwoOverSqrtPi * ExpNonPositive(-z * z));
-      }
+      const float *__restrict src = acc + p * size;
+      const float *__restrict grad = dh + p * size;
+      float *__restrict dst = dacc + p * size;
+      GeluGradRow(src, b, grad, dst, size);
       double total = 0;
       for (int64_t i = 0; i < g.plane; i += 1024) {
         int64_t stop = std::min<int64_t>(g.plane, i + 1024);
@@ -474,3 +527,149 @@ int ResidualBiasGrad(int, void **params, int *ndims, int64_t **shapes, const cha
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// 1x1 convolutions as register-blocked AVX-512 GEMMs (MindSpore's oneDNN is capped at AVX2 on this
+// package's CPUs, see mindcv_poolformer/_runtime.py). Tile: 8 output rows x up to 48 columns in
+// 24 zmm accumulators; the 8-row operand is packed so each step broadcasts 8 consecutive floats.
+//   Conv1x1:           y[b][k][p] = sum_c w[k][c] x[b][c][p]        (dx is Conv1x1 with w^T)
+//   Conv1x1WeightGrad: dw[k][c]   = sum_b sum_p dy[b][k][p] x[b][c][p]
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+namespace {
+
+constexpr int64_t kRows = 8, kCols = 48;
+
+// packed[(r8 * depth + d) * 8 + r] = a[(r8 * 8 + r) * lda + d * step]: 8-row panels, depth-major
+void PackRows(const float *a, int64_t rows, int64_t depth, int64_t lda, int64_t step, float *packed) {
+  for (int64_t r8 = 0; r8 < rows / kRows; ++r8)
+    for (int64_t d = 0; d < depth; ++d)
+      for (int64_t r = 0; r < kRows; ++r)
+        packed[(r8 * depth + d) * kRows + r] = a[(r8 * kRows + r) * lda + d * step];
+}
+
+// out[r][0:width] (+)= sum_d panel[d][r] * b[d][0:width] for the 8 rows r; b rows ldb apart
+template <int NV, bool ACCUMULATE>
+inline void Tile(const float *panel, const float *b, int64_t ldb, int64_t depth, float *out, int64_t ldo,
+                 int64_t width) {
+  __mmask16 mask[NV];
+  for (int j = 0; j < NV; ++j) {
+    int64_t rem = width - 16 * j;
+    mask[j] = rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(rem, 0)) - 1);
+  }
+  __m512 acc[kRows][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 3
+    for (int j = 0; j < NV; ++j)
+      acc[r][j] = ACCUMULATE ? _mm512_maskz_loadu_ps(mask[j], out + r * ldo + 16 * j) : _mm512_setzero_ps();
+  for (int64_t d = 0; d < depth; ++d) {
+    __m512 bv[NV];
+#pragma GCC unroll 3
+    for (int j = 0; j < NV; ++j) bv[j] = _mm512_maskz_loadu_ps(mask[j], b + d * ldb + 16 * j);
+    const float *w = panel + d * kRows;
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      __m512 wv = _mm512_set1_ps(w[r]);
+#pragma GCC unroll 3
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(wv, bv[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 3
+    for (int j = 0; j < NV; ++j) _mm512_mask_storeu_ps(out + r * ldo + 16 * j, mask[j], acc[r][j]);
+}
+
+// out[rows][width] (+)= panels (rows x depth, packed) * b (depth x width, rows ldb apart)
+template <bool ACCUMULATE>
+void PanelGemm(const float *packed, int64_t rows, const float *b, int64_t ldb, int64_t depth, float *out, int64_t ldo,
+               int64_t col_begin, int64_t col_end) {
+  for (int64_t col = col_begin; col < col_end; col += kCols) {
+    int64_t width = std::min(kCols, col_end - col);
+    for (int64_t r8 = 0; r8 < rows / kRows; ++r8) {
+      const float *panel = packed + r8 * depth * kRows;
+      float *o = out + r8 * kRows * ldo + col;
+      if (width > 32)
+        Tile<3, ACCUMULATE>(panel, b + col, ldb, depth, o, ldo, width);
+      else if (width > 16)
+        Tile<2, ACCUMULATE>(panel, b + col, ldb, depth, o, ldo, width);
+      else
+        Tile<1, ACCUMULATE>(panel, b + col, ldb, depth, o, ldo, width);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int PoolformerHasFastGemm() { return 1; }
+
+// inputs: x (B,C,H,W), w (K,C); outputs: y (B,K,H,W). K a multiple of 8.
+int Conv1x1(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][0] % kRows) return 1;
+  const int64_t batch = shapes[0][0], channels = shapes[0][1], pixels = shapes[0][2] * shapes[0][3];
+  const int64_t rows = shapes[1][0];
+  std::vector<float> packed(rows * channels);
+  PackRows(w, rows, channels, channels, 1, packed.data());
+  // tasks: (image, 48-pixel column block); each streams the packed weight over one L1/L2-resident panel
+  const int64_t blocks = (pixels + kCols - 1) / kCols;
+  ParallelFor(batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t b = t / blocks, col = (t % blocks) * kCols;
+      PanelGemm<false>(packed.data(), rows, x + b * channels * pixels, pixels, channels, y + b * rows * pixels,
+                       pixels, col, std::min(pixels, col + kCols));
+    }
+  });
+  return 0;
+}
+
+// inputs: dy (B,K,H,W), x (B,C,H,W); outputs: dw (K,C) = sum over images and pixels of dy x^T
+int Conv1x1WeightGrad(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *dy = static_cast<const float *>(params[0]);
+  const float *x = static_cast<const float *>(params[1]);
+  float *dw = static_cast<float *>(params[2]);
+  if (ndims[0] != 4 || ndims[1] != 4 || shapes[0][1] % kRows) return 1;
+  const int64_t batch = shapes[0][0], rows = shapes[0][1], pixels = shapes[0][2] * shapes[0][3];
+  const int64_t channels = shapes[1][1];
+  constexpr int64_t kChunk = 128;  // pixels per packed slab: dy and x^T slabs stay in L2
+  const int64_t chunks = (pixels + kChunk - 1) / kChunk;
+  const int64_t tasks = batch * chunks;
+  const int threads = static_cast<int>(std::min<int64_t>(NumThreads(), tasks));
+  std::vector<std::vector<float>> partial(threads, std::vector<float>(rows * channels, 0.f));
+  const int64_t per_thread = (tasks + threads - 1) / threads;
+  std::vector<std::thread> pool;
+  auto work = [&](int index) {
+    std::vector<float> packed(rows * kChunk), xt(kChunk * channels);
+    float *acc = partial[index].data();
+    for (int64_t t = index * per_thread; t < std::min(tasks, (index + 1) * per_thread); ++t) {
+      int64_t b = t / chunks, p0 = (t % chunks) * kChunk, len = std::min(kChunk, pixels - p0);
+      const float *dyb = dy + b * rows * pixels + p0;
+      const float *xb = x + b * channels * pixels + p0;
+      PackRows(dyb, rows, len, pixels, 1, packed.data());
+      for (int64_t c = 0; c < channels; ++c)
+        for (int64_t p = 0; p < len; ++p) xt[p * channels + c] = xb[c * pixels + p];
+      // panels were packed with depth len: PanelGemm reads panel r8 at r8 * len * 8
+      PanelGemm<true>(packed.data(), rows, xt.data(), channels, len, acc, channels, 0, channels);
+    }
+  };
+  for (int i = 1; i < threads; ++i) pool.emplace_back(work, i);
+  work(0);
+  for (auto &thread : pool) thread.join();
+  for (int64_t i = 0; i < rows * channels; ++i) {
+    float s = 0;
+    for (int t = 0; t < threads; ++t) s += partial[t][i];
+    dw[i] = s;
+  }
+  return 0;
+}
+
+}  // extern "C"
+#else
+extern "C" int PoolformerHasFastGemm() { return 0; }
+#endif

@@ -101,6 +101,7 @@ class MetaFormerBlock(nn.Cell):
             if use_mlp:
                 self.layer_scale_2 = layer_scale_parameter(layer_scale_init, dim)
         self.use_cpu_kernels = False  # set by set_cpu_kernels (MetaFormer does it at build time)
+        self.use_fast_gemm = False
 
     def supports_cpu_kernels(self) -> bool:
         """Whether this block is the PoolFormer block the fused CPU kernels implement."""
@@ -113,17 +114,27 @@ class MetaFormerBlock(nn.Cell):
         Read when the graph is compiled: set it before the first call.
         """
         self.use_cpu_kernels = kernels is not None and self.supports_cpu_kernels()
+        self.use_fast_gemm = False
         if self.use_cpu_kernels:
             self.k_pool_mixer = kernels.pool_mixer
             self.k_normalize = kernels.normalize
             self.k_gelu_bias = kernels.gelu_bias
             self.k_residual_bias = kernels.residual_bias
+            # fc1 on the AVX-512 GEMM where there is one (it tiles 8 output channels at a time)
+            self.use_fast_gemm = kernels.conv1x1 is not None and self.mlp.fc1.out_channels % 8 == 0
+            if self.use_fast_gemm:
+                self.k_conv1x1 = kernels.conv1x1
             self.pool_size_tensor = Tensor([self.token_mixer.pool_size], mstype.int32)
 
     def _drop_scale(self, drop_path: nn.Cell, batch: int) -> Tensor:
         if isinstance(drop_path, DropPath):
             return drop_path.sample_scale(batch, mstype.float32)
         return ops.ones((batch,), mstype.float32)
+
+    def _fc1(self, x: Tensor, weight: Tensor) -> Tensor:
+        if self.use_fast_gemm:
+            return self.k_conv1x1(x, weight.reshape((weight.shape[0], weight.shape[1])))
+        return self.mlp.fc1.conv2d(x, weight)
 
     def _construct_cpu(self, x: Tensor) -> Tensor:
         """The same block on the fused float32 CPU kernels (see ``mindcv_poolformer.kernels``)."""
@@ -134,7 +145,7 @@ class MetaFormerBlock(nn.Cell):
         y = self.k_pool_mixer(x, scale, self._drop_scale(self.drop_path1, batch), self.pool_size_tensor)[0]
         mlp = self.mlp
         w1, b1 = mlp.fc1.folded(x.dtype, mlp.inv_sqrt2, mlp.inv_sqrt2, self.norm2.gamma, self.norm2.beta)
-        hidden = mlp.drop(self.k_gelu_bias(mlp.fc1.conv2d(self.k_normalize(y)[0], w1), b1))
+        hidden = mlp.drop(self.k_gelu_bias(self._fc1(self.k_normalize(y)[0], w1), b1))
         if self.use_layer_scale:
             w2, b2 = mlp.fc2.folded(x.dtype, self.layer_scale_2 * mlp.inv_sqrt2, self.layer_scale_2)
         else:
