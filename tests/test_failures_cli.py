@@ -156,6 +156,7 @@ CASES = [
     case("validate.py", ["--crop_pct", "0"], "crop_pct: 0.0 is out of range (must be in (0, 1])"),
     case("train.py", ["--model", "poolformer_s13"], "model: unknown model 'poolformer_s13'", "available: "),
     case("train.py", ["--amp_level", "O4"], "amp_level: 'O4' is not one of O0, O1, O2, O3"),
+    case("validate.py", ["--amp_level", "O1"], "amp_level: O1 is not supported", "use O2"),
     case("export.py", ["--file_format", "TFLITE"], "file_format: 'TFLITE' is not one of MINDIR, AIR, ONNX"),
     # data_dir
     case("train.py", ["--data_dir", ""], "data_dir: no dataset directory given (pass --data_dir DIR"),

@@ -111,6 +111,13 @@ def test_float16_inputs_use_mindspore_ops(library):
     np.testing.assert_array_equal(out_fast, out_slow)
 
 
+def test_kernels_refuse_float16_instead_of_misreading_it(library):
+    fast = kernels.cpu_kernels()
+    half = Tensor(np.ones((1, 8, 4, 4), np.float16))
+    with pytest.raises(RuntimeError):
+        fast.gelu_bias(half, Tensor(np.zeros(8, np.float16))).asnumpy()
+
+
 def test_export_graph_does_not_name_the_library(library, deploy_assets, tmp_path):  # noqa: F811
     from mindcv_poolformer.export import export_model, load_network
 

@@ -244,12 +244,22 @@ void SampleStats(const float *x, const Planes &g, float eps, float *mean, float 
 
 constexpr float kEps = 1e-5f;
 
+// Every tensor must be float32 (the int32 pool size excepted): a float16 tensor (AMP) read as
+// float32 would be garbage, so refuse it and let MindSpore raise.
+bool AllFloat32(int nparam, const char **dtypes, int skip = -1) {
+  for (int i = 0; i < nparam; ++i) {
+    if (i != skip && std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 extern "C" {
 
 // inputs: x (B,C,H,W), scale (C), drop (B), pool_size (1, int32); outputs: y, mean (B), rstd (B)
-int PoolMixer(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+int PoolMixer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, 3)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *scale = static_cast<const float *>(params[1]);
   const float *drop = static_cast<const float *>(params[2]);
@@ -276,7 +286,8 @@ int PoolMixer(int, void **params, int *ndims, int64_t **shapes, const char **, v
 }
 
 // inputs: x, scale, drop, pool_size, mean, rstd, dy; outputs: dx (B,C,H,W), dscale (C)
-int PoolMixerGrad(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+int PoolMixerGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, 3)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *scale = static_cast<const float *>(params[1]);
   const float *drop = static_cast<const float *>(params[2]);
@@ -340,7 +351,8 @@ int PoolMixerGrad(int, void **params, int *ndims, int64_t **shapes, const char *
 }
 
 // inputs: x (B,C,H,W); outputs: n, mean (B), rstd (B)
-int Normalize(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+int Normalize(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   float *n = static_cast<float *>(params[1]);
   float *mean = static_cast<float *>(params[2]);
@@ -362,7 +374,8 @@ int Normalize(int, void **params, int *ndims, int64_t **shapes, const char **, v
 }
 
 // inputs: n (B,C,H,W), rstd (B), dn; outputs: dx = rstd * (dn - mean(dn) - n * mean(dn * n))
-int NormalizeGrad(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+int NormalizeGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
   const float *n = static_cast<const float *>(params[0]);
   const float *rstd = static_cast<const float *>(params[1]);
   const float *dn = static_cast<const float *>(params[2]);
@@ -414,7 +427,8 @@ int NormalizeGrad(int, void **params, int *ndims, int64_t **shapes, const char *
 }
 
 // inputs: acc (B,K,H,W), bias (K); outputs: h = z * (erf(z) + 1), z = acc + bias
-int GeluBias(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+int GeluBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
   const float *acc = static_cast<const float *>(params[0]);
   const float *bias = static_cast<const float *>(params[1]);
   float *h = static_cast<float *>(params[2]);
@@ -435,7 +449,8 @@ int GeluBias(int, void **params, int *ndims, int64_t **shapes, const char **, vo
 }
 
 // inputs: acc, bias, dh; outputs: dacc = dh * (erf(z) + 1 + z * 2/sqrt(pi) * exp(-z^2)), dbias (K)
-int GeluBiasGrad(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+int GeluBiasGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
   const float *acc = static_cast<const float *>(params[0]);
   const float *bias = static_cast<const float *>(params[1]);
   const float *dh = static_cast<const float *>(params[2]);
@@ -472,7 +487,8 @@ int GeluBiasGrad(int, void **params, int *ndims, int64_t **shapes, const char **
 }
 
 // inputs: y (B,C,H,W), acc (B,C,H,W), bias (C), drop (B); outputs: out = y + drop_b * (acc + bias_c)
-int ResidualBias(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+int ResidualBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
   const float *y = static_cast<const float *>(params[0]);
   const float *acc = static_cast<const float *>(params[1]);
   const float *bias = static_cast<const float *>(params[2]);
@@ -491,7 +507,8 @@ int ResidualBias(int, void **params, int *ndims, int64_t **shapes, const char **
 }
 
 // inputs: drop (B), dout (B,C,H,W); outputs: dacc = drop_b * dout, dbias (C) = sum of dacc
-int ResidualBiasGrad(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+int ResidualBiasGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
   const float *drop = static_cast<const float *>(params[0]);
   const float *dout = static_cast<const float *>(params[1]);
   float *dacc = static_cast<float *>(params[2]);
@@ -608,7 +625,8 @@ extern "C" {
 int PoolformerHasFastGemm() { return 1; }
 
 // inputs: x (B,C,H,W), w (K,C); outputs: y (B,K,H,W). K a multiple of 8.
-int Conv1x1(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+int Conv1x1(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
@@ -630,7 +648,8 @@ int Conv1x1(int, void **params, int *ndims, int64_t **shapes, const char **, voi
 }
 
 // inputs: dy (B,K,H,W), x (B,C,H,W); outputs: dw (K,C) = sum over images and pixels of dy x^T
-int Conv1x1WeightGrad(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+int Conv1x1WeightGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
   const float *dy = static_cast<const float *>(params[0]);
   const float *x = static_cast<const float *>(params[1]);
   float *dw = static_cast<float *>(params[2]);
