@@ -6,8 +6,8 @@ block into four threaded, vectorised kernels (norm1 + pooling mixer + LayerScale
 residual; norm2; bias + exact GELU; bias + drop path + residual), each with a backward kernel.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``/``c++``)
-for this CPU (``-march=native``) and cached under ``$MINDCV_POOLFORMER_CACHE`` (default
-``~/.cache/mindcv_poolformer``), keyed by the source, the compiler and the CPU's flags. Where there
+for this CPU (``-march=native``) and cached under ``$MINDCV_POOLFORMER_HOME/kernels`` (default
+``~/.cache/mindcv_poolformer/kernels``), keyed by the source, the compiler and the CPU's flags. Where there
 is no compiler, or the device target is not CPU, or ``MINDCV_POOLFORMER_CPU_KERNELS=0``, the model
 runs MindSpore's own ops instead: same parameters, same results to float rounding, just slower.
 Exported files (MINDIR/AIR/ONNX) never contain these ops: they name a local ``.so``.
@@ -36,9 +36,10 @@ ENV_SWITCH = "MINDCV_POOLFORMER_CPU_KERNELS"
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("MINDCV_POOLFORMER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mindcv_poolformer")
-    return Path(root) / "kernels"
+    """``$MINDCV_POOLFORMER_HOME/kernels`` (default ``~/.cache/mindcv_poolformer/kernels``), beside the weights."""
+    from ..checkpoint import weights_home
+
+    return weights_home() / "kernels"
 
 
 def _compiler() -> str | None:
@@ -175,6 +176,9 @@ class CpuKernels:
                 return dx, conv_weight_grad(dout, x)
 
             self.conv1x1 = custom("Conv1x1", conv_shape, lambda x, w: x, conv_bprop)
+            # inference: norm2, fc1 and its bias + GELU in one pass over the block's map (no gradient)
+            self.moments = custom("SampleMoments", lambda x: (_per_sample(x), _per_sample(x)), lambda x: (x, x))
+            self.fc1_norm_gelu = custom("Conv1x1NormGelu", lambda y, w, *_: conv_shape(y, w), lambda y, *_: y)
 
 
 @cache

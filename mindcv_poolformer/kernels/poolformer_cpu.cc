@@ -566,15 +566,25 @@ void PackRows(const float *a, int64_t rows, int64_t depth, int64_t lda, int64_t 
         packed[(r8 * depth + d) * kRows + r] = a[(r8 * kRows + r) * lda + d * step];
 }
 
+// What a tile does around its sums. Plain: out = acc. NormGelu (fc1 at inference, norm2 folded in):
+// the b operand is centred on load (b - center), then z = scale * acc + bias[row] and
+// out = z * (erf(z) + 1), so neither the normalised input nor z is ever written to memory.
+struct Epilogue {
+  bool norm_gelu = false;
+  float center = 0.f, scale = 1.f;
+  const float *bias = nullptr;  // per output row, offset to the tile's first row by the caller
+};
+
 // out[r][0:width] (+)= sum_d panel[d][r] * b[d][0:width] for the 8 rows r; b rows ldb apart
-template <int NV, bool ACCUMULATE>
+template <int NV, bool ACCUMULATE, bool NORM_GELU>
 inline void Tile(const float *panel, const float *b, int64_t ldb, int64_t depth, float *out, int64_t ldo,
-                 int64_t width) {
+                 int64_t width, const Epilogue &epi) {
   __mmask16 mask[NV];
   for (int j = 0; j < NV; ++j) {
     int64_t rem = width - 16 * j;
     mask[j] = rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(rem, 0)) - 1);
   }
+  const __m512 center = _mm512_set1_ps(epi.center);
   __m512 acc[kRows][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r)
@@ -584,7 +594,10 @@ inline void Tile(const float *panel, const float *b, int64_t ldb, int64_t depth,
   for (int64_t d = 0; d < depth; ++d) {
     __m512 bv[NV];
 #pragma GCC unroll 3
-    for (int j = 0; j < NV; ++j) bv[j] = _mm512_maskz_loadu_ps(mask[j], b + d * ldb + 16 * j);
+    for (int j = 0; j < NV; ++j) {
+      bv[j] = _mm512_maskz_loadu_ps(mask[j], b + d * ldb + 16 * j);
+      if (NORM_GELU) bv[j] = _mm512_sub_ps(bv[j], center);
+    }
     const float *w = panel + d * kRows;
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
@@ -594,26 +607,36 @@ inline void Tile(const float *panel, const float *b, int64_t ldb, int64_t depth,
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r)
+  for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 3
-    for (int j = 0; j < NV; ++j) _mm512_mask_storeu_ps(out + r * ldo + 16 * j, mask[j], acc[r][j]);
+    for (int j = 0; j < NV; ++j) {
+      __m512 v = acc[r][j];
+      if (NORM_GELU) {
+        __m512 z = _mm512_fmadd_ps(_mm512_set1_ps(epi.scale), v, _mm512_set1_ps(epi.bias[r]));
+        v = _mm512_mul_ps(z, _mm512_add_ps(ErfV(z), _mm512_set1_ps(1.f)));
+      }
+      _mm512_mask_storeu_ps(out + r * ldo + 16 * j, mask[j], v);
+    }
+  }
 }
 
 // out[rows][width] (+)= panels (rows x depth, packed) * b (depth x width, rows ldb apart)
-template <bool ACCUMULATE>
+template <bool ACCUMULATE, bool NORM_GELU = false>
 void PanelGemm(const float *packed, int64_t rows, const float *b, int64_t ldb, int64_t depth, float *out, int64_t ldo,
-               int64_t col_begin, int64_t col_end) {
+               int64_t col_begin, int64_t col_end, const Epilogue &epi = Epilogue()) {
   for (int64_t col = col_begin; col < col_end; col += kCols) {
     int64_t width = std::min(kCols, col_end - col);
     for (int64_t r8 = 0; r8 < rows / kRows; ++r8) {
       const float *panel = packed + r8 * depth * kRows;
       float *o = out + r8 * kRows * ldo + col;
+      Epilogue tile_epi = epi;
+      if (NORM_GELU) tile_epi.bias = epi.bias + r8 * kRows;
       if (width > 32)
-        Tile<3, ACCUMULATE>(panel, b + col, ldb, depth, o, ldo, width);
+        Tile<3, ACCUMULATE, NORM_GELU>(panel, b + col, ldb, depth, o, ldo, width, tile_epi);
       else if (width > 16)
-        Tile<2, ACCUMULATE>(panel, b + col, ldb, depth, o, ldo, width);
+        Tile<2, ACCUMULATE, NORM_GELU>(panel, b + col, ldb, depth, o, ldo, width, tile_epi);
       else
-        Tile<1, ACCUMULATE>(panel, b + col, ldb, depth, o, ldo, width);
+        Tile<1, ACCUMULATE, NORM_GELU>(panel, b + col, ldb, depth, o, ldo, width, tile_epi);
     }
   }
 }
@@ -644,6 +667,47 @@ int Conv1x1(int nparam, void **params, int *ndims, int64_t **shapes, const char 
                        pixels, col, std::min(pixels, col + kCols));
     }
   });
+  return 0;
+}
+
+// Inference only. inputs: y (B,C,H,W), w (K,C), bias (K), mean (B), rstd (B);
+// outputs: h = z * (erf(z) + 1), z = rstd_b * (w (y_b - mean_b)) + bias: Normalize, fc1 and GeluBias in one pass
+int Conv1x1NormGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float *bias = static_cast<const float *>(params[2]);
+  const float *mean = static_cast<const float *>(params[3]);
+  const float *rstd = static_cast<const float *>(params[4]);
+  float *y = static_cast<float *>(params[5]);
+  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][0] % kRows) return 1;
+  const int64_t batch = shapes[0][0], channels = shapes[0][1], pixels = shapes[0][2] * shapes[0][3];
+  const int64_t rows = shapes[1][0];
+  std::vector<float> packed(rows * channels);
+  PackRows(w, rows, channels, channels, 1, packed.data());
+  const int64_t blocks = (pixels + kCols - 1) / kCols;
+  ParallelFor(batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t b = t / blocks, col = (t % blocks) * kCols;
+      Epilogue epi;
+      epi.norm_gelu = true;
+      epi.center = mean[b];
+      epi.scale = rstd[b];
+      epi.bias = bias;
+      PanelGemm<false, true>(packed.data(), rows, x + b * channels * pixels, pixels, channels,
+                             y + b * rows * pixels, pixels, col, std::min(pixels, col + kCols), epi);
+    }
+  });
+  return 0;
+}
+
+// inputs: x (B,C,H,W); outputs: mean (B), rstd (B) over (C,H,W), as Normalize computes them
+int SampleMoments(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
+  if (ndims[0] != 4) return 1;
+  Planes g(shapes[0]);
+  SampleStats(static_cast<const float *>(params[0]), g, kEps, static_cast<float *>(params[1]),
+              static_cast<float *>(params[2]));
   return 0;
 }
 

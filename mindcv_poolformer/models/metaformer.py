@@ -124,6 +124,8 @@ class MetaFormerBlock(nn.Cell):
             self.use_fast_gemm = kernels.conv1x1 is not None and self.mlp.fc1.out_channels % 8 == 0
             if self.use_fast_gemm:
                 self.k_conv1x1 = kernels.conv1x1
+                self.k_moments = kernels.moments
+                self.k_fc1_norm_gelu = kernels.fc1_norm_gelu
             self.pool_size_tensor = Tensor([self.token_mixer.pool_size], mstype.int32)
 
     def _drop_scale(self, drop_path: nn.Cell, batch: int) -> Tensor:
@@ -145,7 +147,11 @@ class MetaFormerBlock(nn.Cell):
         y = self.k_pool_mixer(x, scale, self._drop_scale(self.drop_path1, batch), self.pool_size_tensor)[0]
         mlp = self.mlp
         w1, b1 = mlp.fc1.folded(x.dtype, mlp.inv_sqrt2, mlp.inv_sqrt2, self.norm2.gamma, self.norm2.beta)
-        hidden = mlp.drop(self.k_gelu_bias(self._fc1(self.k_normalize(y)[0], w1), b1))
+        if self.use_fast_gemm and not self.training:  # one pass: the normalised map and z are never stored
+            mean, rstd = self.k_moments(y)
+            hidden = self.k_fc1_norm_gelu(y, w1.reshape((w1.shape[0], w1.shape[1])), b1, mean, rstd)
+        else:
+            hidden = mlp.drop(self.k_gelu_bias(self._fc1(self.k_normalize(y)[0], w1), b1))
         if self.use_layer_scale:
             w2, b2 = mlp.fc2.folded(x.dtype, self.layer_scale_2 * mlp.inv_sqrt2, self.layer_scale_2)
         else:
