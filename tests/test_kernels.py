@@ -19,6 +19,7 @@ from deploy_helpers import IMAGE_SIZE, MODEL, deploy_assets  # noqa: F401  (fixt
 CONFIGS = {
     "default": {},
     "pool5-no-layer-scale": {"pool_size": 5, "layer_scale_init": None},
+    "pool7": {"pool_size": 7},  # windows wider than the 2x2 last-stage map
     "drop-path": {"drop_path_rate": 0.5},
 }
 
