@@ -194,3 +194,20 @@ def test_gemm_switch_keeps_fc1_on_onednn(library, monkeypatch):
     net = MetaFormer((1, 1, 1, 1), (8, 16, 24, 32), num_classes=3)
     assert set_cpu_kernels(net, kernels.CpuKernels(library)) == 4
     assert not any(getattr(b, "use_fast_gemm", False) for _, b in net.cells_and_names())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("bad", [None, np.inf, -np.inf, np.nan])
+def test_all_finite_kernel(library, dtype, bad):
+    """The training step's non-finite check: one bad element anywhere, in a large (threaded) or small tensor."""
+    check = kernels.cpu_kernels().all_finite
+    rng = np.random.default_rng(5)
+    tensors = [rng.normal(0, 1e3, (3, 5)).astype(dtype), rng.normal(0, 1, (600_000,)).astype(dtype),
+               np.full((7,), 65504 if dtype == np.float16 else 3e38, dtype)]  # the largest finite values
+    assert bool(check(*[Tensor(t) for t in tensors]).asnumpy())
+    if bad is None:
+        return
+    for index, position in ((1, 599_999), (1, 123_456), (0, 0), (2, 6)):
+        broken = [t.copy() for t in tensors]
+        broken[index].reshape(-1)[position] = bad
+        assert not bool(check(*[Tensor(t) for t in broken]).asnumpy()), (index, position)

@@ -3,7 +3,9 @@
 MindSpore's CPU backend runs the block's elementwise work as one memory pass per op, and its Erf
 kernel is scalar and single-threaded (a quarter of the S12 forward). ``poolformer_cpu.cc`` fuses the
 block into four threaded, vectorised kernels (norm1 + pooling mixer + LayerScale + drop path +
-residual; norm2; bias + exact GELU; bias + drop path + residual), each with a backward kernel.
+residual; norm2; bias + exact GELU; bias + drop path + residual), each with a backward kernel, runs
+fc1 on an AVX-512 GEMM (fused with norm2 and the GELU at inference) where the CPU has AVX-512, and
+checks a training step's gradients for non-finite values in one kernel.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``/``c++``)
 for this CPU (``-march=native``) and cached under ``$MINDCV_POOLFORMER_HOME/kernels`` (default
@@ -26,6 +28,7 @@ from functools import cache
 from pathlib import Path
 
 from mindspore import ops
+from mindspore.common import dtype as mstype
 
 __all__ = ["CpuKernels", "cpu_kernels", "kernels_enabled", "library_path"]
 
@@ -156,6 +159,9 @@ class CpuKernels:
             return dout, dacc, dbias, ops.zeros_like(drop)
 
         self.residual_bias = custom("ResidualBias", lambda y, *_: y, lambda y, *_: y, residual_bprop)
+
+        # one kernel for the training step's non-finite check over every gradient (float32/float16)
+        self.all_finite = custom("AllFinite", lambda *shapes: [1], lambda *types: mstype.bool_)
 
         # The MLP's expanding 1x1 conv (fc1, C -> 4C) as an AVX-512 GEMM where the library was compiled
         # with AVX-512 (else None: oneDNN convs). Measured per shape at batch 32 (bench/results/

@@ -17,6 +17,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -281,6 +282,35 @@ bool AllFloat32(int nparam, const char **dtypes, int skip = -1) {
 }  // namespace
 
 extern "C" {
+
+// inputs: any number of float32/float16 tensors (the gradients); outputs: one bool, true when every
+// element is finite. One kernel instead of an IsFinite + ReduceAll pair per gradient tensor
+// (~250 small ops per S12 training step). An element is not finite when its exponent bits are all set.
+int AllFinite(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  bool *out = static_cast<bool *>(params[nparam - 1]);
+  bool finite = true;
+  for (int t = 0; t < nparam - 1 && finite; ++t) {
+    int64_t n = 1;
+    for (int d = 0; d < ndims[t]; ++d) n *= shapes[t][d];
+    const bool half = std::strcmp(dtypes[t], "float16") == 0;
+    if (!half && std::strcmp(dtypes[t], "float32") != 0 && std::strcmp(dtypes[t], "float") != 0) return 1;
+    std::atomic<bool> bad{false};
+    ParallelFor(n, 1 << 18, [&](int64_t begin, int64_t end) {
+      int found = 0;
+      if (half) {
+        const uint16_t *v = static_cast<const uint16_t *>(params[t]);
+        for (int64_t i = begin; i < end; ++i) found |= (v[i] & 0x7c00u) == 0x7c00u;
+      } else {
+        const uint32_t *v = static_cast<const uint32_t *>(params[t]);
+        for (int64_t i = begin; i < end; ++i) found |= (v[i] & 0x7f800000u) == 0x7f800000u;
+      }
+      if (found) bad.store(true, std::memory_order_relaxed);
+    });
+    finite = !bad.load();
+  }
+  *out = finite;
+  return 0;
+}
 
 // inputs: x (B,C,H,W), scale (C), drop (B), pool_size (1, int32); outputs: y, mean (B), rstd (B)
 int PoolMixer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {

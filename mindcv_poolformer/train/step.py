@@ -14,6 +14,8 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from ..kernels import cpu_kernels
+
 __all__ = ["WithLoss", "TrainStep", "ApplyAccumulated", "LossScaleState"]
 
 _grad_scale = ops.MultitypeFuncGraph("grad_scale")
@@ -93,12 +95,21 @@ class _Update(nn.Cell):
         self.use_ema = ema is not None
         self.ema_decay = Tensor(ema_decay, ms.float32)
         self.hyper_map = ops.HyperMap()
+        # on the CPU one fused kernel checks every gradient (ms.amp.all_finite is two small ops per tensor)
+        kernels = cpu_kernels()
+        self.fused_all_finite = kernels is not None and all(
+            w.dtype in (ms.float32, ms.float16) for w in self.weights)
+        if self.fused_all_finite:
+            self.k_all_finite = kernels.all_finite
 
     def apply(self, grads: tuple, scale_inv: Tensor) -> Tensor:
         if self.distributed:
             grads = self.reducer(grads)
         grads = self.hyper_map(ops.partial(_grad_scale, scale_inv), grads)
-        finite = ms.amp.all_finite(grads)
+        if self.fused_all_finite:
+            finite = self.k_all_finite(*grads).reshape(())
+        else:
+            finite = ms.amp.all_finite(grads)
         grads = self._clip(grads)
         if finite:
             finite = self._step(grads, finite)
