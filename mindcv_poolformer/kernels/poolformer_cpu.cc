@@ -623,7 +623,6 @@ void PackRows(const float *a, int64_t rows, int64_t depth, int64_t lda, int64_t 
 // the b operand is centred on load (b - center), then z = scale * acc + bias[row] and
 // out = z * (erf(z) + 1), so neither the normalised input nor z is ever written to memory.
 struct Epilogue {
-  bool norm_gelu = false;
   float center = 0.f, scale = 1.f;
   const float *bias = nullptr;  // per output row, offset to the tile's first row by the caller
 };
@@ -694,46 +693,12 @@ void PanelGemm(const float *packed, int64_t rows, const float *b, int64_t ldb, i
   }
 }
 
-}  // namespace
-
-extern "C" {
-
-int PoolformerHasFastGemm() { return 1; }
-
-// inputs: x (B,C,H,W), w (K,C); outputs: y (B,K,H,W). K a multiple of 8.
-int Conv1x1(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (!AllFloat32(nparam, dtypes, -1)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
-  float *y = static_cast<float *>(params[2]);
-  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][0] % kRows) return 1;
-  const int64_t batch = shapes[0][0], channels = shapes[0][1], pixels = shapes[0][2] * shapes[0][3];
-  const int64_t rows = shapes[1][0];
-  std::vector<float> packed(rows * channels);
-  PackRows(w, rows, channels, channels, 1, packed.data());
-  // tasks: (image, 48-pixel column block); each streams the packed weight over one L1/L2-resident panel
-  const int64_t blocks = (pixels + kCols - 1) / kCols;
-  ParallelFor(batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      int64_t b = t / blocks, col = (t % blocks) * kCols;
-      PanelGemm<false>(packed.data(), rows, x + b * channels * pixels, pixels, channels, y + b * rows * pixels,
-                       pixels, col, std::min(pixels, col + kCols));
-    }
-  });
-  return 0;
-}
-
-// Inference only. inputs: y (B,C,H,W), w (K,C), bias (K), mean (B), rstd (B);
-// outputs: h = z * (erf(z) + 1), z = rstd_b * (w (y_b - mean_b)) + bias: Normalize, fc1 and GeluBias in one pass
-int Conv1x1NormGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (!AllFloat32(nparam, dtypes, -1)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
-  const float *bias = static_cast<const float *>(params[2]);
-  const float *mean = static_cast<const float *>(params[3]);
-  const float *rstd = static_cast<const float *>(params[4]);
-  float *y = static_cast<float *>(params[5]);
-  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][0] % kRows) return 1;
+// out[b] = w x[b] for every image b of x (B,C,H,W), w (K,C) given by shapes[0] and shapes[1]. Tasks
+// are (image, 48-pixel column block): each streams the packed weight over one L1/L2-resident panel
+// of x. With NORM_GELU every image gets the NormGelu epilogue with its mean/rstd and the bias.
+template <bool NORM_GELU>
+void GemmImages(int64_t **shapes, const float *x, const float *w, float *out, const float *bias = nullptr,
+                const float *mean = nullptr, const float *rstd = nullptr) {
   const int64_t batch = shapes[0][0], channels = shapes[0][1], pixels = shapes[0][2] * shapes[0][3];
   const int64_t rows = shapes[1][0];
   std::vector<float> packed(rows * channels);
@@ -743,14 +708,40 @@ int Conv1x1NormGelu(int nparam, void **params, int *ndims, int64_t **shapes, con
     for (int64_t t = begin; t < end; ++t) {
       int64_t b = t / blocks, col = (t % blocks) * kCols;
       Epilogue epi;
-      epi.norm_gelu = true;
-      epi.center = mean[b];
-      epi.scale = rstd[b];
-      epi.bias = bias;
-      PanelGemm<false, true>(packed.data(), rows, x + b * channels * pixels, pixels, channels,
-                             y + b * rows * pixels, pixels, col, std::min(pixels, col + kCols), epi);
+      if (NORM_GELU) {
+        epi.center = mean[b];
+        epi.scale = rstd[b];
+        epi.bias = bias;
+      }
+      PanelGemm<false, NORM_GELU>(packed.data(), rows, x + b * channels * pixels, pixels, channels,
+                                  out + b * rows * pixels, pixels, col, std::min(pixels, col + kCols), epi);
     }
   });
+}
+
+}  // namespace
+
+extern "C" {
+
+int PoolformerHasFastGemm() { return 1; }
+
+// inputs: x (B,C,H,W), w (K,C); outputs: y (B,K,H,W). K a multiple of 8.
+int Conv1x1(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
+  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][0] % kRows) return 1;
+  GemmImages<false>(shapes, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                    static_cast<float *>(params[2]));
+  return 0;
+}
+
+// Inference only. inputs: y (B,C,H,W), w (K,C), bias (K), mean (B), rstd (B);
+// outputs: h = z * (erf(z) + 1), z = rstd_b * (w (y_b - mean_b)) + bias: Normalize, fc1 and GeluBias in one pass
+int Conv1x1NormGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
+  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][0] % kRows) return 1;
+  GemmImages<true>(shapes, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                   static_cast<float *>(params[5]), static_cast<const float *>(params[2]),
+                   static_cast<const float *>(params[3]), static_cast<const float *>(params[4]));
   return 0;
 }
 
