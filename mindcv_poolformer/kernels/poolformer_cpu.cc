@@ -270,6 +270,15 @@ void SampleStats(const float *x, const Planes &g, float eps, float *mean, float 
 
 constexpr float kEps = 1e-5f;
 
+// out[c] = sum over images b of plane_sums[b * C + c]: a per-channel gradient from per-plane partials
+void SumOverBatch(const std::vector<double> &plane_sums, const Planes &g, float *out) {
+  for (int64_t c = 0; c < g.channels; ++c) {
+    double s = 0;
+    for (int64_t b = 0; b < g.batch; ++b) s += plane_sums[b * g.channels + c];
+    out[c] = static_cast<float>(s);
+  }
+}
+
 // Every tensor must be float32 (the int32 pool size excepted): a float16 tensor (AMP) read as
 // float32 would be garbage, so refuse it and let MindSpore raise.
 bool AllFloat32(int nparam, const char **dtypes, int skip = -1) {
@@ -531,11 +540,7 @@ int GeluBiasGrad(int nparam, void **params, int *ndims, int64_t **shapes, const 
     _mm_sfence();  // order the streaming stores before the caller's join
 #endif
   });
-  for (int64_t c = 0; c < g.channels; ++c) {
-    double s = 0;
-    for (int64_t b = 0; b < g.batch; ++b) s += sums[b * g.channels + c];
-    dbias[c] = static_cast<float>(s);
-  }
+  SumOverBatch(sums, g, dbias);
   return 0;
 }
 
@@ -588,11 +593,7 @@ int ResidualBiasGrad(int nparam, void **params, int *ndims, int64_t **shapes, co
       sums[p] = total;
     }
   });
-  for (int64_t c = 0; c < g.channels; ++c) {
-    double s = 0;
-    for (int64_t b = 0; b < g.batch; ++b) s += sums[b * g.channels + c];
-    dbias[c] = static_cast<float>(s);
-  }
+  SumOverBatch(sums, g, dbias);
   return 0;
 }
 

@@ -115,15 +115,10 @@ class DropPath(nn.Cell):
         if not self.training or self.drop_prob == 0.0:
             return x
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        if self.external_noise:
-            noise = ops.cast(self.noise[: x.shape[0]], x.dtype).reshape(shape)
-        else:
-            noise = ops.rand(shape, dtype=x.dtype)
-        mask = ops.floor(noise + self.keep_prob)
-        return x / self.keep_prob * mask
+        return x * self.sample_scale(x.shape[0], x.dtype).reshape(shape)
 
     def sample_scale(self, batch: int, dtype) -> Tensor:
-        """The per-sample factor ``mask / keep_prob`` (shape (batch,)) that ``construct`` multiplies by."""
+        """The per-sample factor ``mask / keep_prob``, shape (batch,); the fused CPU blocks take it as is."""
         if not self.training or self.drop_prob == 0.0:
             return ops.ones((batch,), dtype)
         if self.external_noise:
