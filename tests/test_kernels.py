@@ -167,12 +167,25 @@ def test_library_is_cached_by_source_and_built_atomically(tmp_path, monkeypatch,
         kernels.library_path.cache_clear()
 
 
-@pytest.mark.parametrize("shape", [(2, 16, 7, 7, 24), (3, 8, 5, 3, 8), (1, 40, 16, 9, 64)])
-def test_fc1_gemm_matches_numpy_including_ragged_tiles(library, shape):
-    """The AVX-512 GEMM tiles 8 rows x 48 pixels: pixel counts of 49, 15 and 144 exercise every tail width."""
+# (batch, channels, height, width, rows). The GEMM runs over the batch's pixels as one index in
+# 48-column panels, 64-row blocks and 128-deep slices: these cover 49-, 15- and 144-pixel maps (panels
+# crossing image boundaries, every tail width), depth 300 (three slices, the last partial), 72 rows
+# (a partial row block), 4800 columns (more panels than one block, split between threads), and 12
+# channels (the input gradient falls back to a conv: the transposed GEMM tiles 8 channels at a time).
+GEMM_SHAPES = [(2, 16, 7, 7, 24), (3, 8, 5, 3, 8), (1, 40, 16, 9, 64), (2, 300, 5, 5, 72), (3, 16, 40, 40, 16),
+               (2, 12, 7, 7, 24)]
+
+
+def _close(actual, expected):
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=2e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("shape", GEMM_SHAPES)
+def test_gemm_matches_numpy(library, shape):
+    """The 1x1 conv on the AVX-512 GEMM, its input gradient (transposed GEMM) and its weight gradient."""
     fast = kernels.cpu_kernels()
     if fast.conv1x1 is None:
-        pytest.skip("the kernel library was built without AVX-512: fc1 runs on oneDNN")
+        pytest.skip("the kernel library was built without AVX-512: the 1x1 convs run on oneDNN")
     batch, channels, height, width, rows = shape
     rng = np.random.default_rng(4)
     x = rng.normal(0, 1, (batch, channels, height, width)).astype(np.float32)
@@ -182,11 +195,33 @@ def test_fc1_gemm_matches_numpy_including_ragged_tiles(library, shape):
     def loss(inputs, weight):
         return (fast.conv1x1(inputs, weight) * Tensor(dy)).sum()
 
-    out = fast.conv1x1(Tensor(x), Tensor(w)).asnumpy()
-    np.testing.assert_allclose(out, np.einsum("kc,bchw->bkhw", w, x), rtol=1e-5, atol=1e-4)
+    _close(fast.conv1x1(Tensor(x), Tensor(w)).asnumpy(), np.einsum("kc,bchw->bkhw", w, x))
     dx, dw = ms.grad(loss, (0, 1))(Tensor(x), Tensor(w))
-    np.testing.assert_allclose(dx.asnumpy(), np.einsum("kc,bkhw->bchw", w, dy), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(dw.asnumpy(), np.einsum("bkhw,bchw->kc", dy, x), rtol=1e-5, atol=1e-4)
+    _close(dx.asnumpy(), np.einsum("kc,bkhw->bchw", w, dy))
+    _close(dw.asnumpy(), np.einsum("bkhw,bchw->kc", dy, x))
+
+
+@pytest.mark.parametrize("shape", GEMM_SHAPES[:5])
+def test_fused_norm_fc1_gelu_matches_numpy(library, shape):
+    """Inference fc1: each image normalised while packed, bias + exact GELU (times sqrt 2) on the store."""
+    from scipy.special import erf
+
+    fast = kernels.cpu_kernels()
+    if fast.conv1x1 is None:
+        pytest.skip("the kernel library was built without AVX-512: the 1x1 convs run on oneDNN")
+    batch, channels, height, width, rows = shape
+    rng = np.random.default_rng(6)
+    y = rng.normal(0.5, 2, (batch, channels, height, width)).astype(np.float32)
+    w = rng.normal(0, 0.3, (rows, channels)).astype(np.float32)
+    bias = rng.normal(0, 1, rows).astype(np.float32)
+    mean, rstd = (Tensor(v) for v in fast.moments(Tensor(y)))
+    flat = y.reshape(batch, -1).astype(np.float64)
+    np.testing.assert_allclose(mean.asnumpy(), flat.mean(1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rstd.asnumpy(), 1 / np.sqrt(flat.var(1) + 1e-5), rtol=1e-5)
+    normalised = (y - flat.mean(1)[:, None, None, None]) / np.sqrt(flat.var(1) + 1e-5)[:, None, None, None]
+    z = np.einsum("kc,bchw->bkhw", w.astype(np.float64), normalised) + bias[None, :, None, None]
+    out = fast.fc1_norm_gelu(Tensor(y), Tensor(w), Tensor(bias), mean, rstd).asnumpy()
+    _close(out, z * (erf(z) + 1))
 
 
 def test_gemm_switch_keeps_fc1_on_onednn(library, monkeypatch):

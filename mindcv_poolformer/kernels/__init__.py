@@ -4,7 +4,8 @@ MindSpore's CPU backend runs the block's elementwise work as one memory pass per
 kernel is scalar and single-threaded (a quarter of the S12 forward). ``poolformer_cpu.cc`` fuses the
 block into four threaded, vectorised kernels (norm1 + pooling mixer + LayerScale + drop path +
 residual; norm2; bias + exact GELU; bias + drop path + residual), each with a backward kernel, runs
-fc1 on an AVX-512 GEMM (fused with norm2 and the GELU at inference) where the CPU has AVX-512, and
+the MLP's 1x1 convs on a cache-blocked AVX-512 GEMM (fc1 fused with norm2 and the GELU at inference)
+where the CPU has AVX-512, and
 checks a training step's gradients for non-finite values in one kernel.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``/``c++``)
@@ -163,11 +164,10 @@ class CpuKernels:
         # one kernel for the training step's non-finite check over every gradient (float32/float16)
         self.all_finite = custom("AllFinite", lambda *shapes: [1], lambda *types: mstype.bool_)
 
-        # The MLP's expanding 1x1 conv (fc1, C -> 4C) as an AVX-512 GEMM where the library was compiled
-        # with AVX-512 (else None: oneDNN convs). Measured per shape at batch 32 (bench/results/
-        # optimizations-20261121.md), it beats MindSpore's AVX2-capped oneDNN on fc1's forward
-        # (64->256: 26 vs 41 ms) and weight gradient (320->1280: 26 vs 58 ms) but not on the
-        # contracting shapes, so fc1's input gradient (a 4C -> C conv) and fc2 stay on oneDNN.
+        # The MLP's 1x1 convs (fc1, fc2 and their input gradients) as a cache-blocked AVX-512 GEMM over the
+        # whole batch where the library was compiled with AVX-512 (else None: oneDNN convs). MindSpore's
+        # oneDNN is capped at AVX2 on this package's CPUs (see _runtime.py); measured per shape at batch
+        # 32 (bench/results/optimizations-20261121.md) the GEMM is 1.2-1.7x faster on every S12 shape.
         self.conv1x1 = None
         gemm_switch = os.environ.get("MINDCV_POOLFORMER_CPU_GEMM", "1").strip().lower()
         if gemm_switch not in ("0", "false", "off", "no") and ctypes.CDLL(library).PoolformerHasFastGemm():
@@ -175,10 +175,15 @@ class CpuKernels:
                 return [x[0], w[0], x[2], x[3]]
 
             conv_weight_grad = custom("Conv1x1WeightGrad", lambda dy, x: [dy[1], x[1]], lambda dy, x: x)
+            conv_transposed = custom("Conv1x1Transposed", lambda dy, w: [dy[0], w[1], dy[2], dy[3]],
+                                     lambda dy, w: dy)
 
             def conv_bprop(x, w, out, dout):
-                transposed = w.transpose(1, 0)
-                dx = ops.conv2d(dout, transposed.reshape(transposed.shape + (1, 1)))
+                if w.shape[1] % 8 == 0:  # the GEMM tiles 8 output channels at a time
+                    dx = conv_transposed(dout, w)
+                else:
+                    transposed = w.transpose(1, 0)
+                    dx = ops.conv2d(dout, transposed.reshape(transposed.shape + (1, 1)))
                 return dx, conv_weight_grad(dout, x)
 
             self.conv1x1 = custom("Conv1x1", conv_shape, lambda x, w: x, conv_bprop)

@@ -612,6 +612,10 @@ namespace {
 
 constexpr int64_t kRows = 8, kCols = 48;
 
+inline __mmask16 TailMask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
 // packed[(r8 * depth + d) * 8 + r] = a[(r8 * 8 + r) * lda + d * step]: 8-row panels, depth-major
 void PackRows(const float *a, int64_t rows, int64_t depth, int64_t lda, int64_t step, float *packed) {
   for (int64_t r8 = 0; r8 < rows / kRows; ++r8)
@@ -620,24 +624,14 @@ void PackRows(const float *a, int64_t rows, int64_t depth, int64_t lda, int64_t 
         packed[(r8 * depth + d) * kRows + r] = a[(r8 * kRows + r) * lda + d * step];
 }
 
-// What a tile does around its sums. Plain: out = acc. NormGelu (fc1 at inference, norm2 folded in):
-// the b operand is centred on load (b - center), then z = scale * acc + bias[row] and
-// out = z * (erf(z) + 1), so neither the normalised input nor z is ever written to memory.
-struct Epilogue {
-  float center = 0.f, scale = 1.f;
-  const float *bias = nullptr;  // per output row, offset to the tile's first row by the caller
-};
-
-// out[r][0:width] (+)= sum_d panel[d][r] * b[d][0:width] for the 8 rows r; b rows ldb apart
-template <int NV, bool ACCUMULATE, bool NORM_GELU>
-inline void Tile(const float *panel, const float *b, int64_t ldb, int64_t depth, float *out, int64_t ldo,
-                 int64_t width, const Epilogue &epi) {
+// out[r][0:width] (+)= sum_d a_r[d] * b[d][0:width] for the 8 rows r; b rows ldb apart. The row
+// operand is either packed (PACKED: a_r[d] = a[d * 8 + r], one 32-byte line per step) or 8 plain rows
+// lda apart (a_r[d] = a[r * lda + d]): broadcasts need no layout, so plain rows skip the packing.
+template <int NV, bool ACCUMULATE, bool PACKED = true>
+inline void Tile(const float *a, const float *b, int64_t ldb, int64_t depth, float *out, int64_t ldo, int64_t width,
+                 int64_t lda = 0) {
   __mmask16 mask[NV];
-  for (int j = 0; j < NV; ++j) {
-    int64_t rem = width - 16 * j;
-    mask[j] = rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(rem, 0)) - 1);
-  }
-  const __m512 center = _mm512_set1_ps(epi.center);
+  for (int j = 0; j < NV; ++j) mask[j] = TailMask(std::max<int64_t>(width - 16 * j, 0));
   __m512 acc[kRows][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r)
@@ -647,77 +641,266 @@ inline void Tile(const float *panel, const float *b, int64_t ldb, int64_t depth,
   for (int64_t d = 0; d < depth; ++d) {
     __m512 bv[NV];
 #pragma GCC unroll 3
-    for (int j = 0; j < NV; ++j) {
-      bv[j] = _mm512_maskz_loadu_ps(mask[j], b + d * ldb + 16 * j);
-      if (NORM_GELU) bv[j] = _mm512_sub_ps(bv[j], center);
-    }
-    const float *w = panel + d * kRows;
+    for (int j = 0; j < NV; ++j) bv[j] = _mm512_maskz_loadu_ps(mask[j], b + d * ldb + 16 * j);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      __m512 wv = _mm512_set1_ps(w[r]);
+      __m512 wv = _mm512_set1_ps(PACKED ? a[d * kRows + r] : a[r * lda + d]);
 #pragma GCC unroll 3
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(wv, bv[j], acc[r][j]);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 3
-    for (int j = 0; j < NV; ++j) {
-      __m512 v = acc[r][j];
-      if (NORM_GELU) {
-        __m512 z = _mm512_fmadd_ps(_mm512_set1_ps(epi.scale), v, _mm512_set1_ps(epi.bias[r]));
-        v = _mm512_mul_ps(z, _mm512_add_ps(ErfV(z), _mm512_set1_ps(1.f)));
-      }
-      _mm512_mask_storeu_ps(out + r * ldo + 16 * j, mask[j], v);
-    }
+    for (int j = 0; j < NV; ++j) _mm512_mask_storeu_ps(out + r * ldo + 16 * j, mask[j], acc[r][j]);
+}
+
+// One GEMM over a whole batch: out[b][m][p] = sum_k a[m][k] x'[b][k][p] for every image b, where the
+// columns of all images form one index n = b * pixels + p, so 7x7 and 14x14 maps still fill 48-wide
+// tiles. Blocked for the caches (Goto/BLIS order): each thread takes a contiguous range of 48-column
+// panels; a block of panels is packed once (depth x 48 slabs, contiguous and L2-resident, gathered
+// across image boundaries), then for every 64-row block of a and 128-deep slice, each packed slab
+// (24 KB, L1) is reused by 8 row tiles while the rows' sums collect in a small per-thread buffer.
+// NORM_GELU (fc1 at inference, norm2 folded in): x' = (x - mean_b) * rstd_b while packing, and the
+// store applies out = z * (erf(z) + 1), z = sum + bias[m]; else x' = x and out = sum.
+struct BatchGemm {
+  const float *a_packed = nullptr;  // PackRows layout: [rows / 8][depth][8]
+  int64_t rows = 0, depth = 0;
+  const float *x = nullptr;  // (batch, depth, pixels)
+  int64_t batch = 0, pixels = 0;
+  float *out = nullptr;  // (batch, rows, pixels)
+  const float *mean = nullptr, *rstd = nullptr, *bias = nullptr;  // NORM_GELU only
+};
+
+constexpr int64_t kRowBlock = 64, kDepthBlock = 128;
+
+// A block's columns as runs inside images: block column `offset` is pixel `pixel` of image `image`
+struct ColumnRun {
+  int64_t image, pixel, offset, length;
+};
+
+// the runs of columns [first, first + width) of the flattened batch (cut at the last image)
+int BlockRuns(const BatchGemm &g, int64_t first, int64_t width, std::vector<ColumnRun> &runs) {
+  const int64_t end = std::min(first + width, g.batch * g.pixels);
+  runs.clear();
+  for (int64_t n = first; n < end;) {
+    ColumnRun run{n / g.pixels, n % g.pixels, n - first, 0};
+    run.length = std::min(end - n, g.pixels - run.pixel);
+    runs.push_back(run);
+    n += run.length;
+  }
+  return static_cast<int>(runs.size());
+}
+
+// Visit a run in pieces of at most 16 columns that stay inside one 48-column panel:
+// fn(column offset in the run, panel, column within the panel, mask)
+template <typename F>
+inline void ForPanelPieces(const ColumnRun &run, F fn) {
+  for (int64_t j = 0; j < run.length;) {
+    const int64_t column = run.offset + j, within = column % kCols;
+    const int64_t piece = std::min({int64_t{16}, run.length - j, kCols - within});
+    fn(j, column / kCols, within, TailMask(piece));
+    j += piece;
   }
 }
 
-// out[rows][width] (+)= panels (rows x depth, packed) * b (depth x width, rows ldb apart)
-template <bool ACCUMULATE, bool NORM_GELU = false>
-void PanelGemm(const float *packed, int64_t rows, const float *b, int64_t ldb, int64_t depth, float *out, int64_t ldo,
-               int64_t col_begin, int64_t col_end, const Epilogue &epi = Epilogue()) {
-  for (int64_t col = col_begin; col < col_end; col += kCols) {
-    int64_t width = std::min(kCols, col_end - col);
-    for (int64_t r8 = 0; r8 < rows / kRows; ++r8) {
-      const float *panel = packed + r8 * depth * kRows;
-      float *o = out + r8 * kRows * ldo + col;
-      Epilogue tile_epi = epi;
-      if (NORM_GELU) tile_epi.bias = epi.bias + r8 * kRows;
-      if (width > 32)
-        Tile<3, ACCUMULATE, NORM_GELU>(panel, b + col, ldb, depth, o, ldo, width, tile_epi);
-      else if (width > 16)
-        Tile<2, ACCUMULATE, NORM_GELU>(panel, b + col, ldb, depth, o, ldo, width, tile_epi);
-      else
-        Tile<1, ACCUMULATE, NORM_GELU>(panel, b + col, ldb, depth, o, ldo, width, tile_epi);
-    }
-  }
-}
-
-// out[b] = w x[b] for every image b of x (B,C,H,W), w (K,C) given by shapes[0] and shapes[1]. Tasks
-// are (image, 48-pixel column block): each streams the packed weight over one L1/L2-resident panel
-// of x. With NORM_GELU every image gets the NormGelu epilogue with its mean/rstd and the bias.
+// slabs[panel][k][0:48] = x'[k][column] for the block's panels (zero past the last image). Rows of x
+// are read in runs as long as the block, which keeps the hardware prefetchers streaming.
 template <bool NORM_GELU>
-void GemmImages(int64_t **shapes, const float *x, const float *w, float *out, const float *bias = nullptr,
-                const float *mean = nullptr, const float *rstd = nullptr) {
-  const int64_t batch = shapes[0][0], channels = shapes[0][1], pixels = shapes[0][2] * shapes[0][3];
-  const int64_t rows = shapes[1][0];
-  std::vector<float> packed(rows * channels);
-  PackRows(w, rows, channels, channels, 1, packed.data());
-  const int64_t blocks = (pixels + kCols - 1) / kCols;
-  ParallelFor(batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      int64_t b = t / blocks, col = (t % blocks) * kCols;
-      Epilogue epi;
-      if (NORM_GELU) {
-        epi.center = mean[b];
-        epi.scale = rstd[b];
-        epi.bias = bias;
+void PackBlock(const BatchGemm &g, const std::vector<ColumnRun> &runs, int64_t panels, float *slabs) {
+  const int64_t used = runs.empty() ? 0 : runs.back().offset + runs.back().length;
+  for (const ColumnRun &run : runs) {
+    const float *src = g.x + run.image * g.depth * g.pixels + run.pixel;
+    const __m512 center = _mm512_set1_ps(NORM_GELU ? g.mean[run.image] : 0.f);
+    const __m512 scale = _mm512_set1_ps(NORM_GELU ? g.rstd[run.image] : 1.f);
+    for (int64_t k = 0; k < g.depth; ++k) {
+      const float *row = src + k * g.pixels;
+      ForPanelPieces(run, [&](int64_t j, int64_t panel, int64_t within, __mmask16 mask) {
+        __m512 v = _mm512_maskz_loadu_ps(mask, row + j);
+        if (NORM_GELU) v = _mm512_mul_ps(_mm512_sub_ps(v, center), scale);
+        _mm512_mask_storeu_ps(slabs + (panel * g.depth + k) * kCols + within, mask, v);
+      });
+    }
+  }
+  for (int64_t column = used; column < panels * kCols; ++column)
+    for (int64_t k = 0; k < g.depth; ++k) slabs[((column / kCols) * g.depth + k) * kCols + column % kCols] = 0.f;
+}
+
+// out rows [row0, row0 + rows) of the block's columns from the tiles' sums (sums[r8][panel][8][48])
+template <bool NORM_GELU>
+void StoreBlock(const BatchGemm &g, const std::vector<ColumnRun> &runs, int64_t panels, int64_t row0, int64_t rows,
+                const float *sums) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = row0 + r;
+    const float *src = sums + ((r / kRows) * panels * kRows + r % kRows) * kCols;
+    const __m512 bias = _mm512_set1_ps(NORM_GELU ? g.bias[m] : 0.f);
+    for (const ColumnRun &run : runs) {
+      float *dst = g.out + (run.image * g.rows + m) * g.pixels + run.pixel;
+      ForPanelPieces(run, [&](int64_t j, int64_t panel, int64_t within, __mmask16 mask) {
+        __m512 v = _mm512_maskz_loadu_ps(mask, src + panel * kRows * kCols + within);
+        if (NORM_GELU) {
+          __m512 z = _mm512_add_ps(v, bias);
+          v = _mm512_mul_ps(z, _mm512_add_ps(ErfV(z), _mm512_set1_ps(1.f)));
+        }
+        _mm512_mask_storeu_ps(dst + j, mask, v);
+      });
+    }
+  }
+}
+
+template <bool NORM_GELU>
+void RunBatchGemm(const BatchGemm &g) {
+  const int64_t panels = (g.batch * g.pixels + kCols - 1) / kCols;
+  // panels per block: the packed block (depth x 48 per panel) stays within ~512 KB of L2
+  const int64_t block = std::clamp<int64_t>(131072 / (g.depth * kCols), 1, 8);
+  ParallelFor(panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> slabs(block * g.depth * kCols), sums(kRowBlock * block * kCols);
+    std::vector<ColumnRun> runs;
+    for (int64_t first = begin; first < end; first += block) {
+      const int64_t count = std::min(block, end - first);
+      BlockRuns(g, first * kCols, count * kCols, runs);
+      PackBlock<NORM_GELU>(g, runs, count, slabs.data());
+      for (int64_t row0 = 0; row0 < g.rows; row0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, g.rows - row0);
+        for (int64_t k0 = 0; k0 < g.depth; k0 += kDepthBlock) {
+          const int64_t depth = std::min(kDepthBlock, g.depth - k0);
+          for (int64_t j = 0; j < count; ++j) {
+            const float *slab = slabs.data() + (j * g.depth + k0) * kCols;
+            for (int64_t r8 = 0; r8 < rows / kRows; ++r8) {
+              const float *panel = g.a_packed + ((row0 / kRows + r8) * g.depth + k0) * kRows;
+              float *tile = sums.data() + (r8 * count + j) * kRows * kCols;
+              if (k0 == 0)
+                Tile<3, false>(panel, slab, kCols, depth, tile, kCols, kCols);
+              else
+                Tile<3, true>(panel, slab, kCols, depth, tile, kCols, kCols);
+            }
+          }
+        }
+        StoreBlock<NORM_GELU>(g, runs, count, row0, rows, sums.data());
       }
-      PanelGemm<false, NORM_GELU>(packed.data(), rows, x + b * channels * pixels, pixels, channels,
-                                  out + b * rows * pixels, pixels, col, std::min(pixels, col + kCols), epi);
     }
   });
+}
+
+// In-register transpose of 16 rows of 16 floats (unpacks, then 128-bit lane shuffles).
+inline void Transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+// Conv1x1's weight gradient: sums[d][s] = sum over images and pixels of direct[d][p] slabbed[s][p]. Both
+// operands run along pixels, so one must be transposed: each task (image, 128-pixel chunk) transposes
+// its slice of `slabbed` into 48-channel slabs (chunk x 48, L1) with 16x16 register transposes, and
+// the 8-row tiles broadcast `direct` straight from its rows; each thread sums into its own copy.
+struct WeightGrad {
+  const float *direct = nullptr, *slabbed = nullptr;  // (batch, channels, pixels)
+  int64_t batch = 0, pixels = 0, direct_channels = 0, slab_channels = 0;
+};
+
+constexpr int64_t kPixelChunk = 128;
+
+// slabs[panel][p][0:48] = src[panel * 48 + i][p] for p < length (channels past the last read as zeros)
+void TransposeToSlabs(const float *src, int64_t channels, int64_t pixels, int64_t length, float *slabs) {
+  __m512 r[16];
+  for (int64_t c0 = 0; c0 < channels; c0 += 16) {
+    float *slab = slabs + (c0 / kCols) * kPixelChunk * kCols + c0 % kCols;
+    for (int64_t p0 = 0; p0 < length; p0 += 16) {
+      const __mmask16 mask = TailMask(length - p0);
+      for (int i = 0; i < 16; ++i)
+        r[i] = c0 + i < channels ? _mm512_maskz_loadu_ps(mask, src + (c0 + i) * pixels + p0) : _mm512_setzero_ps();
+      Transpose16(r);
+      for (int64_t i = 0; i < std::min<int64_t>(16, length - p0); ++i) _mm512_storeu_ps(slab + (p0 + i) * kCols, r[i]);
+    }
+  }
+}
+
+void RunWeightGrad(const WeightGrad &g, float *sums) {
+  const int64_t chunks = (g.pixels + kPixelChunk - 1) / kPixelChunk, tasks = g.batch * chunks;
+  const int64_t panels = (g.slab_channels + kCols - 1) / kCols, size = g.direct_channels * g.slab_channels;
+  const int threads = static_cast<int>(std::min<int64_t>(NumThreads(), tasks));
+  std::vector<std::vector<float>> partial(threads, std::vector<float>(size, 0.f));
+  const int64_t per_thread = (tasks + threads - 1) / threads;
+  auto work = [&](int index) {
+    std::vector<float> slabs(panels * kPixelChunk * kCols);
+    float *acc = partial[index].data();
+    for (int64_t t = index * per_thread; t < std::min(tasks, (index + 1) * per_thread); ++t) {
+      const int64_t b = t / chunks, p0 = (t % chunks) * kPixelChunk, length = std::min(kPixelChunk, g.pixels - p0);
+      TransposeToSlabs(g.slabbed + b * g.slab_channels * g.pixels + p0, g.slab_channels, g.pixels, length,
+                       slabs.data());
+      const float *rows = g.direct + b * g.direct_channels * g.pixels + p0;
+      for (int64_t j = 0; j < panels; ++j) {
+        const int64_t width = std::min(kCols, g.slab_channels - j * kCols);
+        const float *slab = slabs.data() + j * kPixelChunk * kCols;
+        for (int64_t r8 = 0; r8 < g.direct_channels / kRows; ++r8) {
+          const float *a = rows + r8 * kRows * g.pixels;
+          float *out = acc + r8 * kRows * g.slab_channels + j * kCols;
+          if (width > 32)
+            Tile<3, true, false>(a, slab, kCols, length, out, g.slab_channels, width, g.pixels);
+          else if (width > 16)
+            Tile<2, true, false>(a, slab, kCols, length, out, g.slab_channels, width, g.pixels);
+          else
+            Tile<1, true, false>(a, slab, kCols, length, out, g.slab_channels, width, g.pixels);
+        }
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int i = 1; i < threads; ++i) pool.emplace_back(work, i);
+  work(0);
+  for (auto &thread : pool) thread.join();
+  for (int64_t i = 0; i < size; ++i) {
+    float s = 0;
+    for (int t = 0; t < threads; ++t) s += partial[t][i];
+    sums[i] = s;
+  }
+}
+
+// out[b] = a x[b] for every image b of x (B,C,H,W), with a (rows x C) given packed (PackRows); with
+// NORM_GELU each image is normalised by its mean/rstd first and the result gets bias + GELU.
+template <bool NORM_GELU>
+void GemmImages(const int64_t *x_shape, const std::vector<float> &a_packed, int64_t rows, const float *x, float *out,
+                const float *bias = nullptr, const float *mean = nullptr, const float *rstd = nullptr) {
+  BatchGemm g;
+  g.batch = x_shape[0];
+  g.depth = x_shape[1];
+  g.pixels = x_shape[2] * x_shape[3];
+  g.rows = rows;
+  g.a_packed = a_packed.data();
+  g.x = x;
+  g.out = out;
+  g.mean = mean;
+  g.rstd = rstd;
+  g.bias = bias;
+  RunBatchGemm<NORM_GELU>(g);
+}
+
+// w (K,C) packed as the GEMM's row operand: as is (K rows of depth C) or transposed (C rows of depth K)
+std::vector<float> PackWeight(const float *w, const int64_t *w_shape, bool transposed) {
+  const int64_t k = w_shape[0], c = w_shape[1];
+  std::vector<float> packed(k * c);
+  if (transposed)
+    PackRows(w, c, k, 1, c, packed.data());
+  else
+    PackRows(w, k, c, c, 1, packed.data());
+  return packed;
 }
 
 }  // namespace
@@ -726,23 +909,33 @@ extern "C" {
 
 int PoolformerHasFastGemm() { return 1; }
 
-// inputs: x (B,C,H,W), w (K,C); outputs: y (B,K,H,W). K a multiple of 8.
+// inputs: x (B,C,H,W), w (K,C); outputs: y (B,K,H,W) = w x. K a multiple of 8.
 int Conv1x1(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (!AllFloat32(nparam, dtypes, -1)) return 1;
-  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][0] % kRows) return 1;
-  GemmImages<false>(shapes, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-                    static_cast<float *>(params[2]));
+  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][1] != shapes[0][1] || shapes[1][0] % kRows) return 1;
+  GemmImages<false>(shapes[0], PackWeight(static_cast<const float *>(params[1]), shapes[1], false), shapes[1][0],
+                    static_cast<const float *>(params[0]), static_cast<float *>(params[2]));
+  return 0;
+}
+
+// inputs: dy (B,K,H,W), w (K,C); outputs: dx (B,C,H,W) = w^T dy (Conv1x1's input gradient). C a multiple of 8.
+int Conv1x1Transposed(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1)) return 1;
+  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][0] != shapes[0][1] || shapes[1][1] % kRows) return 1;
+  GemmImages<false>(shapes[0], PackWeight(static_cast<const float *>(params[1]), shapes[1], true), shapes[1][1],
+                    static_cast<const float *>(params[0]), static_cast<float *>(params[2]));
   return 0;
 }
 
 // Inference only. inputs: y (B,C,H,W), w (K,C), bias (K), mean (B), rstd (B);
-// outputs: h = z * (erf(z) + 1), z = rstd_b * (w (y_b - mean_b)) + bias: Normalize, fc1 and GeluBias in one pass
+// outputs: h = z * (erf(z) + 1), z = w ((y_b - mean_b) rstd_b) + bias: Normalize, fc1 and GeluBias in one pass
 int Conv1x1NormGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (!AllFloat32(nparam, dtypes, -1)) return 1;
-  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][0] % kRows) return 1;
-  GemmImages<true>(shapes, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-                   static_cast<float *>(params[5]), static_cast<const float *>(params[2]),
-                   static_cast<const float *>(params[3]), static_cast<const float *>(params[4]));
+  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][1] != shapes[0][1] || shapes[1][0] % kRows) return 1;
+  GemmImages<true>(shapes[0], PackWeight(static_cast<const float *>(params[1]), shapes[1], false), shapes[1][0],
+                   static_cast<const float *>(params[0]), static_cast<float *>(params[5]),
+                   static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+                   static_cast<const float *>(params[4]));
   return 0;
 }
 
@@ -759,41 +952,29 @@ int SampleMoments(int nparam, void **params, int *ndims, int64_t **shapes, const
 // inputs: dy (B,K,H,W), x (B,C,H,W); outputs: dw (K,C) = sum over images and pixels of dy x^T
 int Conv1x1WeightGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (!AllFloat32(nparam, dtypes, -1)) return 1;
-  const float *dy = static_cast<const float *>(params[0]);
-  const float *x = static_cast<const float *>(params[1]);
+  if (ndims[0] != 4 || ndims[1] != 4 || shapes[0][0] != shapes[1][0] ||
+      shapes[0][2] * shapes[0][3] != shapes[1][2] * shapes[1][3])
+    return 1;
+  const int64_t rows = shapes[0][1], channels = shapes[1][1];
+  // the operand with fewer channels is transposed into slabs; the tiles take the other 8 rows at a time
+  const bool slab_dy = channels % kRows == 0 && (rows % kRows != 0 || rows < channels);
+  WeightGrad g;
+  g.batch = shapes[0][0];
+  g.pixels = shapes[0][2] * shapes[0][3];
+  g.direct = static_cast<const float *>(params[slab_dy ? 1 : 0]);
+  g.slabbed = static_cast<const float *>(params[slab_dy ? 0 : 1]);
+  g.direct_channels = slab_dy ? channels : rows;
+  g.slab_channels = slab_dy ? rows : channels;
+  if (g.direct_channels % kRows) return 1;
   float *dw = static_cast<float *>(params[2]);
-  if (ndims[0] != 4 || ndims[1] != 4 || shapes[0][1] % kRows) return 1;
-  const int64_t batch = shapes[0][0], rows = shapes[0][1], pixels = shapes[0][2] * shapes[0][3];
-  const int64_t channels = shapes[1][1];
-  constexpr int64_t kChunk = 128;  // pixels per packed slab: dy and x^T slabs stay in L2
-  const int64_t chunks = (pixels + kChunk - 1) / kChunk;
-  const int64_t tasks = batch * chunks;
-  const int threads = static_cast<int>(std::min<int64_t>(NumThreads(), tasks));
-  std::vector<std::vector<float>> partial(threads, std::vector<float>(rows * channels, 0.f));
-  const int64_t per_thread = (tasks + threads - 1) / threads;
-  std::vector<std::thread> pool;
-  auto work = [&](int index) {
-    std::vector<float> packed(rows * kChunk), xt(kChunk * channels);
-    float *acc = partial[index].data();
-    for (int64_t t = index * per_thread; t < std::min(tasks, (index + 1) * per_thread); ++t) {
-      int64_t b = t / chunks, p0 = (t % chunks) * kChunk, len = std::min(kChunk, pixels - p0);
-      const float *dyb = dy + b * rows * pixels + p0;
-      const float *xb = x + b * channels * pixels + p0;
-      PackRows(dyb, rows, len, pixels, 1, packed.data());
-      for (int64_t c = 0; c < channels; ++c)
-        for (int64_t p = 0; p < len; ++p) xt[p * channels + c] = xb[c * pixels + p];
-      // panels were packed with depth len: PanelGemm reads panel r8 at r8 * len * 8
-      PanelGemm<true>(packed.data(), rows, xt.data(), channels, len, acc, channels, 0, channels);
-    }
-  };
-  for (int i = 1; i < threads; ++i) pool.emplace_back(work, i);
-  work(0);
-  for (auto &thread : pool) thread.join();
-  for (int64_t i = 0; i < rows * channels; ++i) {
-    float s = 0;
-    for (int t = 0; t < threads; ++t) s += partial[t][i];
-    dw[i] = s;
+  if (!slab_dy) {
+    RunWeightGrad(g, dw);
+    return 0;
   }
+  std::vector<float> dw_t(rows * channels);  // dw^T (channels x rows)
+  RunWeightGrad(g, dw_t.data());
+  for (int64_t k = 0; k < rows; ++k)
+    for (int64_t c = 0; c < channels; ++c) dw[k * channels + c] = dw_t[c * rows + k];
   return 0;
 }
 

@@ -31,6 +31,7 @@ from ..kernels import CpuKernels, cpu_kernels
 from .layers import (
     FIXED_SIZE_MIXERS,
     TOKEN_MIXERS,
+    Conv1x1,
     ConvMlp,
     DropPath,
     GroupNorm1,
@@ -120,8 +121,9 @@ class MetaFormerBlock(nn.Cell):
             self.k_normalize = kernels.normalize
             self.k_gelu_bias = kernels.gelu_bias
             self.k_residual_bias = kernels.residual_bias
-            # fc1 on the AVX-512 GEMM where there is one (it tiles 8 output channels at a time)
-            self.use_fast_gemm = kernels.conv1x1 is not None and self.mlp.fc1.out_channels % 8 == 0
+            # fc1 and fc2 on the AVX-512 GEMM where there is one (it tiles 8 output channels at a time)
+            self.use_fast_gemm = (kernels.conv1x1 is not None and self.mlp.fc1.out_channels % 8 == 0
+                                  and self.mlp.fc2.out_channels % 8 == 0)
             if self.use_fast_gemm:
                 self.k_conv1x1 = kernels.conv1x1
                 self.k_moments = kernels.moments
@@ -133,10 +135,10 @@ class MetaFormerBlock(nn.Cell):
             return drop_path.sample_scale(batch, mstype.float32)
         return ops.ones((batch,), mstype.float32)
 
-    def _fc1(self, x: Tensor, weight: Tensor) -> Tensor:
+    def _conv1x1(self, conv: Conv1x1, x: Tensor, weight: Tensor) -> Tensor:
         if self.use_fast_gemm:
             return self.k_conv1x1(x, weight.reshape((weight.shape[0], weight.shape[1])))
-        return self.mlp.fc1.conv2d(x, weight)
+        return conv.conv2d(x, weight)
 
     def _construct_cpu(self, x: Tensor) -> Tensor:
         """The same block on the fused float32 CPU kernels (see ``mindcv_poolformer.kernels``)."""
@@ -151,12 +153,12 @@ class MetaFormerBlock(nn.Cell):
             mean, rstd = self.k_moments(y)
             hidden = self.k_fc1_norm_gelu(y, w1.reshape((w1.shape[0], w1.shape[1])), b1, mean, rstd)
         else:
-            hidden = mlp.drop(self.k_gelu_bias(self._fc1(self.k_normalize(y)[0], w1), b1))
+            hidden = mlp.drop(self.k_gelu_bias(self._conv1x1(mlp.fc1, self.k_normalize(y)[0], w1), b1))
         if self.use_layer_scale:
             w2, b2 = mlp.fc2.folded(x.dtype, self.layer_scale_2 * mlp.inv_sqrt2, self.layer_scale_2)
         else:
             w2, b2 = mlp.fc2.folded(x.dtype, mlp.inv_sqrt2, mlp.one)
-        out = self.k_residual_bias(y, mlp.fc2.conv2d(hidden, w2), b2, self._drop_scale(self.drop_path2, batch))
+        out = self.k_residual_bias(y, self._conv1x1(mlp.fc2, hidden, w2), b2, self._drop_scale(self.drop_path2, batch))
         return out
 
     def construct(self, x: Tensor) -> Tensor:
