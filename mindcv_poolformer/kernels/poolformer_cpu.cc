@@ -624,20 +624,13 @@ void PackRows(const float *a, int64_t rows, int64_t depth, int64_t lda, int64_t 
         packed[(r8 * depth + d) * kRows + r] = a[(r8 * kRows + r) * lda + d * step];
 }
 
-// out[r][0:width] (+)= sum_d a_r[d] * b[d][0:width] for the 8 rows r; b rows ldb apart. The row
-// operand is either packed (PACKED: a_r[d] = a[d * 8 + r], one 32-byte line per step) or 8 plain rows
-// lda apart (a_r[d] = a[r * lda + d]): broadcasts need no layout, so plain rows skip the packing.
-template <int NV, bool ACCUMULATE, bool PACKED = true>
-inline void Tile(const float *a, const float *b, int64_t ldb, int64_t depth, float *out, int64_t ldo, int64_t width,
-                 int64_t lda = 0) {
-  __mmask16 mask[NV];
-  for (int j = 0; j < NV; ++j) mask[j] = TailMask(std::max<int64_t>(width - 16 * j, 0));
-  __m512 acc[kRows][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r)
-#pragma GCC unroll 3
-    for (int j = 0; j < NV; ++j)
-      acc[r][j] = ACCUMULATE ? _mm512_maskz_loadu_ps(mask[j], out + r * ldo + 16 * j) : _mm512_setzero_ps();
+// acc[r][:] += sum_d a_r[d] * b[d][0:16 NV] for the 8 rows r; b rows ldb apart. The row operand is
+// either packed (PACKED: a_r[d] = a[d * 8 + r], one 32-byte line per step) or 8 plain rows lda apart
+// (a_r[d] = a[r * lda + d]): broadcasts need no layout, so plain rows skip the packing.
+template <int NV, bool PACKED>
+__attribute__((always_inline)) inline void Accumulate(__m512 (&acc)[kRows][NV], const __mmask16 (&mask)[NV],
+                                                      const float *a, int64_t lda, const float *b, int64_t ldb,
+                                                      int64_t depth) {
   for (int64_t d = 0; d < depth; ++d) {
     __m512 bv[NV];
 #pragma GCC unroll 3
@@ -649,10 +642,37 @@ inline void Tile(const float *a, const float *b, int64_t ldb, int64_t depth, flo
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(wv, bv[j], acc[r][j]);
     }
   }
+}
+
+template <int NV>
+struct TileSums {
+  __mmask16 mask[NV];
+  __m512 acc[kRows][NV];
+
+  // out[8][0:width] (ldo apart) read (ACCUMULATE) or zeros
+  TileSums(const float *out, int64_t ldo, int64_t width, bool accumulate) {
+    for (int j = 0; j < NV; ++j) mask[j] = TailMask(std::max<int64_t>(width - 16 * j, 0));
 #pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r)
+    for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 3
-    for (int j = 0; j < NV; ++j) _mm512_mask_storeu_ps(out + r * ldo + 16 * j, mask[j], acc[r][j]);
+      for (int j = 0; j < NV; ++j)
+        acc[r][j] = accumulate ? _mm512_maskz_loadu_ps(mask[j], out + r * ldo + 16 * j) : _mm512_setzero_ps();
+  }
+
+  void Store(float *out, int64_t ldo) const {
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 3
+      for (int j = 0; j < NV; ++j) _mm512_mask_storeu_ps(out + r * ldo + 16 * j, mask[j], acc[r][j]);
+  }
+};
+
+// out[r][0:width] (+)= sum_d a_r[d] * b[d][0:width]: one 8 x 48 register tile of a packed row operand
+template <bool ACCUMULATE>
+inline void Tile(const float *a, const float *b, int64_t ldb, int64_t depth, float *out, int64_t ldo) {
+  TileSums<3> t(out, ldo, kCols, ACCUMULATE);
+  Accumulate<3, true>(t.acc, t.mask, a, 0, b, ldb, depth);
+  t.Store(out, ldo);
 }
 
 // One GEMM over a whole batch: out[b][m][p] = sum_k a[m][k] x'[b][k][p] for every image b, where the
@@ -679,13 +699,13 @@ struct ColumnRun {
   int64_t image, pixel, offset, length;
 };
 
-// the runs of columns [first, first + width) of the flattened batch (cut at the last image)
-int BlockRuns(const BatchGemm &g, int64_t first, int64_t width, std::vector<ColumnRun> &runs) {
-  const int64_t end = std::min(first + width, g.batch * g.pixels);
+// the runs of columns [first, first + width) of a batch's pixels as one index (cut at the last image)
+int BlockRuns(int64_t batch, int64_t pixels, int64_t first, int64_t width, std::vector<ColumnRun> &runs) {
+  const int64_t end = std::min(first + width, batch * pixels);
   runs.clear();
   for (int64_t n = first; n < end;) {
-    ColumnRun run{n / g.pixels, n % g.pixels, n - first, 0};
-    run.length = std::min(end - n, g.pixels - run.pixel);
+    ColumnRun run{n / pixels, n % pixels, n - first, 0};
+    run.length = std::min(end - n, pixels - run.pixel);
     runs.push_back(run);
     n += run.length;
   }
@@ -758,7 +778,7 @@ void RunBatchGemm(const BatchGemm &g) {
     std::vector<ColumnRun> runs;
     for (int64_t first = begin; first < end; first += block) {
       const int64_t count = std::min(block, end - first);
-      BlockRuns(g, first * kCols, count * kCols, runs);
+      BlockRuns(g.batch, g.pixels, first * kCols, count * kCols, runs);
       PackBlock<NORM_GELU>(g, runs, count, slabs.data());
       for (int64_t row0 = 0; row0 < g.rows; row0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, g.rows - row0);
@@ -770,9 +790,9 @@ void RunBatchGemm(const BatchGemm &g) {
               const float *panel = g.a_packed + ((row0 / kRows + r8) * g.depth + k0) * kRows;
               float *tile = sums.data() + (r8 * count + j) * kRows * kCols;
               if (k0 == 0)
-                Tile<3, false>(panel, slab, kCols, depth, tile, kCols, kCols);
+                Tile<false>(panel, slab, kCols, depth, tile, kCols);
               else
-                Tile<3, true>(panel, slab, kCols, depth, tile, kCols, kCols);
+                Tile<true>(panel, slab, kCols, depth, tile, kCols);
             }
           }
         }
@@ -807,17 +827,19 @@ inline void Transpose16(__m512 r[16]) {
 }
 
 // Conv1x1's weight gradient: sums[d][s] = sum over images and pixels of direct[d][p] slabbed[s][p]. Both
-// operands run along pixels, so one must be transposed: each task (image, 128-pixel chunk) transposes
-// its slice of `slabbed` into 48-channel slabs (chunk x 48, L1) with 16x16 register transposes, and
-// the 8-row tiles broadcast `direct` straight from its rows; each thread sums into its own copy.
+// operands run along pixels, so one must be transposed: each task (256 columns of the batch's pixels
+// as one index, so 7x7 maps still give deep tasks) transposes its slice of `slabbed` into 48-channel
+// slabs (256 x 48) with 16x16 register transposes, and the 8-row tiles broadcast `direct` straight
+// from its rows, one run per image, with the sums kept in registers; each thread sums into its own copy.
 struct WeightGrad {
   const float *direct = nullptr, *slabbed = nullptr;  // (batch, channels, pixels)
   int64_t batch = 0, pixels = 0, direct_channels = 0, slab_channels = 0;
 };
 
-constexpr int64_t kPixelChunk = 128;
+constexpr int64_t kPixelChunk = 256;
 
-// slabs[panel][p][0:48] = src[panel * 48 + i][p] for p < length (channels past the last read as zeros)
+// slabs[panel][p][0:48] = src[panel * 48 + i][p] for p < length (channels past the last read as zeros);
+// panels are kPixelChunk rows apart
 void TransposeToSlabs(const float *src, int64_t channels, int64_t pixels, int64_t length, float *slabs) {
   __m512 r[16];
   for (int64_t c0 = 0; c0 < channels; c0 += 16) {
@@ -832,32 +854,44 @@ void TransposeToSlabs(const float *src, int64_t channels, int64_t pixels, int64_
   }
 }
 
+// out (8 rows x width, ldo apart) += the 8 direct rows from row0 times the slab, over the chunk's runs
+template <int NV>
+void WeightGradTile(const WeightGrad &g, const std::vector<ColumnRun> &runs, int64_t row0, const float *slab,
+                    float *out, int64_t ldo, int64_t width) {
+  TileSums<NV> t(out, ldo, width, true);
+  for (const ColumnRun &run : runs) {
+    const float *a = g.direct + (run.image * g.direct_channels + row0) * g.pixels + run.pixel;
+    Accumulate<NV, false>(t.acc, t.mask, a, g.pixels, slab + run.offset * kCols, kCols, run.length);
+  }
+  t.Store(out, ldo);
+}
+
 void RunWeightGrad(const WeightGrad &g, float *sums) {
-  const int64_t chunks = (g.pixels + kPixelChunk - 1) / kPixelChunk, tasks = g.batch * chunks;
+  const int64_t tasks = (g.batch * g.pixels + kPixelChunk - 1) / kPixelChunk;
   const int64_t panels = (g.slab_channels + kCols - 1) / kCols, size = g.direct_channels * g.slab_channels;
   const int threads = static_cast<int>(std::min<int64_t>(NumThreads(), tasks));
   std::vector<std::vector<float>> partial(threads, std::vector<float>(size, 0.f));
   const int64_t per_thread = (tasks + threads - 1) / threads;
   auto work = [&](int index) {
     std::vector<float> slabs(panels * kPixelChunk * kCols);
+    std::vector<ColumnRun> runs;
     float *acc = partial[index].data();
     for (int64_t t = index * per_thread; t < std::min(tasks, (index + 1) * per_thread); ++t) {
-      const int64_t b = t / chunks, p0 = (t % chunks) * kPixelChunk, length = std::min(kPixelChunk, g.pixels - p0);
-      TransposeToSlabs(g.slabbed + b * g.slab_channels * g.pixels + p0, g.slab_channels, g.pixels, length,
-                       slabs.data());
-      const float *rows = g.direct + b * g.direct_channels * g.pixels + p0;
+      BlockRuns(g.batch, g.pixels, t * kPixelChunk, kPixelChunk, runs);
+      for (const ColumnRun &run : runs)
+        TransposeToSlabs(g.slabbed + run.image * g.slab_channels * g.pixels + run.pixel, g.slab_channels, g.pixels,
+                         run.length, slabs.data() + run.offset * kCols);
       for (int64_t j = 0; j < panels; ++j) {
         const int64_t width = std::min(kCols, g.slab_channels - j * kCols);
         const float *slab = slabs.data() + j * kPixelChunk * kCols;
-        for (int64_t r8 = 0; r8 < g.direct_channels / kRows; ++r8) {
-          const float *a = rows + r8 * kRows * g.pixels;
-          float *out = acc + r8 * kRows * g.slab_channels + j * kCols;
+        for (int64_t row0 = 0; row0 < g.direct_channels; row0 += kRows) {
+          float *out = acc + row0 * g.slab_channels + j * kCols;
           if (width > 32)
-            Tile<3, true, false>(a, slab, kCols, length, out, g.slab_channels, width, g.pixels);
+            WeightGradTile<3>(g, runs, row0, slab, out, g.slab_channels, width);
           else if (width > 16)
-            Tile<2, true, false>(a, slab, kCols, length, out, g.slab_channels, width, g.pixels);
+            WeightGradTile<2>(g, runs, row0, slab, out, g.slab_channels, width);
           else
-            Tile<1, true, false>(a, slab, kCols, length, out, g.slab_channels, width, g.pixels);
+            WeightGradTile<1>(g, runs, row0, slab, out, g.slab_channels, width);
         }
       }
     }
