@@ -201,27 +201,68 @@ def test_gemm_matches_numpy(library, shape):
     _close(dw.asnumpy(), np.einsum("bkhw,bchw->kc", dy, x))
 
 
-@pytest.mark.parametrize("shape", GEMM_SHAPES[:5])
-def test_fused_norm_fc1_gelu_matches_numpy(library, shape):
-    """Inference fc1: each image normalised while packed, bias + exact GELU (times sqrt 2) on the store."""
+# (batch, C, H, W, hidden): fc1 C -> hidden and fc2 hidden -> C, both multiples of 8 (the GEMM's row
+# tile); 136/144 go past one 128-deep slice and one 64-row block in both GEMMs
+MLP_SHAPES = [(2, 16, 7, 7, 24), (3, 8, 5, 3, 8), (1, 40, 16, 9, 64), (2, 136, 5, 5, 144), (3, 16, 40, 40, 16)]
+
+
+def _mlp_reference(n, w1, b1, w2, b2, y, drop, dout):
+    """The fused MLP kernels' contract in float64 numpy: forward outputs and every input's gradient."""
     from scipy.special import erf
 
+    n, w1, b1, w2, b2, y, drop, dout = (v.astype(np.float64) for v in (n, w1, b1, w2, b2, y, drop, dout))
+    per_channel = (None, slice(None), None, None)
+    acc = np.einsum("kc,bchw->bkhw", w1, n)
+    z = acc + b1[per_channel]
+    h = z * (erf(z) + 1)
+    out = y + drop[:, None, None, None] * (np.einsum("ck,bkhw->bchw", w2, h) + b2[per_channel])
+    dacc2 = drop[:, None, None, None] * dout
+    dz = np.einsum("ck,bchw->bkhw", w2, dacc2) * (erf(z) + 1 + z * 2 / np.sqrt(np.pi) * np.exp(-z * z))
+    grads = {"n": np.einsum("kc,bkhw->bchw", w1, dz), "w1": np.einsum("bkhw,bchw->kc", dz, n),
+             "b1": dz.sum((0, 2, 3)), "w2": np.einsum("bchw,bkhw->ck", dacc2, h), "b2": dacc2.sum((0, 2, 3)),
+             "y": dout}
+    return out, acc, h, grads
+
+
+@pytest.mark.parametrize("shape", MLP_SHAPES)
+def test_fused_mlp_matches_numpy(library, shape):
+    """The channel MLP in two GEMMs: training forward and every gradient, and the inference kernel."""
     fast = kernels.cpu_kernels()
     if fast.conv1x1 is None:
         pytest.skip("the kernel library was built without AVX-512: the 1x1 convs run on oneDNN")
-    batch, channels, height, width, rows = shape
+    batch, channels, height, width, hidden = shape
     rng = np.random.default_rng(6)
     y = rng.normal(0.5, 2, (batch, channels, height, width)).astype(np.float32)
-    w = rng.normal(0, 0.3, (rows, channels)).astype(np.float32)
-    bias = rng.normal(0, 1, rows).astype(np.float32)
-    mean, rstd = (Tensor(v) for v in fast.moments(Tensor(y)))
     flat = y.reshape(batch, -1).astype(np.float64)
+    n = ((y - flat.mean(1)[:, None, None, None]) / np.sqrt(flat.var(1) + 1e-5)[:, None, None, None]).astype(np.float32)
+    w1 = rng.normal(0, 0.3, (hidden, channels)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (channels, hidden)).astype(np.float32)
+    b1, b2 = (rng.normal(0, 1, size).astype(np.float32) for size in (hidden, channels))
+    drop = np.array([0.0, 2.0, 1.0][:batch], np.float32)  # drop path 0.5: dropped and kept samples
+    dout = rng.normal(0, 1, y.shape).astype(np.float32)
+    out, acc, h, grads = _mlp_reference(n, w1, b1, w2, b2, y, drop, dout)
+
+    args = [Tensor(v) for v in (n, w1, b1, w2, b2, y, drop)]
+    got = fast.mlp(*args)
+    for actual, expected in zip(got, (out, acc, h)):
+        _close(actual.asnumpy(), expected)
+
+    def loss(*inputs):
+        return (fast.mlp(*inputs)[0] * Tensor(dout)).sum()
+
+    dgrads = ms.grad(loss, tuple(range(6)))(*args)
+    for name, actual in zip(("n", "w1", "b1", "w2", "b2", "y"), dgrads):
+        np.testing.assert_allclose(actual.asnumpy(), grads[name], rtol=1e-5, atol=1e-5 * np.abs(grads[name]).max(),
+                                   err_msg=name)
+
+    # inference: norm2 from the image's moments inside fc1's packing, drop path off
+    mean, rstd = fast.moments(Tensor(y))
     np.testing.assert_allclose(mean.asnumpy(), flat.mean(1), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(rstd.asnumpy(), 1 / np.sqrt(flat.var(1) + 1e-5), rtol=1e-5)
-    normalised = (y - flat.mean(1)[:, None, None, None]) / np.sqrt(flat.var(1) + 1e-5)[:, None, None, None]
-    z = np.einsum("kc,bchw->bkhw", w.astype(np.float64), normalised) + bias[None, :, None, None]
-    out = fast.fc1_norm_gelu(Tensor(y), Tensor(w), Tensor(bias), mean, rstd).asnumpy()
-    _close(out, z * (erf(z) + 1))
+    out_eval, _, h_eval, _ = _mlp_reference(n, w1, b1, w2, b2, y, np.ones(batch, np.float32), dout)
+    got_out, got_h = fast.mlp_inference(Tensor(y), Tensor(w1), Tensor(b1), mean, rstd, Tensor(w2), Tensor(b2))
+    _close(got_h.asnumpy(), h_eval)
+    _close(got_out.asnumpy(), out_eval)
 
 
 def test_gemm_switch_keeps_fc1_on_onednn(library, monkeypatch):

@@ -187,9 +187,25 @@ class CpuKernels:
                 return dx, conv_weight_grad(dout, x)
 
             self.conv1x1 = custom("Conv1x1", conv_shape, lambda x, w: x, conv_bprop)
-            # inference: norm2, fc1 and its bias + GELU in one pass over the block's map (no gradient)
+
+            # The whole channel MLP (fc1, bias + GELU, fc2, bias + drop path + residual) as two GEMMs whose
+            # epilogues do the elementwise steps, so the 4C-wide hidden map is written once (twice in
+            # training, where fc1's sums are kept for the GELU's gradient) and read once per pass.
+            hidden_grad = custom("MlpHiddenGrad", lambda d2, w2, acc, b1: (acc, b1), lambda d2, w2, acc, b1: (acc, b1))
+
+            def mlp_bprop(n, w1, b1, w2, b2, y, drop, out, dout):
+                dacc2, db2 = residual_grad(drop, dout[0])
+                dacc, db1 = hidden_grad(dacc2, w2, out[1], b1)
+                return (conv_transposed(dacc, w1), conv_weight_grad(dacc, n), db1, conv_weight_grad(dacc2, out[2]),
+                        db2, dout[0], ops.zeros_like(drop))
+
+            def mlp_shape(n, w1, *_):
+                return n, conv_shape(n, w1), conv_shape(n, w1)
+
+            self.mlp = custom("MlpForward", mlp_shape, lambda n, *_: (n, n, n), mlp_bprop)
+            # inference: norm2 folded in (each image centred and scaled as fc1 packs it); no gradient
             self.moments = custom("SampleMoments", lambda x: (_per_sample(x), _per_sample(x)), lambda x: (x, x))
-            self.fc1_norm_gelu = custom("Conv1x1NormGelu", lambda y, w, *_: conv_shape(y, w), lambda y, *_: y)
+            self.mlp_inference = custom("MlpInference", lambda y, w1, *_: (y, conv_shape(y, w1)), lambda y, *_: (y, y))
 
 
 @cache

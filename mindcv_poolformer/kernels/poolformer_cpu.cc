@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -139,6 +140,16 @@ inline __m512 ExpV(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
+
+// z (erf(z) + 1) and its derivative erf(z) + 1 + z 2/sqrt(pi) exp(-z^2): sqrt2 * GELU with the 1/sqrt2
+// folded into the convs around it (see mindcv_poolformer.models.layers.ConvMlp)
+inline __m512 GeluV(__m512 z) { return _mm512_mul_ps(z, _mm512_add_ps(ErfV(z), _mm512_set1_ps(1.f))); }
+
+inline __m512 GeluGradV(__m512 z) {
+  __m512 e = ExpV(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z));
+  return _mm512_add_ps(_mm512_add_ps(ErfV(z), _mm512_set1_ps(1.f)),
+                       _mm512_mul_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.12837916709551257f)), e));
+}
 #endif
 
 // dst = grad * d/dz [z (erf(z) + 1)] with z = src + bias; returns the sum of dst (the bias gradient).
@@ -149,14 +160,11 @@ double GeluGradRow(const float *src, float bias, const float *grad, float *dst, 
   int64_t i = 0;
   double total = 0;
 #if defined(__AVX512F__)
-  const __m512 vb = _mm512_set1_ps(bias), one = _mm512_set1_ps(1.f), k = _mm512_set1_ps(two_over_sqrt_pi);
+  const __m512 vb = _mm512_set1_ps(bias);
   __m512 sum = _mm512_setzero_ps();
   const bool aligned = stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
   for (; i + 16 <= size; i += 16) {
-    __m512 z = _mm512_add_ps(_mm512_loadu_ps(src + i), vb);
-    __m512 e = ExpV(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z));
-    __m512 d = _mm512_add_ps(_mm512_add_ps(ErfV(z), one), _mm512_mul_ps(_mm512_mul_ps(z, k), e));
-    __m512 out = _mm512_mul_ps(_mm512_loadu_ps(grad + i), d);
+    __m512 out = _mm512_mul_ps(_mm512_loadu_ps(grad + i), GeluGradV(_mm512_add_ps(_mm512_loadu_ps(src + i), vb)));
     sum = _mm512_add_ps(sum, out);
     if (aligned)
       _mm512_stream_ps(dst + i, out);
@@ -675,21 +683,34 @@ inline void Tile(const float *a, const float *b, int64_t ldb, int64_t depth, flo
   t.Store(out, ldo);
 }
 
-// One GEMM over a whole batch: out[b][m][p] = sum_k a[m][k] x'[b][k][p] for every image b, where the
+// One GEMM over a whole batch: out[b][m][p] = E(sum_k a[m][k] x'[b][k][p]) for every image b, where the
 // columns of all images form one index n = b * pixels + p, so 7x7 and 14x14 maps still fill 48-wide
 // tiles. Blocked for the caches (Goto/BLIS order): each thread takes a contiguous range of 48-column
 // panels; a block of panels is packed once (depth x 48 slabs, contiguous and L2-resident, gathered
 // across image boundaries), then for every 64-row block of a and 128-deep slice, each packed slab
 // (24 KB, L1) is reused by 8 row tiles while the rows' sums collect in a small per-thread buffer.
-// NORM_GELU (fc1 at inference, norm2 folded in): x' = (x - mean_b) * rstd_b while packing, and the
-// store applies out = z * (erf(z) + 1), z = sum + bias[m]; else x' = x and out = sum.
+// The epilogue E runs on those sums as they are stored, so the MLP's elementwise steps cost no
+// pass of their own over memory (x' = x except for kNormGelu):
+enum class Epi {
+  kPlain,     // out = s
+  kNormGelu,  // x' = (x - mean_b) rstd_b; out = gelu(s + bias)        fc1 at inference (norm2 folded)
+  kGeluPair,  // out = s, out2 = gelu(s + bias)                         fc1 in training (s kept for backward)
+  kResidual,  // out = residual + drop_b (s + bias)                     fc2, its bias, drop path, residual
+  kGeluGrad,  // out = s gelu'(pre + bias), bias_grad += sum of out    fc2's input gradient through the GELU
+};
+
 struct BatchGemm {
   const float *a_packed = nullptr;  // PackRows layout: [rows / 8][depth][8]
   int64_t rows = 0, depth = 0;
   const float *x = nullptr;  // (batch, depth, pixels)
   int64_t batch = 0, pixels = 0;
   float *out = nullptr;  // (batch, rows, pixels)
-  const float *mean = nullptr, *rstd = nullptr, *bias = nullptr;  // NORM_GELU only
+  const float *bias = nullptr;                         // (rows): every epilogue but kPlain
+  const float *mean = nullptr, *rstd = nullptr;        // kNormGelu (batch)
+  float *out2 = nullptr;                               // kGeluPair (batch, rows, pixels)
+  const float *residual = nullptr, *drop = nullptr;    // kResidual: (batch, rows, pixels), (batch) or null (ones)
+  const float *pre = nullptr;                          // kGeluGrad (batch, rows, pixels)
+  float *bias_grad = nullptr;                          // kGeluGrad (rows)
 };
 
 constexpr int64_t kRowBlock = 64, kDepthBlock = 128;
@@ -726,18 +747,18 @@ inline void ForPanelPieces(const ColumnRun &run, F fn) {
 
 // slabs[panel][k][0:48] = x'[k][column] for the block's panels (zero past the last image). Rows of x
 // are read in runs as long as the block, which keeps the hardware prefetchers streaming.
-template <bool NORM_GELU>
+template <Epi E>
 void PackBlock(const BatchGemm &g, const std::vector<ColumnRun> &runs, int64_t panels, float *slabs) {
   const int64_t used = runs.empty() ? 0 : runs.back().offset + runs.back().length;
   for (const ColumnRun &run : runs) {
     const float *src = g.x + run.image * g.depth * g.pixels + run.pixel;
-    const __m512 center = _mm512_set1_ps(NORM_GELU ? g.mean[run.image] : 0.f);
-    const __m512 scale = _mm512_set1_ps(NORM_GELU ? g.rstd[run.image] : 1.f);
+    const __m512 center = _mm512_set1_ps(E == Epi::kNormGelu ? g.mean[run.image] : 0.f);
+    const __m512 scale = _mm512_set1_ps(E == Epi::kNormGelu ? g.rstd[run.image] : 1.f);
     for (int64_t k = 0; k < g.depth; ++k) {
       const float *row = src + k * g.pixels;
       ForPanelPieces(run, [&](int64_t j, int64_t panel, int64_t within, __mmask16 mask) {
         __m512 v = _mm512_maskz_loadu_ps(mask, row + j);
-        if (NORM_GELU) v = _mm512_mul_ps(_mm512_sub_ps(v, center), scale);
+        if (E == Epi::kNormGelu) v = _mm512_mul_ps(_mm512_sub_ps(v, center), scale);
         _mm512_mask_storeu_ps(slabs + (panel * g.depth + k) * kCols + within, mask, v);
       });
     }
@@ -746,40 +767,51 @@ void PackBlock(const BatchGemm &g, const std::vector<ColumnRun> &runs, int64_t p
     for (int64_t k = 0; k < g.depth; ++k) slabs[((column / kCols) * g.depth + k) * kCols + column % kCols] = 0.f;
 }
 
-// out rows [row0, row0 + rows) of the block's columns from the tiles' sums (sums[r8][panel][8][48])
-template <bool NORM_GELU>
+// out rows [row0, row0 + rows) of the block's columns from the tiles' sums (sums[r8][panel][8][48]),
+// through the epilogue; kGeluGrad adds each row's total to bias_sums
+template <Epi E>
 void StoreBlock(const BatchGemm &g, const std::vector<ColumnRun> &runs, int64_t panels, int64_t row0, int64_t rows,
-                const float *sums) {
+                const float *sums, double *bias_sums) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = row0 + r;
     const float *src = sums + ((r / kRows) * panels * kRows + r % kRows) * kCols;
-    const __m512 bias = _mm512_set1_ps(NORM_GELU ? g.bias[m] : 0.f);
+    const __m512 bias = _mm512_set1_ps(E == Epi::kPlain ? 0.f : g.bias[m]);
+    __m512 total = _mm512_setzero_ps();
     for (const ColumnRun &run : runs) {
-      float *dst = g.out + (run.image * g.rows + m) * g.pixels + run.pixel;
+      const int64_t at = (run.image * g.rows + m) * g.pixels + run.pixel;
+      const __m512 drop = _mm512_set1_ps(E == Epi::kResidual && g.drop ? g.drop[run.image] : 1.f);
       ForPanelPieces(run, [&](int64_t j, int64_t panel, int64_t within, __mmask16 mask) {
         __m512 v = _mm512_maskz_loadu_ps(mask, src + panel * kRows * kCols + within);
-        if (NORM_GELU) {
-          __m512 z = _mm512_add_ps(v, bias);
-          v = _mm512_mul_ps(z, _mm512_add_ps(ErfV(z), _mm512_set1_ps(1.f)));
+        if (E == Epi::kNormGelu) v = GeluV(_mm512_add_ps(v, bias));
+        if (E == Epi::kGeluPair) _mm512_mask_storeu_ps(g.out2 + at + j, mask, GeluV(_mm512_add_ps(v, bias)));
+        if (E == Epi::kResidual)
+          v = _mm512_fmadd_ps(drop, _mm512_add_ps(v, bias), _mm512_maskz_loadu_ps(mask, g.residual + at + j));
+        if (E == Epi::kGeluGrad) {
+          v = _mm512_mul_ps(v, GeluGradV(_mm512_add_ps(_mm512_maskz_loadu_ps(mask, g.pre + at + j), bias)));
+          total = _mm512_add_ps(total, v);  // masked-off lanes are zero
         }
-        _mm512_mask_storeu_ps(dst + j, mask, v);
+        _mm512_mask_storeu_ps(g.out + at + j, mask, v);
       });
     }
+    if (E == Epi::kGeluGrad) bias_sums[m] += _mm512_reduce_add_ps(total);
   }
 }
 
-template <bool NORM_GELU>
+template <Epi E>
 void RunBatchGemm(const BatchGemm &g) {
   const int64_t panels = (g.batch * g.pixels + kCols - 1) / kCols;
   // panels per block: the packed block (depth x 48 per panel) stays within ~512 KB of L2
   const int64_t block = std::clamp<int64_t>(131072 / (g.depth * kCols), 1, 8);
+  std::mutex merge;
+  std::vector<double> bias_grad(E == Epi::kGeluGrad ? g.rows : 0);
   ParallelFor(panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> slabs(block * g.depth * kCols), sums(kRowBlock * block * kCols);
+    std::vector<double> bias_sums(bias_grad.size());
     std::vector<ColumnRun> runs;
     for (int64_t first = begin; first < end; first += block) {
       const int64_t count = std::min(block, end - first);
       BlockRuns(g.batch, g.pixels, first * kCols, count * kCols, runs);
-      PackBlock<NORM_GELU>(g, runs, count, slabs.data());
+      PackBlock<E>(g, runs, count, slabs.data());
       for (int64_t row0 = 0; row0 < g.rows; row0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, g.rows - row0);
         for (int64_t k0 = 0; k0 < g.depth; k0 += kDepthBlock) {
@@ -796,10 +828,13 @@ void RunBatchGemm(const BatchGemm &g) {
             }
           }
         }
-        StoreBlock<NORM_GELU>(g, runs, count, row0, rows, sums.data());
+        StoreBlock<E>(g, runs, count, row0, rows, sums.data(), bias_sums.data());
       }
     }
+    std::lock_guard<std::mutex> lock(merge);
+    for (size_t m = 0; m < bias_sums.size(); ++m) bias_grad[m] += bias_sums[m];
   });
+  for (size_t m = 0; m < bias_grad.size(); ++m) g.bias_grad[m] = static_cast<float>(bias_grad[m]);
 }
 
 // In-register transpose of 16 rows of 16 floats (unpacks, then 128-bit lane shuffles).
@@ -907,11 +942,9 @@ void RunWeightGrad(const WeightGrad &g, float *sums) {
   }
 }
 
-// out[b] = a x[b] for every image b of x (B,C,H,W), with a (rows x C) given packed (PackRows); with
-// NORM_GELU each image is normalised by its mean/rstd first and the result gets bias + GELU.
-template <bool NORM_GELU>
-void GemmImages(const int64_t *x_shape, const std::vector<float> &a_packed, int64_t rows, const float *x, float *out,
-                const float *bias = nullptr, const float *mean = nullptr, const float *rstd = nullptr) {
+// The GEMM out[b] = a x[b] for every image b of x (B,C,H,W), a (rows x C) packed by PackRows; the
+// caller sets the epilogue's operands.
+BatchGemm Gemm(const int64_t *x_shape, const std::vector<float> &a_packed, int64_t rows, const float *x, float *out) {
   BatchGemm g;
   g.batch = x_shape[0];
   g.depth = x_shape[1];
@@ -920,10 +953,14 @@ void GemmImages(const int64_t *x_shape, const std::vector<float> &a_packed, int6
   g.a_packed = a_packed.data();
   g.x = x;
   g.out = out;
-  g.mean = mean;
-  g.rstd = rstd;
-  g.bias = bias;
-  RunBatchGemm<NORM_GELU>(g);
+  return g;
+}
+
+// inputs x (B,C,H,W) and w (K,C) of a 1x1 conv (transposed: w^T), its output rows a multiple of 8
+bool IsConv1x1(const int *ndims, int64_t **shapes, int x, int w, bool transposed) {
+  if (ndims[x] != 4 || ndims[w] != 2) return false;
+  const int64_t depth = shapes[w][transposed ? 0 : 1], rows = shapes[w][transposed ? 1 : 0];
+  return depth == shapes[x][1] && rows % kRows == 0;
 }
 
 // w (K,C) packed as the GEMM's row operand: as is (K rows of depth C) or transposed (C rows of depth K)
@@ -945,31 +982,83 @@ int PoolformerHasFastGemm() { return 1; }
 
 // inputs: x (B,C,H,W), w (K,C); outputs: y (B,K,H,W) = w x. K a multiple of 8.
 int Conv1x1(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (!AllFloat32(nparam, dtypes, -1)) return 1;
-  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][1] != shapes[0][1] || shapes[1][0] % kRows) return 1;
-  GemmImages<false>(shapes[0], PackWeight(static_cast<const float *>(params[1]), shapes[1], false), shapes[1][0],
-                    static_cast<const float *>(params[0]), static_cast<float *>(params[2]));
+  if (!AllFloat32(nparam, dtypes, -1) || !IsConv1x1(ndims, shapes, 0, 1, false)) return 1;
+  const std::vector<float> w = PackWeight(static_cast<const float *>(params[1]), shapes[1], false);
+  RunBatchGemm<Epi::kPlain>(Gemm(shapes[0], w, shapes[1][0], static_cast<const float *>(params[0]),
+                                 static_cast<float *>(params[2])));
   return 0;
 }
 
 // inputs: dy (B,K,H,W), w (K,C); outputs: dx (B,C,H,W) = w^T dy (Conv1x1's input gradient). C a multiple of 8.
 int Conv1x1Transposed(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (!AllFloat32(nparam, dtypes, -1)) return 1;
-  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][0] != shapes[0][1] || shapes[1][1] % kRows) return 1;
-  GemmImages<false>(shapes[0], PackWeight(static_cast<const float *>(params[1]), shapes[1], true), shapes[1][1],
-                    static_cast<const float *>(params[0]), static_cast<float *>(params[2]));
+  if (!AllFloat32(nparam, dtypes, -1) || !IsConv1x1(ndims, shapes, 0, 1, true)) return 1;
+  const std::vector<float> w = PackWeight(static_cast<const float *>(params[1]), shapes[1], true);
+  RunBatchGemm<Epi::kPlain>(Gemm(shapes[0], w, shapes[1][1], static_cast<const float *>(params[0]),
+                                 static_cast<float *>(params[2])));
   return 0;
 }
 
-// Inference only. inputs: y (B,C,H,W), w (K,C), bias (K), mean (B), rstd (B);
-// outputs: h = z * (erf(z) + 1), z = w ((y_b - mean_b) rstd_b) + bias: Normalize, fc1 and GeluBias in one pass
-int Conv1x1NormGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (!AllFloat32(nparam, dtypes, -1)) return 1;
-  if (ndims[0] != 4 || ndims[1] != 2 || shapes[1][1] != shapes[0][1] || shapes[1][0] % kRows) return 1;
-  GemmImages<true>(shapes[0], PackWeight(static_cast<const float *>(params[1]), shapes[1], false), shapes[1][0],
-                   static_cast<const float *>(params[0]), static_cast<float *>(params[5]),
-                   static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
-                   static_cast<const float *>(params[4]));
+// The block's channel MLP in training, two GEMMs with their elementwise steps in the epilogues.
+// inputs: n (B,C,H,W) the normalised map, w1 (K,C), b1 (K), w2 (C,K), b2 (C), y (B,C,H,W), drop (B);
+// outputs: out = y + drop_b (w2 h + b2), acc = w1 n (kept for the GELU's gradient), h = gelu(acc + b1)
+int MlpForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1) || !IsConv1x1(ndims, shapes, 0, 1, false) || ndims[3] != 2 ||
+      shapes[3][0] != shapes[0][1] || shapes[3][1] != shapes[1][0] || shapes[0][1] % kRows)
+    return 1;
+  const std::vector<float> w1 = PackWeight(static_cast<const float *>(params[1]), shapes[1], false);
+  const std::vector<float> w2 = PackWeight(static_cast<const float *>(params[3]), shapes[3], false);
+  float *acc = static_cast<float *>(params[8]), *h = static_cast<float *>(params[9]);
+  BatchGemm fc1 = Gemm(shapes[0], w1, shapes[1][0], static_cast<const float *>(params[0]), acc);
+  fc1.bias = static_cast<const float *>(params[2]);
+  fc1.out2 = h;
+  RunBatchGemm<Epi::kGeluPair>(fc1);
+  const int64_t hidden_shape[4] = {shapes[0][0], shapes[1][0], shapes[0][2], shapes[0][3]};
+  BatchGemm fc2 = Gemm(hidden_shape, w2, shapes[3][0], h, static_cast<float *>(params[7]));
+  fc2.bias = static_cast<const float *>(params[4]);
+  fc2.residual = static_cast<const float *>(params[5]);
+  fc2.drop = static_cast<const float *>(params[6]);
+  RunBatchGemm<Epi::kResidual>(fc2);
+  return 0;
+}
+
+// The channel MLP at inference: norm2 (folded into w1/b1), fc1, GELU, fc2, bias and residual in two
+// GEMMs; neither the normalised map nor fc1's sums are ever written.
+// inputs: y (B,C,H,W), w1 (K,C), b1 (K), mean (B), rstd (B), w2 (C,K), b2 (C);
+// outputs: out = y + w2 h + b2, h = gelu(w1 ((y_b - mean_b) rstd_b) + b1)
+int MlpInference(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1) || !IsConv1x1(ndims, shapes, 0, 1, false) || ndims[5] != 2 ||
+      shapes[5][0] != shapes[0][1] || shapes[5][1] != shapes[1][0] || shapes[0][1] % kRows)
+    return 1;
+  const std::vector<float> w1 = PackWeight(static_cast<const float *>(params[1]), shapes[1], false);
+  const std::vector<float> w2 = PackWeight(static_cast<const float *>(params[5]), shapes[5], false);
+  const float *y = static_cast<const float *>(params[0]);
+  float *h = static_cast<float *>(params[8]);
+  BatchGemm fc1 = Gemm(shapes[0], w1, shapes[1][0], y, h);
+  fc1.bias = static_cast<const float *>(params[2]);
+  fc1.mean = static_cast<const float *>(params[3]);
+  fc1.rstd = static_cast<const float *>(params[4]);
+  RunBatchGemm<Epi::kNormGelu>(fc1);
+  const int64_t hidden_shape[4] = {shapes[0][0], shapes[1][0], shapes[0][2], shapes[0][3]};
+  BatchGemm fc2 = Gemm(hidden_shape, w2, shapes[5][0], h, static_cast<float *>(params[7]));
+  fc2.bias = static_cast<const float *>(params[6]);
+  fc2.residual = y;
+  RunBatchGemm<Epi::kResidual>(fc2);
+  return 0;
+}
+
+// MlpForward's gradient into fc1's sums: fc2's input gradient and the GELU's in one GEMM.
+// inputs: dacc2 (B,C,H,W) the gradient of fc2's sums, w2 (C,K), acc (B,K,H,W), b1 (K);
+// outputs: dacc = (w2^T dacc2) gelu'(acc + b1), db1 (K) = sum of dacc over images and pixels
+int MlpHiddenGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1) || !IsConv1x1(ndims, shapes, 0, 1, true) || ndims[2] != 4 ||
+      shapes[2][1] != shapes[1][1])
+    return 1;
+  const std::vector<float> w2 = PackWeight(static_cast<const float *>(params[1]), shapes[1], true);
+  BatchGemm g = Gemm(shapes[0], w2, shapes[1][1], static_cast<const float *>(params[0]), static_cast<float *>(params[4]));
+  g.pre = static_cast<const float *>(params[2]);
+  g.bias = static_cast<const float *>(params[3]);
+  g.bias_grad = static_cast<float *>(params[5]);
+  RunBatchGemm<Epi::kGeluGrad>(g);
   return 0;
 }
 

@@ -103,6 +103,7 @@ class MetaFormerBlock(nn.Cell):
                 self.layer_scale_2 = layer_scale_parameter(layer_scale_init, dim)
         self.use_cpu_kernels = False  # set by set_cpu_kernels (MetaFormer does it at build time)
         self.use_fast_gemm = False
+        self.fuse_mlp = False
 
     def supports_cpu_kernels(self) -> bool:
         """Whether this block is the PoolFormer block the fused CPU kernels implement."""
@@ -116,6 +117,7 @@ class MetaFormerBlock(nn.Cell):
         """
         self.use_cpu_kernels = kernels is not None and self.supports_cpu_kernels()
         self.use_fast_gemm = False
+        self.fuse_mlp = False
         if self.use_cpu_kernels:
             self.k_pool_mixer = kernels.pool_mixer
             self.k_normalize = kernels.normalize
@@ -127,7 +129,10 @@ class MetaFormerBlock(nn.Cell):
             if self.use_fast_gemm:
                 self.k_conv1x1 = kernels.conv1x1
                 self.k_moments = kernels.moments
-                self.k_fc1_norm_gelu = kernels.fc1_norm_gelu
+                self.k_mlp = kernels.mlp
+                self.k_mlp_inference = kernels.mlp_inference
+            # the whole MLP in two GEMMs (no dropout between them: drop_rate is 0 in every recipe)
+            self.fuse_mlp = self.use_fast_gemm and isinstance(self.mlp.drop, nn.Identity)
             self.pool_size_tensor = Tensor([self.token_mixer.pool_size], mstype.int32)
 
     def _drop_scale(self, drop_path: nn.Cell, batch: int) -> Tensor:
@@ -149,17 +154,19 @@ class MetaFormerBlock(nn.Cell):
         y = self.k_pool_mixer(x, scale, self._drop_scale(self.drop_path1, batch), self.pool_size_tensor)[0]
         mlp = self.mlp
         w1, b1 = mlp.fc1.folded(x.dtype, mlp.inv_sqrt2, mlp.inv_sqrt2, self.norm2.gamma, self.norm2.beta)
-        if self.use_fast_gemm and not self.training:  # one pass: the normalised map and z are never stored
-            mean, rstd = self.k_moments(y)
-            hidden = self.k_fc1_norm_gelu(y, w1.reshape((w1.shape[0], w1.shape[1])), b1, mean, rstd)
-        else:
-            hidden = mlp.drop(self.k_gelu_bias(self._conv1x1(mlp.fc1, self.k_normalize(y)[0], w1), b1))
         if self.use_layer_scale:
             w2, b2 = mlp.fc2.folded(x.dtype, self.layer_scale_2 * mlp.inv_sqrt2, self.layer_scale_2)
         else:
             w2, b2 = mlp.fc2.folded(x.dtype, mlp.inv_sqrt2, mlp.one)
-        out = self.k_residual_bias(y, self._conv1x1(mlp.fc2, hidden, w2), b2, self._drop_scale(self.drop_path2, batch))
-        return out
+        if self.fuse_mlp:
+            w1 = w1.reshape((w1.shape[0], w1.shape[1]))
+            w2 = w2.reshape((w2.shape[0], w2.shape[1]))
+            if not self.training:  # the normalised map and fc1's sums are never stored
+                mean, rstd = self.k_moments(y)
+                return self.k_mlp_inference(y, w1, b1, mean, rstd, w2, b2)[0]
+            return self.k_mlp(self.k_normalize(y)[0], w1, b1, w2, b2, y, self._drop_scale(self.drop_path2, batch))[0]
+        hidden = mlp.drop(self.k_gelu_bias(self._conv1x1(mlp.fc1, self.k_normalize(y)[0], w1), b1))
+        return self.k_residual_bias(y, self._conv1x1(mlp.fc2, hidden, w2), b2, self._drop_scale(self.drop_path2, batch))
 
     def construct(self, x: Tensor) -> Tensor:
         if self.use_cpu_kernels and x.dtype == mstype.float32:
