@@ -244,6 +244,10 @@ def main() -> None:
         parser.error(f"--iters must be >= 5, got {args.iters}")
     models = [m if m.startswith("poolformer_") else f"poolformer_{m}" for m in args.models.split(",")]
     rows = ROWS if args.rows == "all" else [tuple(r.split(":")) for r in args.rows.split(",")]
+    unknown = [":".join(row) for row in rows if row not in ROWS]
+    if unknown:
+        parser.error(f"unknown --rows {','.join(unknown)}; accepted: all, or any of "
+                     + ",".join(f"{f}:{t}" for f, t in ROWS))
     out = Path(args.out)
     workdir = out / "work"
     workdir.mkdir(parents=True, exist_ok=True)
