@@ -161,6 +161,16 @@ class CpuKernels:
 
         self.residual_bias = custom("ResidualBias", lambda y, *_: y, lambda y, *_: y, residual_bprop)
 
+        # the MLP's weight folds (norm2's affine and the GELU constants into fc1, LayerScale into fc2)
+        fold_grad = custom("FoldMlpGrad", lambda w1, g, beta, w2, b2, ls, *_: (w1, [w1[0]], g, beta, w2, b2, ls),
+                           lambda w1, *_: (w1,) * 7)
+
+        def fold_bprop(w1, b1, gamma, beta, w2, b2, ls, out, dout):
+            return fold_grad(w1, gamma, beta, w2, b2, ls, *dout)
+
+        self.fold_mlp = custom("FoldMlp", lambda w1, b1, g, beta, w2, b2, ls: (w1, b1, w2, b2),
+                               lambda w1, *_: (w1,) * 4, fold_bprop)
+
         # one kernel for the training step's non-finite check over every gradient (float32/float16)
         self.all_finite = custom("AllFinite", lambda *shapes: [1], lambda *types: mstype.bool_)
 

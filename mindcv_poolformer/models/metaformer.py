@@ -123,6 +123,7 @@ class MetaFormerBlock(nn.Cell):
             self.k_normalize = kernels.normalize
             self.k_gelu_bias = kernels.gelu_bias
             self.k_residual_bias = kernels.residual_bias
+            self.k_fold_mlp = kernels.fold_mlp
             # fc1 and fc2 on the AVX-512 GEMM where there is one (it tiles 8 output channels at a time)
             self.use_fast_gemm = (kernels.conv1x1 is not None and self.mlp.fc1.out_channels % 8 == 0
                                   and self.mlp.fc2.out_channels % 8 == 0)
@@ -142,8 +143,8 @@ class MetaFormerBlock(nn.Cell):
 
     def _conv1x1(self, conv: Conv1x1, x: Tensor, weight: Tensor) -> Tensor:
         if self.use_fast_gemm:
-            return self.k_conv1x1(x, weight.reshape((weight.shape[0], weight.shape[1])))
-        return conv.conv2d(x, weight)
+            return self.k_conv1x1(x, weight)
+        return conv.conv2d(x, weight.reshape(weight.shape + (1, 1)))
 
     def _construct_cpu(self, x: Tensor) -> Tensor:
         """The same block on the fused float32 CPU kernels (see ``mindcv_poolformer.kernels``)."""
@@ -152,21 +153,19 @@ class MetaFormerBlock(nn.Cell):
         if self.use_layer_scale:
             scale = scale * self.layer_scale_1
         y = self.k_pool_mixer(x, scale, self._drop_scale(self.drop_path1, batch), self.pool_size_tensor)[0]
-        mlp = self.mlp
-        w1, b1 = mlp.fc1.folded(x.dtype, mlp.inv_sqrt2, mlp.inv_sqrt2, self.norm2.gamma, self.norm2.beta)
-        if self.use_layer_scale:
-            w2, b2 = mlp.fc2.folded(x.dtype, self.layer_scale_2 * mlp.inv_sqrt2, self.layer_scale_2)
-        else:
-            w2, b2 = mlp.fc2.folded(x.dtype, mlp.inv_sqrt2, mlp.one)
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+        layer_scale = self.layer_scale_2 if self.use_layer_scale else ops.ones_like(fc2.bias)
+        # the same folds as ConvMlp's (Conv1x1.folded), in one kernel with one gradient kernel
+        w1, b1, w2, b2 = self.k_fold_mlp(fc1.weight.reshape(fc1.weight.shape[:2]), fc1.bias, self.norm2.gamma,
+                                         self.norm2.beta, fc2.weight.reshape(fc2.weight.shape[:2]), fc2.bias,
+                                         layer_scale)
         if self.fuse_mlp:
-            w1 = w1.reshape((w1.shape[0], w1.shape[1]))
-            w2 = w2.reshape((w2.shape[0], w2.shape[1]))
             if not self.training:  # the normalised map and fc1's sums are never stored
                 mean, rstd = self.k_moments(y)
                 return self.k_mlp_inference(y, w1, b1, mean, rstd, w2, b2)[0]
             return self.k_mlp(self.k_normalize(y)[0], w1, b1, w2, b2, y, self._drop_scale(self.drop_path2, batch))[0]
-        hidden = mlp.drop(self.k_gelu_bias(self._conv1x1(mlp.fc1, self.k_normalize(y)[0], w1), b1))
-        return self.k_residual_bias(y, self._conv1x1(mlp.fc2, hidden, w2), b2, self._drop_scale(self.drop_path2, batch))
+        hidden = self.mlp.drop(self.k_gelu_bias(self._conv1x1(fc1, self.k_normalize(y)[0], w1), b1))
+        return self.k_residual_bias(y, self._conv1x1(fc2, hidden, w2), b2, self._drop_scale(self.drop_path2, batch))
 
     def construct(self, x: Tensor) -> Tensor:
         if self.use_cpu_kernels and x.dtype == mstype.float32:
