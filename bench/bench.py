@@ -5,8 +5,11 @@
 Every row runs in its own subprocess (so peak RSS is that configuration's alone and frameworks do
 not share thread pools), all in one invocation on the same machine, with the same weights: a
 randomised HF PoolFormer converted through our converter. Timings exclude warm-up; the figure is
-the median of ``--iters`` timed iterations. The table is printed and saved as markdown and JSON
-under ``bench/results/``.
+the median of ``--iters`` timed iterations. With ``--rounds R`` every row is measured R times, the
+rows interleaved round by round, and the round with the median img/s is reported: on a shared host
+whose speed drifts over minutes, that compares the frameworks under the same conditions instead of
+whichever happened to run during a slow spell. The table is printed and saved as markdown and JSON
+under ``bench/results/`` (the JSON keeps every round).
 """
 
 from __future__ import annotations
@@ -205,6 +208,14 @@ def _run_row(row: tuple[str, str], model: str, args: argparse.Namespace, workdir
     return {"status": "ok", **json.loads(lines[-1])}
 
 
+def _median_round(measured: list[dict]) -> dict:
+    """The round with the median img/s (the lower middle one for an even count), with every round's img/s."""
+    ok = sorted((r for r in measured if r["status"] == "ok"), key=lambda r: r["img_per_s"])
+    if not ok:
+        return measured[-1]
+    return {**ok[(len(ok) - 1) // 2], "rounds_img_per_s": [r.get("img_per_s") for r in measured]}
+
+
 def _table(results: list[dict], macs: dict[str, float]) -> str:
     head = ("| model | framework | task | img/s | first call (s) | peak RSS (MB) | achieved GFLOP/s | "
             "ours / this |")
@@ -229,6 +240,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--iters", type=int, default=5, help="timed iterations (median reported; >= 5)")
     parser.add_argument("--rows", default="all", help="comma-separated framework:task rows, e.g. ours-graph:infer")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds per row (median round reported)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per row")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -242,6 +254,8 @@ def main() -> None:
         return
     if args.iters < 5:
         parser.error(f"--iters must be >= 5, got {args.iters}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     models = [m if m.startswith("poolformer_") else f"poolformer_{m}" for m in args.models.split(",")]
     rows = ROWS if args.rows == "all" else [tuple(r.split(":")) for r in args.rows.split(",")]
     unknown = [":".join(row) for row in rows if row not in ROWS]
@@ -255,15 +269,20 @@ def main() -> None:
     from mindcv_poolformer.models.metaformer import POOLFORMER_VARIANTS
 
     macs = {m: POOLFORMER_VARIANTS[m].macs * (args.image_size / 224) ** 2 for m in models}
-    results = []
-    for model in models:
-        for framework, task in rows:
-            print(f"measuring {model} {framework} {task} ...", file=sys.stderr, flush=True)
-            results.append({"model": model, "framework": framework, "task": task,
-                            **_run_row((framework, task), model, args, workdir)})
+    measured: dict[tuple[str, str, str], list[dict]] = {}
+    for round_index in range(args.rounds):
+        for model in models:
+            for framework, task in rows:
+                print(f"measuring {model} {framework} {task} (round {round_index + 1}/{args.rounds}) ...",
+                      file=sys.stderr, flush=True)
+                measured.setdefault((model, framework, task), []).append(
+                    _run_row((framework, task), model, args, workdir))
+    results = [{"model": model, "framework": framework, "task": task, **_median_round(rounds)}
+               for (model, framework, task), rounds in measured.items()]
     table = _table(results, macs)
     header = (f"batch {args.batch}, {args.image_size}x{args.image_size}, fp32, {os.cpu_count()} cores "
-              f"({platform.processor() or platform.machine()}), median of {args.iters}; "
+              f"({platform.processor() or platform.machine()}), median of {args.iters}"
+              + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else "") + "; "
               f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(package default: AVX2)')}; "
               "GFLOP/s = 2 x MACs x img/s (x3 for a training step)")
     print(header)
