@@ -21,6 +21,8 @@ CONFIGS = {
     "pool5-no-layer-scale": {"pool_size": 5, "layer_scale_init": None},
     "pool7": {"pool_size": 7},  # windows wider than the 2x2 last-stage map
     "drop-path": {"drop_path_rate": 0.5},
+    # the 1x1 convs on oneDNN (a CPU without AVX-512): separate GELU and residual kernels around them
+    "gemm-off": {"gemm": False},
 }
 
 
@@ -34,12 +36,21 @@ def library():
     return path
 
 
-def _pair(**overrides):
+def _pair(gemm: bool = True, **overrides):
     """Two equal tiny MetaFormers (perturbed away from their init), one on the kernels, one on MindSpore ops."""
     settings = {"layer_scale_init": 0.5, **overrides}
     fast = MetaFormer((1, 2, 1, 1), (8, 16, 24, 32), num_classes=5, **settings)
     slow = MetaFormer((1, 2, 1, 1), (8, 16, 24, 32), num_classes=5, **settings)
-    assert set_cpu_kernels(fast, kernels.cpu_kernels()) == 5
+    fast_kernels = kernels.cpu_kernels()
+    if not gemm:
+        os.environ["MINDCV_POOLFORMER_CPU_GEMM"] = "0"
+        try:
+            fast_kernels = kernels.CpuKernels(kernels.library_path())
+        finally:
+            del os.environ["MINDCV_POOLFORMER_CPU_GEMM"]
+    assert set_cpu_kernels(fast, fast_kernels) == 5
+    blocks = [cell for _, cell in fast.cells_and_names() if hasattr(cell, "fuse_mlp")]
+    assert all(block.fuse_mlp == (gemm and fast_kernels.conv1x1 is not None) for block in blocks)
     assert set_cpu_kernels(slow, None) == 0
     rng = np.random.default_rng(1)
     for a, b in zip(fast.get_parameters(), slow.get_parameters()):

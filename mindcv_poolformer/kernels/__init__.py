@@ -2,11 +2,12 @@
 
 MindSpore's CPU backend runs the block's elementwise work as one memory pass per op, and its Erf
 kernel is scalar and single-threaded (a quarter of the S12 forward). ``poolformer_cpu.cc`` fuses the
-block into four threaded, vectorised kernels (norm1 + pooling mixer + LayerScale + drop path +
-residual; norm2; bias + exact GELU; bias + drop path + residual), each with a backward kernel, runs
-the MLP's 1x1 convs on a cache-blocked AVX-512 GEMM (fc1 fused with norm2 and the GELU at inference)
-where the CPU has AVX-512, and
-checks a training step's gradients for non-finite values in one kernel.
+block into threaded, vectorised kernels, each with a backward kernel: norm1 + pooling mixer +
+LayerScale + drop path + residual; norm2; the MLP's weight folds; and, where the CPU has AVX-512,
+the whole channel MLP as two cache-blocked GEMMs whose stores apply the bias + exact GELU and the
+bias + drop path + residual (fc1 also normalises its input at inference). Without AVX-512 the 1x1
+convs stay on oneDNN with separate bias + GELU and bias + residual kernels around them. One more
+kernel checks a training step's gradients for non-finite values.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``/``c++``)
 for this CPU (``-march=native``) and cached under ``$MINDCV_POOLFORMER_HOME/kernels`` (default

@@ -10,6 +10,9 @@
 //   GeluBias:     h = z * (erf(z) + 1), z = acc + bias_c              (sqrt2 * GELU, constants folded
 //                                                                      into the convs around it)
 //   ResidualBias: out = y + d_b * (acc + bias_c)                      (fc2 bias, drop path, residual)
+//   FoldMlp:      norm2's affine, the GELU constants and LayerScale folded into fc1/fc2's weights
+// and, with AVX-512, the MLP's 1x1 convs as a batch GEMM that applies GeluBias / ResidualBias (and
+// the GELU's derivative in the backward) as it stores (MlpForward, MlpInference, MlpHiddenGrad).
 // d_b is the per-sample drop-path scale (ones at inference). Statistics accumulate in double.
 //
 // Every entry point has MindSpore's aot signature; params holds the inputs then the outputs.
