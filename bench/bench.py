@@ -8,8 +8,9 @@ randomised HF PoolFormer converted through our converter. Timings exclude warm-u
 the median of ``--iters`` timed iterations. With ``--rounds R`` every row is measured R times, the
 rows interleaved round by round, and the round with the median img/s is reported: on a shared host
 whose speed drifts over minutes, that compares the frameworks under the same conditions instead of
-whichever happened to run during a slow spell. The table is printed and saved as markdown and JSON
-under ``bench/results/`` (the JSON keeps every round).
+whichever happened to run during a slow spell; the last column is then the median over rounds of
+the within-round ratio, which cancels drift between rounds. The table is printed and saved as
+markdown and JSON under ``bench/results/`` (the JSON keeps every round).
 """
 
 from __future__ import annotations
@@ -216,20 +217,28 @@ def _median_round(measured: list[dict]) -> dict:
     return {**ok[(len(ok) - 1) // 2], "rounds_img_per_s": [r.get("img_per_s") for r in measured]}
 
 
+def _paired_ratio(ours: dict, other: dict) -> str:
+    """Median over rounds of ours / other within each round: drift between rounds cancels out."""
+    pairs = [a / b for a, b in zip(ours.get("rounds_img_per_s", []), other.get("rounds_img_per_s", []))
+             if a and b]
+    return f"{statistics.median(pairs):.2f}x" if len(pairs) > 1 else "-"
+
+
 def _table(results: list[dict], macs: dict[str, float]) -> str:
     head = ("| model | framework | task | img/s | first call (s) | peak RSS (MB) | achieved GFLOP/s | "
-            "ours / this |")
-    lines = [head, "|" + "---|" * 8]
+            "ours / this | ours / this, per round |")
+    lines = [head, "|" + "---|" * 9]
     for r in results:
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['framework']} | {r['task']} | {r['status']} | | | | |")
+            lines.append(f"| {r['model']} | {r['framework']} | {r['task']} | {r['status']} | | | | | |")
             continue
         ours = next((o for o in results if o["model"] == r["model"] and o["framework"] == "ours-graph"
                      and o["task"] == r["task"] and o["status"] == "ok"), None)
         ratio = f"{ours['img_per_s'] / r['img_per_s']:.2f}x" if ours else "-"
+        paired = _paired_ratio(ours, r) if ours else "-"
         flops = 2 * macs[r["model"]] * r["img_per_s"] * (3 if r["task"] == "train" else 1) / 1e9
         lines.append(f"| {r['model']} | {r['framework']} | {r['task']} | {r['img_per_s']:.1f} | "
-                     f"{r['first_call_s']:.1f} | {r['peak_rss_mb']:.0f} | {flops:.0f} | {ratio} |")
+                     f"{r['first_call_s']:.1f} | {r['peak_rss_mb']:.0f} | {flops:.0f} | {ratio} | {paired} |")
     return "\n".join(lines)
 
 

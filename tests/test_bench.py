@@ -35,3 +35,12 @@ def test_unknown_rows_and_rounds_are_one_line_errors(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert needle in proc.stderr and "Traceback" not in proc.stderr
         assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_table_gives_the_median_of_within_round_ratios():
+    bench = _bench_module()
+    base = {"model": "poolformer_s12", "task": "infer", "status": "ok", "first_call_s": 1.0, "peak_rss_mb": 900.0}
+    ours = {**base, "framework": "ours-graph", "img_per_s": 40.0, "rounds_img_per_s": [44.0, 40.0, 30.0]}
+    peer = {**base, "framework": "torch-compile", "img_per_s": 30.0, "rounds_img_per_s": [22.0, 32.0, 30.0]}
+    row = bench._table([ours, peer], {"poolformer_s12": 1.8e9}).splitlines()[-1]
+    assert row.endswith("| 1.33x | 1.25x |")  # 40/30; median of 2.0, 1.25, 1.0
