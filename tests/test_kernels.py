@@ -36,6 +36,15 @@ def library():
     return path
 
 
+@pytest.fixture()
+def gemm_kernels(library):
+    """The kernels with the AVX-512 GEMM (the library's 1x1 convs and fused MLP)."""
+    fast = kernels.cpu_kernels()
+    if fast.conv1x1 is None:
+        pytest.skip("the kernel library was built without AVX-512: the 1x1 convs run on oneDNN")
+    return fast
+
+
 def _pair(gemm: bool = True, **overrides):
     """Two equal tiny MetaFormers (perturbed away from their init), one on the kernels, one on MindSpore ops."""
     settings = {"layer_scale_init": 0.5, **overrides}
@@ -192,11 +201,9 @@ def _close(actual, expected):
 
 
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
-def test_gemm_matches_numpy(library, shape):
+def test_gemm_matches_numpy(gemm_kernels, shape):
     """The 1x1 conv on the AVX-512 GEMM, its input gradient (transposed GEMM) and its weight gradient."""
-    fast = kernels.cpu_kernels()
-    if fast.conv1x1 is None:
-        pytest.skip("the kernel library was built without AVX-512: the 1x1 convs run on oneDNN")
+    fast = gemm_kernels
     batch, channels, height, width, rows = shape
     rng = np.random.default_rng(4)
     x = rng.normal(0, 1, (batch, channels, height, width)).astype(np.float32)
@@ -236,11 +243,9 @@ def _mlp_reference(n, w1, b1, w2, b2, y, drop, dout):
 
 
 @pytest.mark.parametrize("shape", MLP_SHAPES)
-def test_fused_mlp_matches_numpy(library, shape):
+def test_fused_mlp_matches_numpy(gemm_kernels, shape):
     """The channel MLP in two GEMMs: training forward and every gradient, and the inference kernel."""
-    fast = kernels.cpu_kernels()
-    if fast.conv1x1 is None:
-        pytest.skip("the kernel library was built without AVX-512: the 1x1 convs run on oneDNN")
+    fast = gemm_kernels
     batch, channels, height, width, hidden = shape
     rng = np.random.default_rng(6)
     y = rng.normal(0.5, 2, (batch, channels, height, width)).astype(np.float32)
