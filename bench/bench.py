@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _USER_ENV = dict(os.environ)
 sys.path.insert(0, str(ROOT))
 
-# ours-graph-ops: the same model with the fused CPU kernels switched off (MindSpore's own ops only)
-# Each of ours' rows runs right before the peer it is measured against, so a round's ratio compares
-# two runs a minute apart rather than ten.
+# ours-graph-ops: the same model with the fused CPU kernels switched off (MindSpore's own ops only).
+# Ours' rows run right before torch.compile's, the peer of the speed targets, so a round's ratio
+# compares two runs a minute apart rather than ten.
 ROWS = [
     ("ours-graph", "infer"), ("torch-compile", "infer"), ("ours-graph", "train"), ("torch-compile", "train"),
     ("torch-eager", "infer"), ("torch-eager", "train"), ("onnxruntime", "infer"),
