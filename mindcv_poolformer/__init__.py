@@ -4,9 +4,11 @@ from ._runtime import configure_cpu_runtime
 
 configure_cpu_runtime()  # must run before MindSpore executes its first conv
 
+from .backends import apply_backend  # noqa: E402
 from .checkpoint import CheckpointError, LoadReport, load_checkpoint_into  # noqa: E402
+from .factory import create_model  # noqa: E402
 from .flops import count_macs, count_params  # noqa: E402
-from .models import MetaFormer, ModelInfo, create_model, list_models, model_info, register_model  # noqa: E402
+from .models import MetaFormer, ModelInfo, list_models, model_info, register_model  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,7 @@ __all__ = [
     "CheckpointError",
     "LoadReport",
     "MetaFormer",
+    "apply_backend",
     "ModelInfo",
     "__version__",
     "configure_cpu_runtime",

@@ -24,6 +24,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ._script import ScriptError
+from .backends import apply_backend
 from .checkpoint import (
     CheckpointError,
     check_architecture,
@@ -34,7 +35,6 @@ from .checkpoint import (
 )
 from .config import ConfigError
 from .models.layers import Pooling
-from .models.metaformer import set_cpu_kernels
 
 __all__ = [
     "ExportResult",
@@ -62,7 +62,7 @@ def load_network(model: str, ckpt_path: str, num_classes: int | None = None):
     Unlike fine-tuning, inference must not re-initialise a head whose shape differs: that is an error.
     Returns ``(net, num_classes)``.
     """
-    from .models.registry import create_model
+    from .factory import create_model
 
     if not ckpt_path:
         raise ConfigError("ckpt_path: no checkpoint given (pass --ckpt_path FILE)")
@@ -129,7 +129,7 @@ class SamePadPooling(nn.Cell):
 
 def make_onnx_exportable(net):
     """Swap, in place, the cells ONNX export rejects for equal formulations; parameter names are kept."""
-    set_cpu_kernels(net, None)
+    apply_backend(net, "none")
     for _, cell in list(net.cells_and_names()):
         for attr, sub in list(cell.name_cells().items()):
             if isinstance(sub, nn.GELU):
@@ -243,7 +243,7 @@ def export_model(
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     net, classes = load_network(model, ckpt_path, num_classes)
-    set_cpu_kernels(net, None)  # an exported graph must not name this machine's kernel library
+    apply_backend(net, "none")  # an exported graph is device-neutral: never this machine's kernel library
     if labels is not None and len(labels) != classes:
         raise ConfigError(f"labels: {len(labels)} names given but the model has {classes} classes")
     ms.set_context(mode=ms.GRAPH_MODE)

@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 from mindspore import nn
 
+from .backends import applied_backend, apply_backend
 from .models.layers import Attention, GroupNorm1, LayerNormChannel, RandomMixing
-from .models.metaformer import MetaFormerBlock
 
 __all__ = ["count_params", "count_macs"]
 
@@ -56,16 +56,7 @@ def _random_mixing_macs(cell: RandomMixing, inputs, output) -> int:
     return batch * channels * (height * width) ** 2
 
 
-def _fused_block_macs(cell: MetaFormerBlock, inputs, output) -> int:
-    # A block that fuses norm1 into the pooling mixer (or norm2's affine into fc1) never calls that
-    # norm as a cell; count the norm it stands for, so MACs describe the architecture (as fvcore
-    # counts the reference), not our shortcut. Both norms see a tensor of the block input's shape.
-    fused = int(cell.fuse_norm_mixer) + int(cell.fold_norm2)
-    return fused * _norm_macs(cell.norm1, inputs, output)
-
-
 _RULES: list[tuple[type, Callable[..., int]]] = [
-    (MetaFormerBlock, _fused_block_macs),
     (nn.Conv2d, _conv_macs),
     (nn.Dense, _dense_macs),
     (GroupNorm1, _norm_macs),
@@ -102,11 +93,9 @@ def count_macs(net: nn.Cell, image_size: int | tuple[int, int] = 224, in_channel
 
                 handles.append(cell.register_forward_hook(hook))
                 break
-    from .kernels import cpu_kernels
-    from .models.metaformer import set_cpu_kernels
-
-    # the fused CPU kernels bypass the hooked cells: count on MindSpore's ops, then switch them back
-    fused = set_cpu_kernels(net, None)
+    # a backend's fused forms bypass the hooked cells: count on the model as written, then restore it
+    backend = applied_backend(net)
+    apply_backend(net, "none")
     mode = ms.get_context("mode")
     was_training = net.training
     ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -118,6 +107,5 @@ def count_macs(net: nn.Cell, image_size: int | tuple[int, int] = 224, in_channel
             handle.remove()
         net.set_train(was_training)
         ms.set_context(mode=mode)
-        if fused:
-            set_cpu_kernels(net, cpu_kernels())
+        apply_backend(net, backend)
     return total[0]

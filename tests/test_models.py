@@ -10,6 +10,7 @@ import pytest
 from mindspore import nn
 
 from mindcv_poolformer import count_macs, count_params, create_model, list_models, model_info
+from mindcv_poolformer.backends import cpu as cpu_backend
 from mindcv_poolformer.models.layers import DropPath, DropPathNoise, GroupNorm1, Pooling
 from mindcv_poolformer.models.metaformer import POOLFORMER_VARIANTS
 
@@ -96,15 +97,24 @@ def _reference_avgpool(x: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("backend", ["none", "cpu"])
 @pytest.mark.parametrize("k", [3, 5])
-def test_pooling_token_mixer_border_values(k):
+def test_pooling_token_mixer_border_values(k, backend):
+    """The model's device-neutral form and the CPU backend's padded-AvgPool form, in PyNative and GRAPH."""
     x = np.random.RandomState(0).randn(2, 3, 7, 5).astype(np.float32) * 3 + 1
-    ours = Pooling(k)(ms.Tensor(x)).asnumpy()
     expected = _reference_avgpool(x, k) - x
-    # corners average 4 (k=3) values, edges 6, the interior 9: all must match exactly
-    assert np.abs(ours - expected).max() < 1e-5
-    ms.set_context(mode=ms.GRAPH_MODE)
-    assert np.abs(Pooling(k)(ms.Tensor(x)).asnumpy() - expected).max() < 1e-5
+    mode = ms.get_context("mode")
+    try:
+        for run_mode in (ms.PYNATIVE_MODE, ms.GRAPH_MODE):
+            ms.set_context(mode=run_mode)
+            mixer = Pooling(k)
+            if backend == "cpu":
+                cpu_backend.apply(mixer, None)
+                assert isinstance(mixer.pool, cpu_backend.CpuAvgPoolExcludePad)
+            # corners average 4 (k=3) values, edges 6, the interior 9: all must match exactly
+            assert np.abs(mixer(ms.Tensor(x)).asnumpy() - expected).max() < 1e-5
+    finally:
+        ms.set_context(mode=mode)
 
 
 def test_groupnorm1_normalises_over_channels_and_space():

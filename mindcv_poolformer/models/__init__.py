@@ -1,7 +1,7 @@
 """Model zoo: the registry and the MetaFormer/PoolFormer family (importing registers them)."""
 
 from . import metaformer  # noqa: F401  (registers the models)
-from .metaformer import POOLFORMER_VARIANTS, MetaFormer, MetaFormerBlock, set_cpu_kernels
+from .metaformer import POOLFORMER_VARIANTS, MetaFormer, MetaFormerBlock
 from .registry import ModelInfo, create_model, list_models, model_info, register_model
 
 __all__ = [
@@ -13,5 +13,4 @@ __all__ = [
     "list_models",
     "model_info",
     "register_model",
-    "set_cpu_kernels",
 ]

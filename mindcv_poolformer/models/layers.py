@@ -1,16 +1,17 @@
 """Small building blocks of the MetaFormer family, written to be exact and portable.
 
-Each block is expressed with ops whose semantics do not depend on the backend: GroupNorm(1) as a
+Each block is expressed with ops whose semantics do not depend on the device: GroupNorm(1) as a
 LayerNorm over each sample's flattened (C*H*W) row plus a per-channel affine, and the PoolFormer
-token mixer as a zero-padded window average divided by the true window count. (ONNX export swaps a
-few cells for equal exportable forms: see ``mindcv_poolformer.export.make_onnx_exportable``.)
+token mixer's ``count_include_pad=False`` average as a window sum over the zero-padded input divided
+by the true window count. Faster device-specific forms with the same semantics (the fused CPU kernels,
+Ascend's native pooling) live in ``mindcv_poolformer.backends`` and are applied to a built model;
+ONNX export swaps a few cells for exportable forms (``mindcv_poolformer.export.make_onnx_exportable``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common import dtype as mstype
 from mindspore.common import initializer as init
 
 
@@ -55,41 +56,52 @@ class GroupNorm1(_AffineNorm):
         super().__init__(num_channels, eps)
         self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
 
-    def normalize(self, x: Tensor) -> Tensor:
-        """``(x - mean) / std`` per sample over (C, H, W), without the affine."""
+    def construct(self, x: Tensor) -> Tensor:
         flat = x.reshape((x.shape[0], -1))
         ones = ops.ones((flat.shape[1],), x.dtype)
-        return self.layer_norm(flat, ones, ops.zeros_like(ones))[0].reshape(x.shape)
+        normalized = self.layer_norm(flat, ones, ops.zeros_like(ones))[0].reshape(x.shape)
+        return normalized * self.gamma.reshape((1, -1, 1, 1)) + self.beta.reshape((1, -1, 1, 1))
+
+
+class AvgPoolExcludePad(nn.Cell):
+    """``AvgPool(k, stride 1, padding k//2, count_include_pad=False)``: each output is the mean of its valid pixels.
+
+    Written as the 'valid' window mean of the zero-padded input divided by the same mean of a
+    zero-padded map of ones (the valid fraction of each window). Neither op pads inside the pooling,
+    so no framework's or device's padding convention enters, and both build on every Ascend SoC
+    (MindSpore 2.10 refuses padded ``nn.AvgPool2d`` on 910B/910_93). The backends swap in faster
+    forms with the same semantics (``mindcv_poolformer.backends``); a test pins the border values
+    against an explicit loop.
+    """
+
+    def __init__(self, pool_size: int) -> None:
+        super().__init__()
+        self.pool_size = pool_size
+        pad = pool_size // 2
+        self.padding = (pad, pad, pad, pad)
+        self.window_mean = ops.AvgPool(kernel_size=pool_size, strides=1, pad_mode="valid")
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.normalize(x) * self.gamma.reshape((1, -1, 1, 1)) + self.beta.reshape((1, -1, 1, 1))
+        ones = ops.ones((1, 1, x.shape[2], x.shape[3]), x.dtype)
+        valid_fraction = self.window_mean(ops.pad(ones, self.padding))
+        return self.window_mean(ops.pad(x, self.padding)) / valid_fraction
+
+    def extend_repr(self) -> str:
+        return f"pool_size={self.pool_size}"
 
 
 class Pooling(nn.Cell):
-    """PoolFormer token mixer: ``AvgPool(k, stride 1, pad k//2, count_include_pad=False)(x) - x``.
-
-    Computed as the zero-padded window mean (``count_include_pad=True``) divided by the padded
-    window mean of ones, i.e. sum / true count at every border position. That is exact by
-    construction on any backend, unlike relying on a ``count_include_pad=False``/``pad_mode="same"``
-    convention that differs between frameworks and devices; the reciprocal map is (1, 1, H, W), so
-    the division costs one multiply over the tensor (4x faster than padding + 'valid' pooling on
-    CPU, see bench/ops.py). ONNX export swaps in ``pad_mode="same"`` pooling and checks the result
-    in onnxruntime. Because the result averages valid pixels only, ``pool(a*x + b) - (a*x + b) =
-    a * (pool(x) - x)`` for per-channel ``a, b``: MetaFormerBlock uses that to drop GroupNorm's beta
-    and apply its gamma together with LayerScale.
-    """
+    """PoolFormer token mixer: ``AvgPool(k, stride 1, pad k//2, count_include_pad=False)(x) - x``."""
 
     def __init__(self, pool_size: int = 3) -> None:
         super().__init__()
         if pool_size < 1 or pool_size % 2 == 0:
             raise ValueError(f"pool_size must be an odd positive integer, got {pool_size}")
         self.pool_size = pool_size
-        self.pool = nn.AvgPool2d(pool_size, stride=1, pad_mode="pad", padding=pool_size // 2,
-                                 count_include_pad=True)
+        self.pool = AvgPoolExcludePad(pool_size)
 
     def construct(self, x: Tensor) -> Tensor:
-        valid_fraction = self.pool(ops.ones((1, 1, x.shape[2], x.shape[3]), x.dtype))
-        return self.pool(x) * ops.div(ops.ones_like(valid_fraction), valid_fraction) - x
+        return self.pool(x) - x
 
     def extend_repr(self) -> str:
         return f"pool_size={self.pool_size}"
@@ -166,84 +178,24 @@ class DropPathNoise:
             layer.noise.set_data(Tensor(row))
 
 
-class Conv1x1(nn.Conv2d):
-    """A biased 1x1 conv that can fold per-channel affine maps of its input and output into its weights.
-
-    ``conv(x * in_scale + in_shift) * weight_scale`` (with the bias scaled by ``bias_scale``) is
-    computed by rewriting the small weight and bias instead of passing over the large activations:
-    that is how a preceding GroupNorm affine, the GELU constants and LayerScale cost nothing. Same
-    parameters (``weight``, ``bias``) as ``nn.Conv2d``; scales are per channel or scalar tensors.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(in_channels, out_channels, 1, has_bias=True, weight_init=init.TruncatedNormal(0.02),
-                         bias_init="zeros")
-
-    def construct(self, x: Tensor, weight_scale: Tensor | None = None, bias_scale: Tensor | None = None,
-                  in_scale: Tensor | None = None, in_shift: Tensor | None = None) -> Tensor:
-        weight, bias = self.folded(x.dtype, weight_scale, bias_scale, in_scale, in_shift)
-        return self.bias_add(self.conv2d(x, weight), bias)
-
-    def folded(self, dtype, weight_scale: Tensor | None = None, bias_scale: Tensor | None = None,
-               in_scale: Tensor | None = None, in_shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The weight and bias with the folds applied, in ``dtype`` (what ``construct`` convolves with)."""
-        # everything in the activation's dtype: under AMP the cell's input is fp16 while the
-        # parameters stay fp32 (the folds then run in the precision the conv itself uses)
-        weight = ops.cast(self.weight, dtype)
-        bias = ops.cast(self.bias, dtype)
-        if in_shift is not None:  # W (x + shift) = W x + W shift
-            w2d = weight.reshape((weight.shape[0], weight.shape[1]))
-            bias = bias + ops.matmul(w2d, ops.cast(in_shift, dtype).reshape((-1, 1))).reshape((-1,))
-        if in_scale is not None:
-            weight = weight * ops.cast(in_scale, dtype).reshape((1, -1, 1, 1))
-        if weight_scale is not None:
-            weight = weight * ops.cast(weight_scale, dtype).reshape((-1, 1, 1, 1))
-            bias = bias * ops.cast(bias_scale, dtype)
-        return weight, bias
-
-
-_INV_SQRT2 = 0.7071067811865476
+def conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A biased 1x1 conv initialised as the official MLP's (truncated normal std 0.02, zero bias)."""
+    return nn.Conv2d(in_channels, out_channels, 1, has_bias=True, weight_init=init.TruncatedNormal(0.02),
+                     bias_init="zeros")
 
 
 class ConvMlp(nn.Cell):
-    """Channel MLP as two 1x1 convs (keeps the NCHW layout): fc1 -> act -> drop -> fc2 -> drop.
-
-    ``out_scale`` (the block's LayerScale) multiplies the output and ``in_scale``/``in_shift`` (the
-    preceding GroupNorm's affine) apply to the input, both folded into the conv weights (Conv1x1).
-    With the exact GELU the constants
-    are folded into the convs' weights: fc1 computes z = h/sqrt2 directly, ``z * (1 + erf(z))`` is
-    sqrt2 * GELU(h), and fc2's weight absorbs 1/sqrt2 and the LayerScale. That turns the five
-    elementwise passes of ``0.5*h*(1+erf(h/sqrt2))`` plus the LayerScale multiply into three passes
-    over the 4x-wide hidden map (exact up to float rounding). Any other activation (or the
-    ``ErfFreeGELU`` that ONNX export swaps in) runs as a cell in the plain order.
-    """
+    """Channel MLP as two 1x1 convs (keeps the NCHW layout): fc1 -> act -> drop -> fc2 -> drop."""
 
     def __init__(self, dim: int, hidden_dim: int, act: nn.Cell, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = Conv1x1(dim, hidden_dim)
+        self.fc1 = conv1x1(dim, hidden_dim)
         self.act = act
         self.drop = nn.Dropout(p=drop) if drop > 0 else nn.Identity()
-        self.fc2 = Conv1x1(hidden_dim, dim)
-        self.inv_sqrt2 = Tensor(_INV_SQRT2, mstype.float32)
-        self.one = Tensor(1.0, mstype.float32)
+        self.fc2 = conv1x1(hidden_dim, dim)
 
-    @property
-    def folds_gelu(self) -> bool:
-        """Whether ``act`` is the exact GELU (read at graph compile time, so a swapped ``act`` is seen)."""
-        return isinstance(self.act, nn.GELU) and str(self.act.approximate).lower() in ("none", "false")
-
-    def construct(self, x: Tensor, out_scale: Tensor | None = None, in_scale: Tensor | None = None,
-                  in_shift: Tensor | None = None) -> Tensor:
-        if self.folds_gelu:
-            z = self.fc1(x, self.inv_sqrt2, self.inv_sqrt2, in_scale, in_shift)
-            hidden = self.drop(z * (ops.erf(z) + 1.0))
-            if out_scale is None:
-                return self.drop(self.fc2(hidden, self.inv_sqrt2, self.one))
-            return self.drop(self.fc2(hidden, out_scale * self.inv_sqrt2, out_scale))
-        out = self.drop(self.fc2(self.drop(self.act(self.fc1(x, None, None, in_scale, in_shift)))))
-        if out_scale is None:
-            return out
-        return out * out_scale.reshape((-1, 1, 1))
+    def construct(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class PatchEmbed(nn.Cell):

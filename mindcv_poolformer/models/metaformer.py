@@ -23,18 +23,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common import dtype as mstype
+from mindspore import Parameter, Tensor, nn
 from mindspore.common import initializer as init
 
-from ..kernels import CpuKernels, cpu_kernels
 from .layers import (
     FIXED_SIZE_MIXERS,
     TOKEN_MIXERS,
-    Conv1x1,
     ConvMlp,
     DropPath,
-    GroupNorm1,
     PatchEmbed,
     Pooling,
     layer_scale_parameter,
@@ -45,7 +41,6 @@ from .layers import (
 from .registry import ModelInfo, register_model
 
 __all__ = [
-    "set_cpu_kernels",
     "MetaFormer",
     "MetaFormerBlock",
     "MetaFormerVariant",
@@ -58,11 +53,12 @@ PerStage = Union[Any, Sequence[Any]]
 
 
 class MetaFormerBlock(nn.Cell):
-    """norm -> token mixer -> LayerScale -> drop path -> residual; norm -> MLP -> LayerScale -> ...
+    """The MetaFormer block: ``x + drop_path(ls1 * mixer(norm1(x)))``, then ``x + drop_path(ls2 * mlp(norm2(x)))``.
 
     ``token_mixer`` defaults to PoolFormer's pooling. ``use_residual=False`` drops both skip
     connections and ``use_mlp=False`` drops the whole channel-MLP sub-block (norm2, mlp,
-    layer_scale_2): the paper's two failure cases.
+    layer_scale_2): the paper's two failure cases. Device-specific forms of this block (the fused
+    CPU kernels) are applied by ``mindcv_poolformer.backends`` and read these same Parameters.
     """
 
     def __init__(
@@ -90,118 +86,27 @@ class MetaFormerBlock(nn.Cell):
         # one cell per residual branch: each draws its own per-sample mask
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 and use_mlp else nn.Identity()
-        # GroupNorm(1) is normalize(x) * gamma + beta with a per-channel affine, and the pooling mixer
-        # averages valid pixels only, so mixer(norm1(x)) = gamma * mixer(normalize(x)): beta cancels
-        # and gamma joins LayerScale in one per-channel multiply (exact, see Pooling).
-        self.fuse_norm_mixer = isinstance(self.norm1, GroupNorm1) and isinstance(self.token_mixer, Pooling)
-        # likewise norm2's affine is a per-channel map before a 1x1 conv: folded into fc1's weights
-        self.fold_norm2 = use_mlp and isinstance(self.norm2, GroupNorm1)
         self.use_layer_scale = bool(layer_scale_init)
         if self.use_layer_scale:
             self.layer_scale_1 = layer_scale_parameter(layer_scale_init, dim)
             if use_mlp:
                 self.layer_scale_2 = layer_scale_parameter(layer_scale_init, dim)
-        self.use_cpu_kernels = False  # set by set_cpu_kernels (MetaFormer does it at build time)
-        self.use_fast_gemm = False
-        self.fuse_mlp = False
-
-    def supports_cpu_kernels(self) -> bool:
-        """Whether this block is the PoolFormer block the fused CPU kernels implement."""
-        return (self.fuse_norm_mixer and self.fold_norm2 and self.use_residual and self.mlp.folds_gelu
-                and self.norm1.eps == 1e-5 and self.norm2.eps == 1e-5)
-
-    def set_cpu_kernels(self, kernels: CpuKernels | None) -> None:
-        """Run this block on the fused CPU kernels (``mindcv_poolformer.kernels``), or on MindSpore ops (None).
-
-        Read when the graph is compiled: set it before the first call.
-        """
-        self.use_cpu_kernels = kernels is not None and self.supports_cpu_kernels()
-        self.use_fast_gemm = False
-        self.fuse_mlp = False
-        if self.use_cpu_kernels:
-            self.k_pool_mixer = kernels.pool_mixer
-            self.k_normalize = kernels.normalize
-            self.k_gelu_bias = kernels.gelu_bias
-            self.k_residual_bias = kernels.residual_bias
-            self.k_fold_mlp = kernels.fold_mlp
-            # fc1 and fc2 on the AVX-512 GEMM where there is one (it tiles 8 output channels at a time)
-            self.use_fast_gemm = (kernels.conv1x1 is not None and self.mlp.fc1.out_channels % 8 == 0
-                                  and self.mlp.fc2.out_channels % 8 == 0)
-            if self.use_fast_gemm:
-                self.k_conv1x1 = kernels.conv1x1
-                self.k_moments = kernels.moments
-                self.k_mlp = kernels.mlp
-                self.k_mlp_inference = kernels.mlp_inference
-            # the whole MLP in two GEMMs (no dropout between them: drop_rate is 0 in every recipe)
-            self.fuse_mlp = self.use_fast_gemm and isinstance(self.mlp.drop, nn.Identity)
-            self.pool_size_tensor = Tensor([self.token_mixer.pool_size], mstype.int32)
-
-    def _drop_scale(self, drop_path: nn.Cell, batch: int) -> Tensor:
-        if isinstance(drop_path, DropPath):
-            return drop_path.sample_scale(batch, mstype.float32)
-        return ops.ones((batch,), mstype.float32)
-
-    def _conv1x1(self, conv: Conv1x1, x: Tensor, weight: Tensor) -> Tensor:
-        if self.use_fast_gemm:
-            return self.k_conv1x1(x, weight)
-        return conv.conv2d(x, weight.reshape(weight.shape + (1, 1)))
-
-    def _construct_cpu(self, x: Tensor) -> Tensor:
-        """The same block on the fused float32 CPU kernels (see ``mindcv_poolformer.kernels``)."""
-        batch = x.shape[0]
-        scale = self.norm1.gamma
-        if self.use_layer_scale:
-            scale = scale * self.layer_scale_1
-        y = self.k_pool_mixer(x, scale, self._drop_scale(self.drop_path1, batch), self.pool_size_tensor)[0]
-        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
-        layer_scale = self.layer_scale_2 if self.use_layer_scale else ops.ones_like(fc2.bias)
-        # the same folds as ConvMlp's (Conv1x1.folded), in one kernel with one gradient kernel
-        w1, b1, w2, b2 = self.k_fold_mlp(fc1.weight.reshape(fc1.weight.shape[:2]), fc1.bias, self.norm2.gamma,
-                                         self.norm2.beta, fc2.weight.reshape(fc2.weight.shape[:2]), fc2.bias,
-                                         layer_scale)
-        if self.fuse_mlp:
-            if not self.training:  # the normalised map and fc1's sums are never stored
-                mean, rstd = self.k_moments(y)
-                return self.k_mlp_inference(y, w1, b1, mean, rstd, w2, b2)[0]
-            return self.k_mlp(self.k_normalize(y)[0], w1, b1, w2, b2, y, self._drop_scale(self.drop_path2, batch))[0]
-        hidden = self.mlp.drop(self.k_gelu_bias(self._conv1x1(fc1, self.k_normalize(y)[0], w1), b1))
-        return self.k_residual_bias(y, self._conv1x1(fc2, hidden, w2), b2, self._drop_scale(self.drop_path2, batch))
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.use_cpu_kernels and x.dtype == mstype.float32:
-            return self._construct_cpu(x)
-        if self.fuse_norm_mixer:
-            scale = self.norm1.gamma
-            if self.use_layer_scale:
-                scale = scale * self.layer_scale_1
-            mixed = self.token_mixer(self.norm1.normalize(x)) * scale.reshape((-1, 1, 1))
-        else:
-            mixed = self.token_mixer(self.norm1(x))
-            if self.use_layer_scale:
-                mixed = self.layer_scale_1.reshape((-1, 1, 1)) * mixed
-        x = x + self.drop_path1(mixed) if self.use_residual else self.drop_path1(mixed)
-        if not self.use_mlp:
-            return x
-        # the MLP folds LayerScale into its last conv's weight, and GroupNorm's affine into its first (ConvMlp)
-        layer_scale = self.layer_scale_2 if self.use_layer_scale else None
-        if self.fold_norm2:
-            mlp_out = self.mlp(self.norm2.normalize(x), layer_scale, self.norm2.gamma, self.norm2.beta)
-        else:
-            mlp_out = self.mlp(self.norm2(x), layer_scale)
-        return x + self.drop_path2(mlp_out) if self.use_residual else self.drop_path2(mlp_out)
+        x = self.residual(x, self.drop_path1(self.scaled(self.token_mixer(self.norm1(x)), 1)))
+        if self.use_mlp:
+            x = self.residual(x, self.drop_path2(self.scaled(self.mlp(self.norm2(x)), 2)))
+        return x
 
+    def scaled(self, branch: Tensor, index: int) -> Tensor:
+        """LayerScale ``layer_scale_{index}`` times a branch's output (the branch itself without LayerScale)."""
+        if not self.use_layer_scale:
+            return branch
+        scale = self.layer_scale_1 if index == 1 else self.layer_scale_2
+        return scale.reshape((-1, 1, 1)) * branch
 
-def set_cpu_kernels(network: nn.Cell, kernels: CpuKernels | None) -> int:
-    """Switch every PoolFormer block of ``network`` to the fused CPU kernels (or back to MindSpore ops with None).
-
-    Models are built with the kernels wherever ``mindcv_poolformer.kernels.kernels_enabled()``; export
-    switches them off, since an exported graph must not name a local library. Call before the
-    network is first run (the choice is compiled into the graph). Returns the blocks that use them.
-    """
-    blocks = [cell for _, cell in network.cells_and_names() if isinstance(cell, MetaFormerBlock)]
-    for block in blocks:
-        block.set_cpu_kernels(kernels)
-    return sum(block.use_cpu_kernels for block in blocks)
+    def residual(self, x: Tensor, branch: Tensor) -> Tensor:
+        return x + branch if self.use_residual else branch
 
 
 class PositionEmbeddedStage(nn.SequentialCell):
@@ -361,7 +266,6 @@ class MetaFormer(nn.Cell):
             self.norm = make_norm(norm, widths[-1])
             self.head_drop = nn.Dropout(p=drop_rate) if drop_rate > 0 else nn.Identity()
             self.head = self._make_head(num_classes)
-        set_cpu_kernels(self, cpu_kernels())
 
     def _stage_shapes(self, image_size, stages: int, stem, downsample) -> list[tuple[int, int]] | None:
         """Token-map (H, W) of each stage for ``image_size``, or None when no size was given."""

@@ -159,7 +159,7 @@ class Trainer:
         from mindspore import ParameterTuple, nn
 
         from ..evaluate import apply_amp, create_eval_dataset, scan_image_folder
-        from ..models import create_model
+        from ..factory import create_model
         from ..models.layers import DropPathNoise
         from .loss import create_loss
         from .optim import create_optimizer

@@ -1,0 +1,153 @@
+"""The CPU backend: PoolFormer blocks on the fused C++ kernels, and a faster pooling op form.
+
+``apply(net)`` changes how a built model computes on the CPU, never what it holds:
+- every eligible ``MetaFormerBlock`` (GroupNorm(1), pooling mixer, exact GELU, residuals: the
+  PoolFormer block) becomes a ``FusedPoolFormerBlock``. That is the same object with the same
+  Parameters and names, only its class (hence its ``construct``) changes, so checkpoints, the
+  optimizer and exported keys are untouched and ``remove`` switches it back;
+- every pooling mixer's ``count_include_pad=False`` average runs as MindSpore's padded
+  ``AvgPool2d`` divided by the valid count: exact, and 4x faster on the CPU than padding the input
+  first (bench/ops.py), but refused by MindSpore on Ascend 910B, so it lives here and not in the model.
+
+The kernels are float32 only: a block whose input is float16 (AMP O2/O3) runs the model's own
+``construct``. Exported graphs never use this backend (``mindcv_poolformer.export``).
+"""
+
+from __future__ import annotations
+
+from mindspore import Tensor, nn, ops
+from mindspore.common import dtype as mstype
+
+from ..kernels import CpuKernels
+from ..models.layers import AvgPoolExcludePad, DropPath, GroupNorm1, Pooling
+from ..models.metaformer import MetaFormerBlock
+
+__all__ = ["CpuAvgPoolExcludePad", "FusedPoolFormerBlock", "apply", "eligible", "remove"]
+
+
+class CpuAvgPoolExcludePad(nn.Cell):
+    """``count_include_pad=False`` average as MindSpore's zero-padded window mean over the valid fraction.
+
+    The padded ``nn.AvgPool2d`` (``count_include_pad=True``) is an AvgPool3D on the CPU; dividing by
+    the same pooling of a map of ones makes the result independent of that convention.
+    """
+
+    def __init__(self, pool_size: int) -> None:
+        super().__init__()
+        self.pool_size = pool_size
+        self.pool = nn.AvgPool2d(pool_size, stride=1, pad_mode="pad", padding=pool_size // 2, count_include_pad=True)
+
+    def construct(self, x: Tensor) -> Tensor:
+        valid_fraction = self.pool(ops.ones((1, 1, x.shape[2], x.shape[3]), x.dtype))
+        return self.pool(x) * ops.div(ops.ones_like(valid_fraction), valid_fraction)
+
+
+def _exact_gelu(act: nn.Cell) -> bool:
+    return isinstance(act, nn.GELU) and str(act.approximate).lower() in ("none", "false")
+
+
+def eligible(block: MetaFormerBlock) -> bool:
+    """Whether ``block`` is the PoolFormer block that the fused kernels implement."""
+    return (type(block) is MetaFormerBlock and block.use_residual and block.use_mlp
+            and isinstance(block.norm1, GroupNorm1) and isinstance(block.norm2, GroupNorm1)
+            and block.norm1.eps == 1e-5 and block.norm2.eps == 1e-5
+            and isinstance(block.token_mixer, Pooling) and _exact_gelu(block.mlp.act))
+
+
+class FusedPoolFormerBlock(MetaFormerBlock):
+    """The PoolFormer block on the fused float32 CPU kernels (see ``mindcv_poolformer.kernels``).
+
+    Same maths as ``MetaFormerBlock.construct``, rearranged for fewer memory passes:
+    - GroupNorm's affine and normalisation commute with the valid-pixel average, so
+      ``mixer(norm1(x)) = gamma * (pool(n) - n)`` for the normalised map ``n``, which the mixer kernel
+      never builds; gamma joins LayerScale;
+    - norm2's affine, the exact GELU's 1/sqrt2 constants and LayerScale are folded into fc1's and
+      fc2's weights (``FoldMlp``), so GELU is ``z * (erf(z) + 1)`` on fc1's output;
+    - with the AVX-512 GEMM the MLP is two GEMMs whose stores do the bias, GELU, drop path and
+      residual; at inference fc1 also normalises its input as it packs it.
+    Instances are made by ``apply`` from built blocks; the kernel primitives are attached there.
+    """
+
+    def construct(self, x: Tensor) -> Tensor:
+        if x.dtype != mstype.float32:
+            return super().construct(x)
+        batch = x.shape[0]
+        scale = self.norm1.gamma
+        if self.use_layer_scale:
+            scale = scale * self.layer_scale_1
+        y = self.k_pool_mixer(x, scale, self._drop_scale(self.drop_path1, batch), self.pool_size_tensor)[0]
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+        layer_scale = self.layer_scale_2 if self.use_layer_scale else ops.ones_like(fc2.bias)
+        w1, b1, w2, b2 = self.k_fold_mlp(fc1.weight.reshape(fc1.weight.shape[:2]), fc1.bias, self.norm2.gamma,
+                                         self.norm2.beta, fc2.weight.reshape(fc2.weight.shape[:2]), fc2.bias,
+                                         layer_scale)
+        if self.fuse_mlp:
+            if not self.training:  # the normalised map and fc1's sums are never stored
+                mean, rstd = self.k_moments(y)
+                return self.k_mlp_inference(y, w1, b1, mean, rstd, w2, b2)[0]
+            return self.k_mlp(self.k_normalize(y)[0], w1, b1, w2, b2, y, self._drop_scale(self.drop_path2, batch))[0]
+        hidden = self.mlp.drop(self.k_gelu_bias(self._conv1x1(fc1, self.k_normalize(y)[0], w1), b1))
+        return self.k_residual_bias(y, self._conv1x1(fc2, hidden, w2), b2, self._drop_scale(self.drop_path2, batch))
+
+    def _drop_scale(self, drop_path: nn.Cell, batch: int) -> Tensor:
+        if isinstance(drop_path, DropPath):
+            return drop_path.sample_scale(batch, mstype.float32)
+        return ops.ones((batch,), mstype.float32)
+
+    def _conv1x1(self, conv: nn.Conv2d, x: Tensor, weight: Tensor) -> Tensor:
+        if self.use_fast_gemm:
+            return self.k_conv1x1(x, weight)
+        return conv.conv2d(x, weight.reshape(weight.shape + (1, 1)))
+
+
+_KERNEL_ATTRS = ("k_pool_mixer", "k_normalize", "k_gelu_bias", "k_residual_bias", "k_fold_mlp", "k_conv1x1",
+                 "k_moments", "k_mlp", "k_mlp_inference", "pool_size_tensor", "use_fast_gemm", "fuse_mlp")
+
+
+def _fuse(block: MetaFormerBlock, kernels: CpuKernels) -> None:
+    block.__class__ = FusedPoolFormerBlock
+    block.k_pool_mixer = kernels.pool_mixer
+    block.k_normalize = kernels.normalize
+    block.k_gelu_bias = kernels.gelu_bias
+    block.k_residual_bias = kernels.residual_bias
+    block.k_fold_mlp = kernels.fold_mlp
+    # fc1 and fc2 on the AVX-512 GEMM where there is one (it tiles 8 output channels at a time)
+    block.use_fast_gemm = (kernels.conv1x1 is not None and block.mlp.fc1.out_channels % 8 == 0
+                           and block.mlp.fc2.out_channels % 8 == 0)
+    if block.use_fast_gemm:
+        block.k_conv1x1 = kernels.conv1x1
+        block.k_moments = kernels.moments
+        block.k_mlp = kernels.mlp
+        block.k_mlp_inference = kernels.mlp_inference
+    # the whole MLP in two GEMMs (no dropout between them: drop_rate is 0 in every recipe)
+    block.fuse_mlp = block.use_fast_gemm and isinstance(block.mlp.drop, nn.Identity)
+    block.pool_size_tensor = Tensor([block.token_mixer.pool_size], mstype.int32)
+
+
+def apply(net: nn.Cell, kernels: CpuKernels | None) -> int:
+    """Apply the CPU backend to ``net`` in place; returns how many blocks run on the fused kernels.
+
+    ``kernels`` is the kernel library (``mindcv_poolformer.kernels.cpu_kernels()``, built on first use);
+    with None (no compiler, switched off) only the pooling op form changes. Call before the network's
+    first run: the choice is compiled into its graph.
+    """
+    fused = 0
+    for _, cell in list(net.cells_and_names()):
+        if isinstance(cell, Pooling) and type(cell.pool) is AvgPoolExcludePad:
+            cell.pool = CpuAvgPoolExcludePad(cell.pool_size)
+        if kernels is not None and isinstance(cell, MetaFormerBlock) and eligible(cell):
+            _fuse(cell, kernels)
+            fused += 1
+    return fused
+
+
+def remove(net: nn.Cell) -> None:
+    """Undo ``apply``: every block and pooling mixer back to the model's own form."""
+    for _, cell in list(net.cells_and_names()):
+        if isinstance(cell, Pooling) and isinstance(cell.pool, CpuAvgPoolExcludePad):
+            cell.pool = AvgPoolExcludePad(cell.pool_size)
+        if type(cell) is FusedPoolFormerBlock:
+            for attr in _KERNEL_ATTRS:
+                if hasattr(cell, attr):
+                    delattr(cell, attr)
+            cell.__class__ = MetaFormerBlock

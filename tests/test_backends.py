@@ -1,0 +1,115 @@
+"""Device backends beside a device-neutral model: the layering, and what applying one keeps and changes."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from mindcv_poolformer import backends, create_model, models
+from mindcv_poolformer.backends import ascend as ascend_backend
+from mindcv_poolformer.backends import cpu as cpu_backend
+from mindcv_poolformer.models.layers import AvgPoolExcludePad, Pooling
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mindcv_poolformer"
+DEVICE_SPECIFIC = ("backends", "kernels")
+
+
+def _imported_modules(path: Path, root: Path = PACKAGE) -> list[str]:
+    """Every module a file of the package at ``root`` imports, relative ones resolved (``..kernels`` -> ``kernels``)."""
+    folder = path.relative_to(root).parent.parts
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                module = node.module or ""
+            else:
+                base = folder[: len(folder) - node.level + 1]
+                module = ".".join(("mindcv_poolformer", *base, *(node.module.split(".") if node.module else [])))
+            found += [module] + [f"{module}.{alias.name}" for alias in node.names]  # `from .. import backends`
+    return found
+
+
+def _device_specific(module: str) -> bool:
+    parts = module.split(".")
+    return parts[0] == "mindcv_poolformer" and len(parts) > 1 and parts[1] in DEVICE_SPECIFIC
+
+
+def test_models_import_nothing_device_specific():
+    offenders = {f"{path.name}: {module}" for path in (PACKAGE / "models").glob("*.py")
+                 for module in _imported_modules(path) if _device_specific(module)}
+    assert not offenders, f"models/ must not import a backend or the kernels: {sorted(offenders)}"
+
+
+@pytest.mark.parametrize("line", ["from ..backends import cpu", "from ..kernels import cpu_kernels",
+                                  "import mindcv_poolformer.backends.cpu", "from .. import backends",
+                                  "from mindcv_poolformer.kernels import CpuKernels"])
+def test_the_layering_check_sees_a_device_import(tmp_path, line):
+    """The check above can fail: each form of importing a backend from models/ is recognised."""
+    fake = tmp_path / "models" / "metaformer.py"
+    fake.parent.mkdir()
+    fake.write_text(line + "\n" + (PACKAGE / "models" / "metaformer.py").read_text())
+    assert any(_device_specific(m) for m in _imported_modules(fake, tmp_path))
+
+
+def _names_and_ids(net) -> list[tuple[str, int]]:
+    return [(p.name, id(p)) for p in net.get_parameters()]
+
+
+def test_cpu_backend_keeps_parameters_and_switches_back():
+    net = models.create_model("poolformer_s12", num_classes=4)
+    before = _names_and_ids(net)
+    assert backends.applied_backend(net) == "none"
+    assert backends.apply_backend(net, "cpu") == "cpu"
+    assert backends.applied_backend(net) == "cpu"
+    assert _names_and_ids(net) == before  # same Parameter objects under the same names: checkpoints unchanged
+    pools = [c for _, c in net.cells_and_names() if isinstance(c, Pooling)]
+    assert pools and all(isinstance(p.pool, cpu_backend.CpuAvgPoolExcludePad) for p in pools)
+    assert backends.apply_backend(net, "none") == "none"
+    assert backends.applied_backend(net) == "none"
+    assert _names_and_ids(net) == before
+    assert all(type(p.pool) is AvgPoolExcludePad for p in pools)
+    assert not any(isinstance(c, cpu_backend.FusedPoolFormerBlock) for _, c in net.cells_and_names())
+
+
+def test_auto_backend_follows_the_device_target():
+    assert ms.get_context("device_target") == "CPU"
+    assert backends.resolve_backend("auto") == "cpu"
+    assert backends.applied_backend(create_model("poolformer_s12", num_classes=2)) == "cpu"
+    assert backends.applied_backend(create_model("poolformer_s12", num_classes=2, backend="none")) == "none"
+    with pytest.raises(ValueError, match="unknown backend 'tpu'; accepted: auto, cpu, ascend, none"):
+        backends.resolve_backend("tpu")
+
+
+def test_ascend_backend_uses_native_pooling_only_where_the_soc_has_it(monkeypatch):
+    net = models.create_model("poolformer_s12", num_classes=2, depths=(1, 1, 1, 1))
+    monkeypatch.setattr(ascend_backend, "native_pooling", lambda: False)  # 910A: the model's own form stays
+    assert backends.apply_backend(net, "ascend") == "ascend"
+    assert backends.applied_backend(net) == "none"
+    monkeypatch.setattr(ascend_backend, "native_pooling", lambda: True)  # Atlas A2 (910B / 910_93)
+    backends.apply_backend(net, "ascend")
+    pools = [c.pool for _, c in net.cells_and_names() if isinstance(c, Pooling)]
+    assert len(pools) == 4 and all(isinstance(p, ascend_backend.AscendAvgPoolExcludePad) for p in pools)
+    assert all(p.padding == 1 and p.pool_size == 3 for p in pools)
+    assert not any(isinstance(c, cpu_backend.FusedPoolFormerBlock) for _, c in net.cells_and_names())
+    backends.apply_backend(net, "none")
+    assert backends.applied_backend(net) == "none"
+
+
+def test_backend_outputs_equal_the_model_as_written():
+    rng = np.random.default_rng(0)
+    net = models.create_model("poolformer_s12", num_classes=5, depths=(1, 1, 2, 1), layer_scale_init=0.3)
+    for p in net.get_parameters():
+        p.set_data(ms.Tensor((p.asnumpy() + rng.normal(0, 0.2, p.shape)).astype(np.float32)))
+    x = ms.Tensor(rng.normal(0, 1, (2, 3, 64, 96)).astype(np.float32))
+    net.set_train(False)
+    plain = net(x).asnumpy()
+    backends.apply_backend(net, "cpu")
+    fused = net(x).asnumpy()
+    assert np.abs(plain).max() > 0.1
+    np.testing.assert_allclose(fused, plain, rtol=0, atol=2e-6 * np.abs(plain).max())
