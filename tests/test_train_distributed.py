@@ -75,3 +75,106 @@ def test_mpirun_two_ranks_equal_one_process(folder, reference, tmp_path):
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     _check(tmp_path, reference)
+
+
+# ---------------------------------------------------------------- one skip decision for all ranks
+
+OVERFLOW_WORKER = str(REPO / "tests" / "train_overflow_worker.py")
+
+
+def _expected_scales(applied: list[bool], start: float = 2.0 ** 12, window: int = 2) -> list[float]:
+    """The dynamic loss scale after each step (halve on a skip, double after ``window`` good steps)."""
+    scale, good, out = start, 0, [start]
+    for ok in applied:
+        good = good + 1 if ok else 0
+        if ok and good >= window:
+            scale, good = scale * 2.0, 0
+        elif not ok:
+            scale = max(scale / 2.0, 1.0)
+        out.append(scale)
+    return out
+
+
+def test_msrun_two_ranks_agree_on_overflow_skip(tmp_path: Path) -> None:
+    """Only rank 1 reports overflow (as the NPU float-status register would): both ranks must skip."""
+    from train_overflow_worker import ACCUM_BAD, ACCUM_STEPS, PLAIN_BAD, PLAIN_STEPS
+
+    msrun = shutil.which("msrun", path=os.path.dirname(sys.executable)) or shutil.which("msrun")
+    assert msrun, "msrun not found"
+    done = run_python([msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
+                       f"--log_dir={tmp_path / 'logs'}", "--join=True", OVERFLOW_WORKER, str(tmp_path)], env=_env())
+    logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert done.returncode == 0, done.stderr[-2000:] + logs
+    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
+    assert int(ranks[0]["world"]) == 2
+    for name, steps, bad in (("plain", PLAIN_STEPS, PLAIN_BAD), ("accum", ACCUM_STEPS, ACCUM_BAD)):
+        applied = [list(r[f"{name}/applied"]) for r in ranks]
+        assert applied[0] == applied[1], f"{name}: ranks disagree on which steps to skip: {applied}"
+        assert applied[0] == [k not in bad for k in range(steps)], f"{name}: {applied[0]}"
+        states = {key.split("/", 2)[2]: [r[key] for r in ranks] for key in ranks[0] if key.startswith(f"{name}/state/")}
+        for param, (a, b) in states.items():
+            assert np.array_equal(a, b), f"{name}: {param} differs across ranks"
+        scales = states["loss_scale.value"][0]
+        assert list(scales) == _expected_scales(applied[0]), f"{name}: loss scales {list(scales)}"
+        for param, (a, _) in states.items():
+            if param.startswith("loss_scale."):
+                continue
+            for k in range(steps):
+                if k in bad:
+                    assert np.array_equal(a[k + 1], a[k]), f"{name}: skipped step {k} changed {param}"
+        for param in ("0.weight", "adam_m.0.weight", "adam_v.0.weight", "global_step"):
+            a = states[param][0]
+            assert all(not np.array_equal(a[k + 1], a[k]) for k in range(steps) if k not in bad), \
+                f"{name}: an applied step left {param} unchanged"
+        if name == "accum":
+            assert not states["accum.overflow"][0].any(), "the pending micro-batch flag was not reset"
+
+
+def test_overflow_flag_reduction_is_or(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 process: with a fake flag all-reduce (this rank + the others' sum), any rank's overflow skips the step."""
+    import mindspore as ms
+    from mindspore import Parameter, Tensor, nn
+    from train_overflow_worker import BATCH, CLASSES, FEATURES, InjectedOverflow, build
+
+    from mindcv_poolformer.train import step as step_mod
+
+    class OtherRanks(nn.Cell):
+        """Stands in for the flag AllReduce SUM: this rank's flag plus the other ranks' summed flags."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.others = Parameter(Tensor(np.zeros(1, np.float32)), name="test.others", requires_grad=False)
+
+        def construct(self, flag: Tensor) -> Tensor:
+            return flag + self.others
+
+    class SameGradients(nn.Cell):
+        """A gradient 'all-reduce' over identical ranks: the identity; it makes the step distributed."""
+
+        def construct(self, grads: tuple) -> tuple:
+            return grads
+
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        monkeypatch.setattr(step_mod, "_Update", InjectedOverflow)
+        step, update = build(3, lambda params: SameGradients(), 1, None)
+        assert update.distributed
+        update.flag_reducer = OtherRanks()
+        rng = np.random.default_rng(0)
+        for local, others in ((0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (0, 0)):
+            update.inject.set_data(Tensor(float(local), ms.float32))
+            update.flag_reducer.others.set_data(Tensor(np.full(1, others, np.float32)))
+            before = {p.name: p.asnumpy().copy() for p in step.get_parameters()}
+            x = Tensor(rng.standard_normal((BATCH, FEATURES)).astype(np.float32))
+            y = Tensor(rng.integers(0, CLASSES, BATCH).astype(np.int32))
+            _, applied = step(x, y)
+            expect = local == 0 and others == 0
+            assert bool(applied.asnumpy()) is expect, (local, others)
+            after = {p.name: p.asnumpy() for p in step.get_parameters()}
+            assert bool(np.array_equal(after["0.weight"], before["0.weight"])) is not expect, (local, others)
+            assert bool(np.array_equal(after["adam_m.0.weight"], before["adam_m.0.weight"])) is not expect
+            if not expect:
+                assert float(after["loss_scale.value"]) == float(before["loss_scale.value"]) / 2
+    finally:
+        ms.set_context(mode=mode)

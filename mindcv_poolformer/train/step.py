@@ -2,21 +2,33 @@
 
 Order inside one optimizer step (the order matters for data-parallel exactness):
 forward/backward on the scaled loss -> (accumulate micro-batches) -> all-reduce (mean over ranks)
--> unscale -> finiteness check -> clip by global norm -> optimizer -> EMA update. Clipping after
-the all-reduce makes every rank clip the same global gradient, so weights stay identical across
-ranks. A step whose gradients are not all finite is skipped on every device (weights, optimizer
-moments and EMA untouched; with a dynamic loss scale the scale also shrinks): ``ms.amp.all_finite``
-and the in-graph branch work on CPU too, unlike MindSpore's NPU overflow-status cells.
+-> unscale -> local finiteness check -> all-reduce of the overflow flag -> clip by global norm ->
+optimizer -> EMA update, the dynamic loss scale advancing from the agreed flag. Clipping after the
+all-reduce makes every rank clip the same global gradient, so weights stay identical across ranks.
+
+A step whose gradients are not all finite is skipped on every rank (weights, optimizer moments and
+EMA untouched; with a dynamic loss scale the scale also shrinks). The decision must be one for all
+ranks: on Ascend 910A, and on 910B with ``MS_ASCEND_CHECK_OVERFLOW_MODE=SATURATION_MODE``, an
+overflow saturates to finite values and shows only in the rank-local NPU float-status register
+(which ``ms.amp.all_finite`` reads there), so the gradient all-reduce does not spread it. Each rank
+therefore turns its local check into a 0/1 flag and the flags are summed over ranks (an OR), as
+``nn.TrainOneStepWithLossScaleCell`` does; the register is cleared before every forward, as its
+``start_overflow_check`` does (the cell's own 2.10 ``construct`` no longer calls it and relies on the
+clear after each read, which leaves a stale flag from e.g. evaluation to skip the next step). With
+accumulation each micro-batch's flag is kept in ``accum.overflow`` until the optimizer step, since
+the register is cleared before the next micro-batch.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore.ops.operations.math_ops import NPUClearFloatStatusV2
 
-from ..kernels import cpu_kernels
-
-__all__ = ["WithLoss", "TrainStep", "ApplyAccumulated", "LossScaleState"]
+__all__ = ["WithLoss", "TrainStep", "ApplyAccumulated", "LossScaleState", "status_register_target"]
 
 _grad_scale = ops.MultitypeFuncGraph("grad_scale")
 _ema_update = ops.MultitypeFuncGraph("ema_update")
@@ -42,6 +54,18 @@ def _acc(buffer: Tensor, grad: Tensor) -> Tensor:
 @_zero.register("Tensor")
 def _zeros(buffer: Tensor) -> Tensor:
     return ops.assign(buffer, ops.zeros_like(buffer))
+
+
+def status_register_target() -> bool:
+    """Whether overflow is seen only through the NPU float-status register here.
+
+    The same test as ``ms.amp.all_finite``'s (``mindspore/amp.py`` ``_all_finite``), so the clear
+    before the forward happens exactly where that check reads (and clears) the register.
+    """
+    if not ms.amp._ascend_target():
+        return False
+    return bool(ms.amp._ascend_910a_target() or (
+        ms.amp._ascend_910b_target() and os.environ.get("MS_ASCEND_CHECK_OVERFLOW_MODE") == "SATURATION_MODE"))
 
 
 class WithLoss(nn.Cell):
@@ -79,37 +103,80 @@ class LossScaleState(nn.Cell):
 
 
 class _Update(nn.Cell):
-    """Shared tail of a step: all-reduce, unscale, overflow check, clip, optimizer, EMA."""
+    """Shared tail of a step: all-reduce, unscale, overflow check and agreement, clip, optimizer, EMA.
+
+    MindSpore's ``nn.TrainOneStepWithLossScaleCell`` is mirrored here, not called: its
+    ``get_overflow_status`` takes the 910A register branch on every non-GPU, non-910B target (CPU
+    included, where NPUGetFloatStatusV2 has no kernel), all-reduces the int32 status vector (CPU
+    AllReduce has float sum only) and keys ``is_distributed`` on the auto-parallel context, while
+    this project reduces gradients with an explicit ``DistributedGradReducer``. What is reused:
+    ``ms.amp.all_finite`` for the local check (MindSpore's own per-device dispatch: register on
+    910A/saturation mode, AllFinite or isfinite elsewhere), its SoC test for where to clear the
+    register, and the cell's flag agreement (float32 AllReduce SUM of the flag, overflow if > 0).
+    """
 
     def __init__(self, optimizer: nn.Optimizer, scaler: LossScaleState, reducer: nn.Cell | None,
-                 clip_value: float, ema: ParameterTuple | None, ema_decay: float) -> None:
+                 clip_value: float, ema: ParameterTuple | None, ema_decay: float,
+                 all_finite: Callable | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.optimizer = optimizer
         self.weights = optimizer.parameters
         self.scaler = scaler
         self.reducer = reducer if reducer is not None else ops.identity
         self.distributed = reducer is not None
+        # the ranks' 0/1 overflow flags summed over the world group (the group the trainer's reducer uses)
+        self.flag_reducer = ops.AllReduce(ops.ReduceOp.SUM) if self.distributed else ops.identity
         self.clip = clip_value > 0
         self.clip_value = clip_value
         self.ema = ema
         self.use_ema = ema is not None
         self.ema_decay = Tensor(ema_decay, ms.float32)
         self.hyper_map = ops.HyperMap()
-        # on the CPU one fused kernel checks every gradient (ms.amp.all_finite is two small ops per tensor)
-        kernels = cpu_kernels()
-        self.fused_all_finite = kernels is not None and all(
+        # a fused kernel (the CPU one checks every gradient in one pass) handles float32/float16 only
+        self.fused_all_finite = all_finite is not None and all(
             w.dtype in (ms.float32, ms.float16) for w in self.weights)
         if self.fused_all_finite:
-            self.k_all_finite = kernels.all_finite
+            self.k_all_finite = all_finite
+        self.status_register = status_register_target()
+        self.clear_status_op = NPUClearFloatStatusV2()
 
-    def apply(self, grads: tuple, scale_inv: Tensor) -> Tensor:
-        if self.distributed:
-            grads = self.reducer(grads)
-        grads = self.hyper_map(ops.partial(_grad_scale, scale_inv), grads)
+    def clear_status(self, first_input: Tensor) -> Tensor:
+        """``first_input`` once the NPU float-status register is cleared (TrainOneStepWithLossScaleCell's
+        ``start_overflow_check``): a stale overflow, e.g. from evaluation, must not skip this step."""
+        if self.status_register:
+            clear = self.clear_status_op(Tensor([0] * 8, ms.int32))
+            return ops.depend(first_input, clear)
+        return first_input
+
+    def _local_overflow(self, grads: tuple) -> Tensor:
+        """This rank's overflow flag, float32 0/1 of shape ().
+
+        Test seam: a subclass may override it (before compiling) to make one rank report overflow.
+        """
         if self.fused_all_finite:
             finite = self.k_all_finite(*grads).reshape(())
         else:
             finite = ms.amp.all_finite(grads)
+        return ops.cast(ops.logical_not(finite), ms.float32)
+
+    def _agreed_finite(self, overflow: Tensor) -> Tensor:
+        """One decision for all ranks: finite unless some rank overflowed (the OR as a sum > 0)."""
+        if self.distributed:
+            overflow = self.flag_reducer(overflow.reshape((1,))).reshape(())
+        return ops.less_equal(overflow, ops.zeros_like(overflow))
+
+    def apply(self, grads: tuple, scale_inv: Tensor, pending: Tensor | None = None) -> Tensor:
+        """Reduce, unscale, check and (where every rank's gradients are finite) step; returns the agreed flag.
+
+        ``pending`` is the overflow flag of the accumulated micro-batches (see ``TrainStep``).
+        """
+        if self.distributed:
+            grads = self.reducer(grads)
+        grads = self.hyper_map(ops.partial(_grad_scale, scale_inv), grads)
+        overflow = self._local_overflow(grads)
+        if pending is not None:
+            overflow = ops.maximum(overflow, pending)
+        finite = self._agreed_finite(overflow)
         grads = self._clip(grads)
         if finite:
             finite = self._step(grads, finite)
@@ -133,14 +200,18 @@ class TrainStep(nn.Cell):
     """One micro-batch: forward/backward; with ``accumulation_steps == 1`` also the optimizer step.
 
     Returns ``(loss, applied)``: the unscaled loss of the micro-batch (fp32) and whether the
-    optimizer step was applied (False when its gradients were not finite). With accumulation the
-    gradients are summed into buffers, ``applied`` is True and ``ApplyAccumulated`` performs the
-    step and returns its own flag.
+    optimizer step was applied on every rank (False when some rank's gradients were not finite).
+    With accumulation the gradients are summed into buffers and each micro-batch's overflow flag
+    into ``accum.overflow``, ``applied`` is True and ``ApplyAccumulated`` performs the step and
+    returns its own flag. ``all_finite`` is a fused check over the gradient tuple returning a bool
+    of one element (e.g. the CPU kernel); None means ``ms.amp.all_finite``. On a status-register
+    target it must read overflow the way ``ms.amp.all_finite`` does there.
     """
 
     def __init__(self, net_with_loss: nn.Cell, optimizer: nn.Optimizer, scaler: LossScaleState,
                  reducer: nn.Cell | None = None, clip_value: float = 0.0, accumulation_steps: int = 1,
-                 ema: ParameterTuple | None = None, ema_decay: float = 0.9999) -> None:
+                 ema: ParameterTuple | None = None, ema_decay: float = 0.9999,
+                 all_finite: Callable | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.net_with_loss = net_with_loss
         self.weights = optimizer.parameters
@@ -149,11 +220,14 @@ class TrainStep(nn.Cell):
         self.accumulation_steps = accumulation_steps
         self.accumulate = accumulation_steps > 1
         self.hyper_map = ops.HyperMap()
-        self.update = _Update(optimizer, scaler, reducer, clip_value, ema, ema_decay)
+        self.update = _Update(optimizer, scaler, reducer, clip_value, ema, ema_decay, all_finite)
         if self.accumulate:
             self.buffers = self.weights.clone(prefix="accum", init="zeros")
+            # "accum." like the buffers: zero at optimizer-step boundaries, so checkpoints leave it out
+            self.pending = Parameter(Tensor(0.0, ms.float32), name="accum.overflow", requires_grad=False)
 
     def construct(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        images = self.update.clear_status(images)
         loss = self.net_with_loss(images, targets)
         scale = self.scaler.scale
         sens = ops.fill(loss.dtype, loss.shape, 1.0) * scale
@@ -161,13 +235,16 @@ class TrainStep(nn.Cell):
             sens = sens / self.accumulation_steps
         grads = self.grad(self.net_with_loss, self.weights)(images, targets, sens)
         if self.accumulate:
-            return ops.depend(loss, self.hyper_map(_accumulate, self.buffers, grads)), Tensor(True)
+            # the register is cleared before the next micro-batch: keep this one's overflow until the step
+            flag = self.update._local_overflow(grads)
+            marked = ops.assign(self.pending, ops.maximum(self.pending, flag))
+            return ops.depend(loss, (self.hyper_map(_accumulate, self.buffers, grads), marked)), Tensor(True)
         applied = self.update.apply(grads, 1.0 / scale)
         return ops.depend(loss, applied), applied
 
 
 class ApplyAccumulated(nn.Cell):
-    """The optimizer step after ``accumulation_steps`` micro-batches; zeroes the buffers."""
+    """The optimizer step after ``accumulation_steps`` micro-batches; zeroes the buffers and the pending flag."""
 
     def __init__(self, step: TrainStep) -> None:
         super().__init__(auto_prefix=False)
@@ -175,5 +252,6 @@ class ApplyAccumulated(nn.Cell):
         self.hyper_map = ops.HyperMap()
 
     def construct(self) -> Tensor:
-        finite = self.step.update.apply(self.step.buffers, 1.0 / self.step.scaler.scale)
-        return ops.depend(finite, self.hyper_map(_zero, self.step.buffers))
+        finite = self.step.update.apply(self.step.buffers, 1.0 / self.step.scaler.scale, self.step.pending)
+        cleared = ops.assign(self.step.pending, ops.zeros_like(self.step.pending))
+        return ops.depend(finite, (self.hyper_map(_zero, self.step.buffers), cleared))
