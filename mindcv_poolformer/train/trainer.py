@@ -158,9 +158,9 @@ class Trainer:
         import mindspore as ms
         from mindspore import ParameterTuple, nn
 
+        from ..backends import backend_all_finite
         from ..evaluate import apply_amp, create_eval_dataset, scan_image_folder
         from ..factory import create_model
-        from ..kernels import cpu_kernels
         from ..models.layers import DropPathNoise
         from .loss import create_loss
         from .optim import create_optimizer
@@ -213,10 +213,9 @@ class Trainer:
             # same order as optimizer.parameters (grouped by weight decay), which the step zips them with
             self.ema = ParameterTuple(self.optimizer.parameters).clone(prefix="ema", init="same")
         clip = float(cfg["clip_value"]) if cfg["clip_grad"] else 0.0
-        kernels = cpu_kernels()
         self.step = TrainStep(WithLoss(self.net, create_loss(cfg["loss"])), self.optimizer, self.scaler,
                               reducer, clip, self.accum, self.ema, float(cfg["ema_decay"]),
-                              all_finite=kernels.all_finite if kernels is not None else None)
+                              all_finite=backend_all_finite())
         self.apply_accumulated = ApplyAccumulated(self.step) if self.accum > 1 else None
 
         self.eval_data = None
