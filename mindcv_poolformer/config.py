@@ -53,7 +53,11 @@ _SYS, _DATA, _AUG, _MODEL, _LOSS, _OPT, _SCHED, _CKPT, _EVAL = (
 SCHEMA: dict[str, Option] = {
     # system
     "mode": _o(int, 0, "0 = GRAPH_MODE, 1 = PYNATIVE_MODE", _SYS, choices=(0, 1)),
-    "device_target": _o(str, "CPU", "device to run on", _SYS, choices=("CPU", "Ascend", "GPU")),
+    "device_target": _o(str, "auto", "device to run on; auto: Ascend if present, else GPU, else CPU", _SYS,
+                        choices=("auto", "CPU", "Ascend", "GPU")),
+    "jit_level": _o(str, "auto", "GRAPH_MODE compile level: O0 kernel by kernel, O1 plus operator fusion, O2 the GE "
+                    "backend (deprecated since MindSpore 2.9); auto: MindSpore's own choice (O0 on CPU)", _SYS,
+                    choices=("auto", "O0", "O1", "O2")),
     "distribute": _o(bool, False, "data-parallel over all launched processes (mpirun/msrun)", _SYS),
     "seed": _o(int, 42, "global seed; each rank derives its own augmentation seed from it", _SYS, low=0),
     "num_parallel_workers": _o(int, 8, "dataset workers per process", _SYS, low=1),

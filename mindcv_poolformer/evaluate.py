@@ -282,18 +282,18 @@ def _load_mindir(path: str):
 
 
 def run_validation(cfg) -> dict:
-    """validate.py's work for a parsed config: build/load the network, evaluate, return the JSON record."""
-    import mindspore as ms
+    """validate.py's work for a parsed config: build/load the network, evaluate, return the JSON record.
 
-    from ._runtime import check_device_target
+    Prints the line naming the device first (``device: CPU (auto: no Ascend or GPU found)``).
+    """
+    from ._runtime import configure_device
     from ._script import ScriptError
     from .export import load_network
     from .train.distributed import init_distributed
 
-    check_device_target(cfg.device_target)
-    ms.set_context(mode=cfg.mode, device_target=cfg.device_target)
-
-    # the trainer's launcher-aware init: msrun, env cluster, or plain mpirun (scheduler bootstrapped)
+    print(configure_device(cfg), flush=True)
+    # the trainer's launcher-aware init (msrun, env cluster, or plain mpirun with the scheduler bootstrapped),
+    # before any Tensor/Parameter exists
     dist = init_distributed(cfg.distribute, cfg.device_target)
     rank, group_size = dist.rank, dist.world
     if not cfg.ckpt_path:

@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import mindspore as ms
 
-    from ._runtime import check_device_target
+    from ._runtime import configure_device
     from ._script import run_script
     from .config import parse_cli
     from .evaluate import scan_image_folder
@@ -327,8 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         first = parse_cli(args, prog="export.py", defaults={"batch_size": 1})
         cfg = parse_cli(args, prog="export.py",
                         defaults={"batch_size": 1, "crop_pct": model_info(first.model).crop_pct})
-        check_device_target(cfg.device_target)
-        ms.set_context(mode=ms.GRAPH_MODE, device_target=cfg.device_target)
+        print(configure_device(cfg, mode=ms.GRAPH_MODE), flush=True)
         labels = None
         if cfg.labels:
             labels = read_labels(cfg.labels)

@@ -86,14 +86,15 @@ def load_predictor(cfg) -> Predictor:
     path = cfg[kind]
     if not os.path.isfile(path):
         raise ConfigError(f"{kind}: {path!r} does not exist")
-    if kind != "onnx":  # onnxruntime runs on the CPU whatever device_target says
-        from ._runtime import check_device_target
-
-        check_device_target(cfg.device_target)
-    if kind == "ckpt_path":
+    if kind == "onnx":
+        print("device: CPU (onnxruntime; device_target is not used)", flush=True)
+    else:
         import mindspore as ms
 
-        ms.set_context(mode=cfg.mode, device_target=cfg.device_target)
+        from ._runtime import configure_device
+
+        print(configure_device(cfg, mode=cfg.mode if kind == "ckpt_path" else ms.GRAPH_MODE), flush=True)
+    if kind == "ckpt_path":
         net, classes = load_network(cfg.model, path, cfg.num_classes)
         labels = read_labels(cfg.labels, classes) if cfg.labels else None
         return Predictor(_ms_runner(net), cfg.batch_size, cfg.image_resize, cfg.crop_pct, cfg.interpolation,
@@ -101,11 +102,8 @@ def load_predictor(cfg) -> Predictor:
     meta = read_sidecar(path)
     labels = read_labels(cfg.labels, meta["num_classes"]) if cfg.labels else meta.get("labels")
     if kind == "mindir":
-        import mindspore as ms
-
         from .export import load_mindir
 
-        ms.set_context(mode=ms.GRAPH_MODE, device_target=cfg.device_target)
         run = _ms_runner(load_mindir(path))
         batch = int(meta.get("batch") or cfg.batch_size)
     else:

@@ -158,6 +158,8 @@ CASES = [
     case("train.py", ["--amp_level", "O4"], "amp_level: 'O4' is not one of O0, O1, O2, O3"),
     case("validate.py", ["--amp_level", "O1"], "amp_level: O1 is not supported", "use O2"),
     case("export.py", ["--file_format", "TFLITE"], "file_format: 'TFLITE' is not one of MINDIR, AIR, ONNX"),
+    case("train.py", ["--jit_level", "O3"], "jit_level: 'O3' is not one of auto, O0, O1, O2"),
+    case("validate.py", ["--device_target", "TPU"], "device_target: 'TPU' is not one of auto, CPU, Ascend, GPU"),
     # data_dir
     case("train.py", ["--data_dir", ""], "data_dir: no dataset directory given (pass --data_dir DIR"),
     case("train.py", ["--data_dir", "{ws}/missing"], "data_dir: {ws}/missing does not exist"),

@@ -13,24 +13,23 @@ from ..config import ConfigError, parse_cli
 
 __all__ = ["main", "preflight"]
 
+_LOG = logging.getLogger("mindcv_poolformer")
+
 DESCRIPTION = ("Train or fine-tune a PoolFormer: a YAML recipe (--config) plus --key value overrides. "
                "Distributed: launch with msrun or mpirun and pass --distribute True.")
 
 
 def preflight(cfg: Mapping[str, Any]) -> None:
-    """Checks of the device and the initial weights that need no model, run before the trainer starts.
+    """Checks of the initial weights that need no model, run before the trainer starts.
 
     The trainer clears (``--overwrite``) and writes the run directory before it builds the model;
-    a missing backend or an unusable ``--ckpt_path`` must fail before that, in one line, not cost
-    the user a previous run. (Data and run-directory checks come first in the trainer itself.)
+    an unusable ``--ckpt_path`` must fail before that, in one line, not cost the user a previous
+    run. Reading the checkpoint creates Parameters, so on a distributed run this comes after
+    ``init_distributed`` (the device is set up before either; data and run-directory checks come
+    first in the trainer itself).
     """
-    from .._runtime import check_device_target
     from ..checkpoint import check_checkpoint, resolve_pretrained
 
-    check_device_target(cfg["device_target"])
-    import mindspore as ms
-
-    ms.set_context(device_target=cfg["device_target"])  # before any tensor: reading a checkpoint makes some
     source = cfg["ckpt_path"]
     if source and not os.path.isfile(source):
         raise ConfigError(f"ckpt_path: {source} does not exist (a .ckpt, .safetensors or .pth(.tar) file of weights)")
@@ -41,9 +40,14 @@ def preflight(cfg: Mapping[str, Any]) -> None:
 
 
 def _main(argv: list[str]) -> int:
+    from .._runtime import configure_device
+    from .distributed import init_distributed
     from .trainer import train
 
     cfg = parse_cli(argv, prog="train.py", description=DESCRIPTION)
+    _LOG.info("%s", configure_device(cfg))
+    # communication before the first Tensor/Parameter (MindSpore's rule on Ascend); the trainer reuses it
+    init_distributed(cfg["distribute"], cfg["device_target"])
     preflight(cfg)
     train(cfg)
     return 0

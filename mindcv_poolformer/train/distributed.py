@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 from ..config import ConfigError
 
-__all__ = ["DistInfo", "detect_launcher", "mpi_env", "bootstrap_mpi_scheduler", "init_distributed"]
+__all__ = ["DistInfo", "detect_launcher", "mpi_env", "bootstrap_mpi_scheduler", "check_launcher", "init_distributed"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
 _SCHEDULER_CODE = (
     "import mindspore as ms\n"
     "from mindspore.communication import init\n"
-    "ms.set_context(device_target='CPU')\n"
+    "ms.set_device('CPU')\n"
     "init()\n"
 )
 
@@ -112,15 +112,55 @@ def _wait_for_port(host: str, port: int, timeout: float) -> None:
                       "(set MS_SCHED_PORT to a free port)")
 
 
+_ACTIVE: DistInfo | None = None  # this process's communication world, once init() has run
+
+
+def _launch_script() -> str:
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "train.py"
+
+
+def check_launcher(launcher: str, device_target: str) -> None:
+    """Refuse an MPI MindSpore cannot start on; warn about a rank table next to msrun/mpirun.
+
+    MindSpore reads only Open MPI's variables: ``communication/management.py`` copies
+    ``OMPI_COMM_WORLD_{RANK,LOCAL_RANK,SIZE}`` into ``RANK_ID``/``DEVICE_ID``/``RANK_SIZE`` and
+    ``_comm_helper._check_mpi_envs`` wants ``OMPI_COMMAND`` and ``PMIX_RANK``. Under MPICH or Intel
+    MPI (``PMI_RANK``) ``init()`` finds no ranks (on Ascend it asks for a rank table instead). On CPU
+    our own scheduler bootstrap works under any MPI.
+    """
+    if launcher == "mpirun" and device_target != "CPU" and os.environ.get("OMPI_COMM_WORLD_RANK") is None:
+        found = ("MPICH or Intel MPI (PMI_RANK set, no OMPI_COMM_WORLD_RANK)" if os.environ.get("PMI_RANK") is not None
+                 else "an MPI without OMPI_COMM_WORLD_RANK")
+        raise ConfigError(f"mpirun: MindSpore on {device_target} starts only under Open MPI's mpirun (it reads "
+                          f"OMPI_COMM_WORLD_RANK, OMPI_COMMAND, PMIX_RANK), but this job runs under {found}; launch "
+                          f"with Open MPI's `mpirun -n N python {_launch_script()} ...` or `msrun --worker_num=N "
+                          f"--local_worker_num=N {_launch_script()} ...`")
+    if launcher in ("msrun", "mpirun") and os.environ.get("RANK_TABLE_FILE"):
+        _LOG.warning("RANK_TABLE_FILE=%s is set, but %s needs no rank table and it conflicts (MindSpore rewrites "
+                     "RANK_ID/DEVICE_ID from it after init() and turns off its AllFinite overflow check); unset "
+                     "RANK_TABLE_FILE", os.environ["RANK_TABLE_FILE"], launcher)
+
+
 def init_distributed(distribute: bool, device_target: str) -> DistInfo:
-    """Initialise communication and data parallelism if ``distribute``; otherwise a 1-process DistInfo."""
+    """Initialise communication and data parallelism if ``distribute``; otherwise a 1-process DistInfo.
+
+    Call it before anything creates a Tensor or Parameter (MindSpore's rule for Ascend). A second
+    call in the same process returns the first one's DistInfo: the CLI initialises before its
+    checkpoint checks, the Trainer asks again.
+    """
+    global _ACTIVE
     if not distribute:
         return DistInfo()
+    from mindspore.communication._comm_helper import GlobalComm
+
+    if _ACTIVE is not None and GlobalComm.INITED:
+        return _ACTIVE
     launcher = detect_launcher()
     if launcher == "none":
-        script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "train.py"
+        script = _launch_script()
         raise ConfigError(f"distribute=True needs a launcher: run under `msrun --worker_num=N --local_worker_num=N "
                           f"{script} ...` or `mpirun -n N python {script} ...`, or pass --distribute False")
+    check_launcher(launcher, device_target)
     if launcher == "mpirun" and device_target == "CPU":
         bootstrap_mpi_scheduler()
     import mindspore as ms
@@ -131,4 +171,5 @@ def init_distributed(distribute: bool, device_target: str) -> DistInfo:
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=world)
     _LOG.info("distributed: rank %d of %d (launcher %s)", rank, world, launcher)
-    return DistInfo(rank, world, launcher)
+    _ACTIVE = DistInfo(rank, world, launcher)
+    return _ACTIVE

@@ -145,10 +145,11 @@ class StopSignals:
         self._previous.clear()
 
 
-def _setup_context(cfg: Mapping[str, Any]) -> None:
-    import mindspore as ms
+def _setup_context(cfg: Config) -> None:
+    """Device, mode and jit level; a no-op repeat when train.py's CLI has set them up already."""
+    from .._runtime import configure_device
 
-    ms.set_context(mode=ms.GRAPH_MODE if cfg["mode"] == 0 else ms.PYNATIVE_MODE, device_target=cfg["device_target"])
+    configure_device(cfg)
 
 
 class Trainer:
