@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ascend_sim import simulate_ascend
 from train_helpers import REPO, make_tiny_folder, run_python
 
 from mindcv_poolformer import _runtime
@@ -188,10 +189,15 @@ def test_jit_level_goes_to_the_global_jit_config(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("recipe", ASCEND_RECIPES, ids=lambda p: p.stem)
-def test_ascend_recipes_compile_at_o1(recipe):
+def test_ascend_recipes_compile_at_o1_where_the_soc_fuses(recipe):
     cfg = load_config(recipe)
-    assert (cfg.device_target, cfg.jit_level) == ("Ascend", "O1")
+    assert (cfg.device_target, cfg.jit_level) == ("Ascend", "auto")
     assert "memory access-intensive" in recipe.read_text()  # the doc text behind the choice
+    for soc, level in (("910B", "O1"), ("910A", "auto")):  # 910A: MindSpore's own default (O2 in its SoC table)
+        with simulate_ascend(soc):
+            assert _runtime.resolve_jit_level(cfg.jit_level, "Ascend") == level, soc
+    assert _runtime.resolve_jit_level("auto", "CPU") == "auto"
+    assert _runtime.resolve_jit_level("O0", "Ascend") == "O0"
 
 
 # ---------------------------------------------------------------- launchers
