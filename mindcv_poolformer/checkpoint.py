@@ -5,22 +5,33 @@ Layouts understood (auto-detected from the keys):
 - ``mindspore``: ours, identical to MindCV (``patch_embed.proj``, ``network.N.M.norm1.gamma`` ...);
 - ``official``: sail-sg/poolformer and timm < 0.9 (GroupNorm ``weight``/``bias``);
 - ``timm``: timm 1.x ``metaformer.py`` (``stem.conv``, ``stages.N.blocks.M``, ``head.fc``);
-- ``hf``: HuggingFace transformers (``poolformer.encoder.patch_embeddings.K.projection`` ...).
+- ``hf``: HuggingFace transformers (``poolformer.encoder.patch_embeddings.K.projection`` ...);
+- ``mmseg``: Semantic FPN segmentation checkpoints of mmsegmentation 1.x and 0.x (the official
+  sail-sg ones are mmseg 0.x files with the same names): ``backbone.*`` in the official/mmpretrain
+  names, ``neck.{lateral,fpn}_convs.{i}.conv``, ``decode_head.scale_heads.{i}.{j}.{conv,bn}`` with
+  PyTorch's BatchNorm names, ``decode_head.conv_seg``. Ours for the same models is ``mindspore``
+  with the prefixes kept and MindSpore's names (``gamma/beta/moving_mean/moving_variance``).
 
 Every layout is mapped to ours ("canonical" below) as float32 numpy arrays. File types: MindSpore
 ``.ckpt``, ``.safetensors`` (any layout; read by MindSpore itself, bf16/fp16 included) and PyTorch
 ``.pth``/``.pth.tar``/``.pt``/``.bin`` (needs torch; loaded with ``weights_only=True`` so no
-pickled code can run).
+pickled code can run; the metadata objects of mmengine training checkpoints are read as inert
+stand-ins, see ``_read_torch``).
+
+A classification checkpoint of any layout initialises the backbone of a segmentation model; a
+segmentation checkpoint and a classifier do not mix, and a backbone of another size does not fit:
+each is a one-line ``CheckpointError`` naming the model to use.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +56,10 @@ _LOG = logging.getLogger("mindcv_poolformer")
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".tar")
 # Keys of a canonical model state; everything else in a MindSpore training checkpoint (adam_m.*,
 # global_step, learning_rate, loss-scale state, ...) is optimizer/training state.
-_MODEL_KEY = re.compile(r"^(patch_embed|network|norm\d*|head)\.")
+_MODEL_KEY = re.compile(r"^(patch_embed|network|norm\d*|head|backbone|neck|decode_head)\.")
+# Top-level names of a Semantic FPN's state (ours and mmseg's alike).
+SEGMENTATION_PREFIXES = ("backbone.", "neck.", "decode_head.")
+_SEG_HEAD = "decode_head.conv_seg."
 
 
 class CheckpointError(ValueError):
@@ -86,6 +100,38 @@ def _ms_to_numpy(value) -> np.ndarray:
     return value.asnumpy()
 
 
+class _Opaque:
+    """Inert stand-in for a non-tensor object in a checkpoint's metadata: accepts any state, runs no code."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def _torch_load(torch, path: str):
+    """``torch.load(weights_only=True)``; classes it refuses are read as ``_Opaque`` stand-ins.
+
+    mmengine training checkpoints (mmseg 1.x) carry a ``message_hub`` of ``HistoryBuffer`` objects
+    and numpy scalars beside ``state_dict``; the weights-only unpickler refuses those globals. Allowing
+    each refused name as ``_Opaque`` keeps the guarantee (no class or function of the file runs) and
+    the tensors load; the stand-ins are dropped with the rest of the non-tensor entries.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as refused:
+        try:  # only torch.save's zip format can be listed; a bare pickle keeps the refusal
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # any failure to list them: report the original refusal
+            raise refused from None
+        if not names:
+            raise
+        _LOG.info("%s: objects of %s read as inert stand-ins", path, ", ".join(names))
+        with torch.serialization.safe_globals([(_Opaque, name) for name in names]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _read_torch(path: str) -> dict[str, np.ndarray]:
     try:
         import torch
@@ -95,7 +141,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
             "(pip install torch, or convert it elsewhere with `python -m mindcv_poolformer.convert`)"
         ) from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(torch, path)
     except Exception as exc:  # torch raises many types for corrupt or unsafe files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a loadable PyTorch weights file ({first})") from None
@@ -140,9 +186,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {name[len("module."):] if name.startswith("module.") else name: value for name, value in state.items()}
 
 
+def is_segmentation_state(state: Mapping[str, np.ndarray]) -> bool:
+    """Whether ``state`` is a Semantic FPN's (keys under ``backbone.``/``neck.``/``decode_head.``)."""
+    return any(k.startswith(SEGMENTATION_PREFIXES) for k in state)
+
+
+def _split_backbone(state: Mapping) -> tuple[dict, dict]:
+    """(``backbone.*`` without the prefix, everything else) of a segmentation state."""
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return backbone, {k: v for k, v in state.items() if not k.startswith("backbone.")}
+
+
 def detect_layout(state: Mapping[str, np.ndarray]) -> str:
-    """Which naming scheme ``state`` uses: ``mindspore``, ``official``, ``timm`` or ``hf``."""
+    """Which naming scheme ``state`` uses: ``mindspore``, ``official``, ``timm``, ``hf`` or ``mmseg``."""
     keys = list(state)
+    if is_segmentation_state(state):
+        if any(re.search(r"\.(gamma|beta|moving_mean|moving_variance)$", k) for k in keys):
+            return "mindspore"
+        return "mmseg"
     if any(k.startswith(("poolformer.encoder.", "encoder.patch_embeddings.")) for k in keys):
         return "hf"
     if any(k.startswith(("stem.conv.", "stages.")) for k in keys):
@@ -152,8 +213,8 @@ def detect_layout(state: Mapping[str, np.ndarray]) -> str:
             return "mindspore"
         return "official"
     sample = ", ".join(keys[:3])
-    raise CheckpointError(f"unrecognised checkpoint layout (first keys: {sample}); "
-                          "accepted: MindSpore/MindCV, official sail-sg, timm metaformer, HF transformers")
+    raise CheckpointError(f"unrecognised checkpoint layout (first keys: {sample}); accepted: MindSpore/MindCV, "
+                          "official sail-sg, timm metaformer, HF transformers, mmsegmentation Semantic FPN")
 
 
 _GN_AFFINE = {"weight": "gamma", "bias": "beta"}
@@ -194,6 +255,18 @@ _OFFICIAL_RULES = [
 ]
 
 
+_BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+
+# The neck and head of an mmseg Semantic FPN; its backbone is converted as a classification state.
+_MMSEG_RULES = [
+    (re.compile(r"^(decode_head\.scale_heads\.\d+\.\d+\.bn)\.(weight|bias|running_mean|running_var)$"),
+     lambda m: f"{m[1]}.{_BN_NAMES[m[2]]}"),
+    (re.compile(r"^(neck\.(?:lateral|fpn)_convs\.\d+\.conv\.(?:weight|bias))$"), lambda m: m[1]),
+    (re.compile(r"^(decode_head\.scale_heads\.\d+\.\d+\.conv\.weight)$"), lambda m: m[1]),
+    (re.compile(r"^(decode_head\.conv_seg\.(?:weight|bias))$"), lambda m: m[1]),
+]
+
+
 def _apply_rules(state: Mapping[str, np.ndarray], rules) -> tuple[dict[str, np.ndarray], list[str]]:
     out: dict[str, np.ndarray] = {}
     unmapped: list[str] = []
@@ -217,6 +290,8 @@ def to_canonical(state: Mapping[str, np.ndarray], layout: str | None = None) -> 
     layout = layout or detect_layout(state)
     if layout == "mindspore":
         return dict(state), layout
+    if layout == "mmseg":
+        return _mmseg_to_canonical(state), layout
     rules = {"hf": _HF_RULES, "timm": _TIMM_RULES, "official": _OFFICIAL_RULES}[layout]
     out, unmapped = _apply_rules(state, rules)
     if unmapped:
@@ -225,6 +300,20 @@ def to_canonical(state: Mapping[str, np.ndarray], layout: str | None = None) -> 
         if re.search(r"\.mlp\.fc[12]\.weight$", name) and value.ndim == 2:
             out[name] = value.reshape(value.shape + (1, 1))
     return out, layout
+
+
+def _mmseg_to_canonical(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An mmseg Semantic FPN state in our names; BatchNorm's ``num_batches_tracked`` counters are dropped."""
+    backbone, rest = _split_backbone({k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")})
+    if not backbone:
+        raise CheckpointError("mmseg checkpoint has no backbone.* tensors")
+    canonical, _ = to_canonical(backbone)
+    out = {"backbone." + k: v for k, v in canonical.items()}
+    converted, unmapped = _apply_rules(rest, _MMSEG_RULES)
+    if unmapped:
+        raise CheckpointError(f"mmseg checkpoint has keys with no Semantic FPN counterpart: {', '.join(unmapped[:8])}")
+    out.update(converted)
+    return out
 
 
 def split_model_state(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -239,10 +328,16 @@ class Architecture:
     widths: tuple[int, ...]
     num_classes: int
     in_channels: int
+    task: str = "classification"
 
 
 def infer_architecture(state: Mapping[str, np.ndarray]) -> Architecture:
-    """Depths, widths, classes and input channels of a canonical state dict."""
+    """Depths, widths, classes and input channels of a canonical state dict (a classifier's or a Semantic FPN's)."""
+    if is_segmentation_state(state):
+        backbone = infer_architecture(_split_backbone(state)[0])
+        seg = state.get(_SEG_HEAD + "weight")
+        return Architecture(backbone.depths, backbone.widths, int(seg.shape[0]) if seg is not None else 0,
+                            backbone.in_channels, "segmentation")
     depths, widths = [], []
     stage = 0
     while f"network.{2 * stage}.0.norm1.gamma" in state:
@@ -267,10 +362,33 @@ def match_variant(arch: Architecture) -> str | None:
     return None
 
 
+def model_name(arch: Architecture) -> str | None:
+    """The registered model for ``arch``: its PoolFormer, or that PoolFormer's Semantic FPN for a segmentation state."""
+    from .models.fpn import SEGMENTATION_VARIANTS
+
+    variant = match_variant(arch)
+    if variant is None or arch.task != "segmentation":
+        return variant
+    return next((name for name, seg in SEGMENTATION_VARIANTS.items() if seg.backbone == variant), None)
+
+
 def _describe(arch: Architecture) -> str:
-    name = match_variant(arch)
+    name = model_name(arch)
     shape = f"depths {arch.depths}, widths {arch.widths}"
+    if arch.task == "segmentation":
+        return f"a Semantic FPN {name} (backbone {shape})" if name else f"a Semantic FPN with backbone {shape}"
     return f"a {name} ({shape})" if name else f"a PoolFormer with {shape}"
+
+
+def _use(found: Architecture, task: str, verb: str = "use model") -> str:
+    """'; use model NAME' for the registered ``task`` model whose backbone is ``found``'s ('' if none)."""
+    name = model_name(replace(found, task=task))
+    return f"; {verb} {name}" if name else ""
+
+
+def _segmentation_into_classifier(label: str, found: Architecture, verb: str = "use model") -> str:
+    return f"{label} holds {_describe(found)}, a segmentation checkpoint that a classifier cannot load" + \
+        _use(found, "segmentation", verb)
 
 
 def _architecture_mismatch(label: str, state: Mapping[str, np.ndarray], params: Mapping) -> str | None:
@@ -283,10 +401,10 @@ def _architecture_mismatch(label: str, state: Mapping[str, np.ndarray], params: 
         found, wanted = infer_architecture(state), infer_architecture(params)
     except CheckpointError:
         return None
-    variant = match_variant(found)
-    if variant is None or (found.depths, found.widths) == (wanted.depths, wanted.widths):
+    hint = _use(found, wanted.task)
+    if not hint or (found.depths, found.widths) == (wanted.depths, wanted.widths):
         return None
-    return f"{label} holds {_describe(found)} but the model is {_describe(wanted)}; use model {variant}"
+    return f"{label} holds {_describe(found)} but the model is {_describe(wanted)}{hint}"
 
 
 def check_architecture(state: Mapping[str, np.ndarray], model: str, label: str) -> Architecture | None:
@@ -296,16 +414,21 @@ def check_architecture(state: Mapping[str, np.ndarray], model: str, label: str) 
     line naming both and the ``--model`` to pass. Other registered models are not checked here
     (``load_checkpoint_into`` still is) and give None; else the checkpoint's architecture.
     """
+    from .models.fpn import SEGMENTATION_VARIANTS
     from .models.metaformer import POOLFORMER_VARIANTS
 
-    variant = POOLFORMER_VARIANTS.get(model)
+    segmentation = model in SEGMENTATION_VARIANTS
+    variant = POOLFORMER_VARIANTS.get(SEGMENTATION_VARIANTS[model].backbone if segmentation else model)
     if variant is None:
         return None
     found = infer_architecture(state)
+    if found.task == "segmentation" and not segmentation:
+        raise CheckpointError(_segmentation_into_classifier(label, found, "pass --model"))
     if (found.depths, found.widths) != (variant.depths, variant.widths):
-        wanted = Architecture(variant.depths, variant.widths, found.num_classes, found.in_channels)
-        hint = f"; pass --model {match_variant(found)}" if match_variant(found) else ""
-        raise CheckpointError(f"{label} holds {_describe(found)} but the model is {_describe(wanted)}{hint}")
+        task = "segmentation" if segmentation else "classification"
+        wanted = Architecture(variant.depths, variant.widths, found.num_classes, found.in_channels, task)
+        raise CheckpointError(f"{label} holds {_describe(found)} but the model is {_describe(wanted)}"
+                              + _use(found, task, "pass --model"))
     return found
 
 
@@ -360,40 +483,55 @@ def save_state_dict(state: Mapping[str, np.ndarray], dst: str | os.PathLike) -> 
 def load_checkpoint_into(net, source: str | os.PathLike | Mapping[str, np.ndarray], strict: bool = True) -> LoadReport:
     """Load a checkpoint of any known layout into ``net`` by name, checking every shape.
 
-    A classifier head whose shape differs (another ``num_classes``) keeps its fresh initialisation
-    and is reported; any other missing key or shape mismatch raises ``CheckpointError`` naming
-    the keys. Optimizer/training entries of a MindSpore training checkpoint are ignored.
+    A classifier head (``head.*``, or a Semantic FPN's ``decode_head.conv_seg``) whose shape differs
+    (another ``num_classes``) keeps its fresh initialisation and is reported; any other missing key
+    or shape mismatch raises ``CheckpointError`` naming the keys, or naming the model to use when
+    the checkpoint is of another PoolFormer or task. A classification checkpoint loads into a
+    Semantic FPN's backbone (its ``norm``/``head`` ignored; ``norm0..6``, neck and head reported as
+    initialised). Optimizer/training entries of a MindSpore training checkpoint are ignored.
     """
     import mindspore as ms
 
-    label = source if isinstance(source, (str, os.PathLike)) else "<state dict>"
+    label = str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
     raw = read_state_dict(source) if isinstance(source, (str, os.PathLike)) else dict(source)
     state, layout = to_canonical(raw)
     state, ignored = split_model_state(state)
     params = dict(net.parameters_and_names())
-    report = LoadReport(source=str(label), layout=layout, ignored=ignored)
+    report = LoadReport(source=label, layout=layout, ignored=ignored)
+    segmentation_net = is_segmentation_state(params)
+    if is_segmentation_state(state) and not segmentation_net:
+        raise CheckpointError(_segmentation_into_classifier(label, infer_architecture(state)))
+    fresh: list[str] = []
+    checkpoint_state = state  # what the checkpoint holds, for naming its architecture
+    if segmentation_net and not is_segmentation_state(state):
+        # a classification checkpoint initialises the backbone; its final norm and head have no place here
+        report.ignored += [k for k in state if k.startswith(("norm.", "head."))]
+        state = {"backbone." + k: v for k, v in state.items() if not k.startswith(("norm.", "head."))}
+        fresh = [k for k in params if not k.startswith("backbone.") or re.match(r"^backbone\.norm\d+\.", k)]
 
-    head_keys = [k for k in params if k.startswith("head.")]
+    head_keys = [k for k in params if k.startswith(_SEG_HEAD if segmentation_net else "head.")]
     mismatched = [k for k in params if k in state and tuple(state[k].shape) != tuple(params[k].shape)]
     head_mismatch = [k for k in mismatched if k in head_keys]
     other_mismatch = [k for k in mismatched if k not in head_keys]
-    misfit = other_mismatch or (strict and (any(k not in state for k in params) or any(k not in params for k in state)))
-    if misfit and (mismatch := _architecture_mismatch(str(label), state, params)):
+    expected = [k for k in params if k not in fresh]
+    misfit = other_mismatch or (strict and (any(k not in state for k in expected)
+                                            or any(k not in params for k in state)))
+    if misfit and (mismatch := _architecture_mismatch(label, checkpoint_state, params)):
         raise CheckpointError(mismatch)
     if other_mismatch:
         details = "; ".join(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(params[k].shape)}"
                             for k in other_mismatch[:5])
         raise CheckpointError(f"{label}: shapes do not match the model ({len(other_mismatch)} tensors): {details}")
-    missing = [k for k in params if k not in state]
-    if not head_keys:  # a headless model (num_classes=0) leaves the checkpoint's head unused
-        report.ignored += [k for k in state if k.startswith("head.")]
-    # A features_only backbone (no final ``norm``, per-stage ``norm0``..``norm6``) loading a
-    # classification checkpoint: the stage norms keep their fresh init, the final norm is unused.
-    fresh_norms = [] if any(k.startswith("norm.") for k in params) else \
-        [k for k in missing if re.match(r"^norm\d+\.", k)]
-    if fresh_norms:
-        missing = [k for k in missing if k not in fresh_norms]
-        report.ignored += [k for k in state if k.startswith("norm.")]
+    missing = [k for k in expected if k not in state]
+    if not segmentation_net:
+        if not head_keys:  # a headless model (num_classes=0) leaves the checkpoint's head unused
+            report.ignored += [k for k in state if k.startswith("head.")]
+        # A features_only backbone (no final ``norm``, per-stage ``norm0``..``norm6``) loading a
+        # classification checkpoint: the stage norms keep their fresh init, the final norm is unused.
+        if not any(k.startswith("norm.") for k in params):
+            fresh = [k for k in missing if re.match(r"^norm\d+\.", k)]
+            missing = [k for k in missing if k not in fresh]
+            report.ignored += [k for k in state if k.startswith("norm.")]
     unexpected = [k for k in state if k not in params and not k.startswith("head.") and k not in report.ignored]
     if strict and (missing or unexpected):
         parts = []
@@ -407,7 +545,7 @@ def load_checkpoint_into(net, source: str | os.PathLike | Mapping[str, np.ndarra
         if name in state and name not in head_mismatch:
             param.set_data(ms.Tensor(state[name], dtype=param.dtype))
             report.loaded.append(name)
-    report.reinitialised = head_mismatch + fresh_norms
+    report.reinitialised = head_mismatch + fresh
     _LOG.info(report.summary())
     return report
 

@@ -3,7 +3,9 @@
     python -m mindcv_poolformer.convert SRC DST [--arch NAME] [--overwrite]
 
 SRC: official sail-sg ``.pth``/``.pth.tar`` (bare or wrapped in ``state_dict``/``model``), timm
-``metaformer.py``, HF transformers, MindCV/MindSpore ``.ckpt``, or a ``.safetensors`` of any of them.
+``metaformer.py``, HF transformers, MindCV/MindSpore ``.ckpt``, an mmsegmentation 0.x/1.x Semantic FPN
+``.pth`` (``fpn_poolformer_*``; the official sail-sg segmentation files are of this kind), or a
+``.safetensors`` of any of them.
 ``.pth`` files are read with torch's ``weights_only=True``: no pickled code runs.
 DST: a ``.safetensors`` (the default: no pickle, readable everywhere) or ``.ckpt`` file; a DST
 without a suffix gets ``.safetensors``, and an existing directory receives ``<SRC name>.safetensors``.
@@ -22,7 +24,7 @@ from .checkpoint import (
     CheckpointError,
     infer_architecture,
     load_checkpoint_into,
-    match_variant,
+    model_name,
     read_state_dict,
     save_state_dict,
     split_model_state,
@@ -72,8 +74,9 @@ def output_path(src: str, dst: str) -> str:
 def convert_checkpoint(src: str, dst: str, arch: str | None = None, overwrite: bool = False) -> ConvertResult:
     """Convert ``src`` (any known layout/file type) to our names and write it to ``output_path(src, dst)``.
 
-    The architecture is inferred from the tensors (depths and widths) and, with ``arch``, checked
-    against it; the result is verified by loading it into a freshly built model before writing.
+    The architecture is inferred from the tensors (depths and widths; a Semantic FPN from its
+    ``backbone.``/``neck.``/``decode_head.`` keys) and, with ``arch``, checked against it; the result
+    is verified by loading it into a freshly built model before writing.
     An existing output is never replaced unless ``overwrite`` is set.
     """
     from .models.registry import list_models, model_info
@@ -86,7 +89,7 @@ def convert_checkpoint(src: str, dst: str, arch: str | None = None, overwrite: b
     state, layout = to_canonical(read_state_dict(src))
     state, _ = split_model_state(state)
     found = infer_architecture(state)
-    detected = match_variant(found)
+    detected = model_name(found)
     if arch is not None:
         if arch not in list_models():
             try:
@@ -95,13 +98,15 @@ def convert_checkpoint(src: str, dst: str, arch: str | None = None, overwrite: b
                 raise ConfigError(f"arch: {exc}") from None
 
         if detected is not None and detected != arch:
+            backbone = "backbone " if found.task == "segmentation" else ""
             raise CheckpointError(
-                f"{src} holds a {detected} (depths {found.depths}, widths {found.widths}), not {arch}"
+                f"{src} holds a {detected} ({backbone}depths {found.depths}, widths {found.widths}), not {arch}"
             )
     name = arch or detected
     if name is None:
         raise CheckpointError(
-            f"{src}: depths {found.depths} / widths {found.widths} match no registered PoolFormer; pass --arch"
+            f"{src}: depths {found.depths} / widths {found.widths} match no registered PoolFormer"
+            + (" Semantic FPN" if found.task == "segmentation" else "") + "; pass --arch"
         )
     from .models.registry import create_model
 

@@ -4,8 +4,9 @@ Counted: convolutions (output elements x input channels per group x kernel area)
 (output elements x input features) and normalisation layers (5 ops per input element with an
 affine, 4 without: fvcore's ``norm_flop_counter``; BatchNorm in eval mode 2 per element, fvcore's
 ``batchnorm_flop_jit``) and matrix products (``b*n*k*m`` for a (b,n,k)x(k,m) product: attention's
-QK^T and AV, the random token-mixing matrix; the spatial MLP is a Dense over tokens). Not counted, as
-in fvcore: pooling, softmax, activations, residual additions and the final spatial mean.
+QK^T and AV, the random token-mixing matrix; the spatial MLP is a Dense over tokens) and resizes (1 per
+output element for nearest, 4 for bilinear: fvcore's ``upsample_nearest2d``/``upsample_bilinear2d``).
+Not counted, as in fvcore: pooling, softmax, activations, residual additions and the final spatial mean.
 """
 
 from __future__ import annotations
@@ -16,14 +17,25 @@ import numpy as np
 from mindspore import nn
 
 from .backends import applied_backend, apply_backend
+from .models.fpn import Resize
 from .models.layers import Attention, GroupNorm1, LayerNormChannel, RandomMixing
 
 __all__ = ["count_params", "count_macs"]
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
-def count_params(net: nn.Cell, trainable_only: bool = False) -> int:
-    """Number of scalar parameters (all of them unless ``trainable_only``)."""
+
+def count_params(net: nn.Cell, trainable_only: bool = False, buffers: bool = True) -> int:
+    """Number of scalar parameters (all of them unless ``trainable_only``).
+
+    ``buffers=False`` leaves out BatchNorm's moving mean/variance: MindSpore holds them as
+    Parameters, PyTorch as buffers, so counts reported from PyTorch (mmseg's, fvcore's) exclude them.
+    """
     params = net.trainable_params() if trainable_only else net.get_parameters()
+    if not buffers:
+        statistics = {id(p) for _, cell in net.cells_and_names() if isinstance(cell, _BATCH_NORMS)
+                      for p in (cell.moving_mean, cell.moving_variance)}
+        params = [p for p in params if id(p) not in statistics]
     return int(sum(int(np.prod(p.shape)) for p in params))
 
 
@@ -42,6 +54,10 @@ def _norm_macs(cell: nn.Cell, inputs, output) -> int:
 
 def _batchnorm_eval_macs(cell: nn.Cell, inputs, output) -> int:
     return 2 * int(np.prod(inputs[0].shape))
+
+
+def _resize_macs(cell: Resize, inputs, output) -> int:
+    return (4 if cell.mode == "bilinear" else 1) * int(np.prod(output.shape))
 
 
 def _attention_macs(cell: Attention, inputs, output) -> int:
@@ -64,8 +80,10 @@ _RULES: list[tuple[type, Callable[..., int]]] = [
     (nn.GroupNorm, _norm_macs),
     (nn.LayerNorm, _norm_macs),
     (nn.BatchNorm2d, _batchnorm_eval_macs),
+    (nn.SyncBatchNorm, _batchnorm_eval_macs),
     (Attention, _attention_macs),
     (RandomMixing, _random_mixing_macs),
+    (Resize, _resize_macs),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The one model registry: names -> builders plus the facts (crop_pct, params, MACs, top-1) of each."""
+"""The one model registry: names -> builders plus the facts (crop_pct, params, MACs, top-1 or mIoU) of each."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ __all__ = ["ModelInfo", "register_model", "list_models", "model_info", "create_m
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the registry knows about a model besides how to build it."""
+    """What the registry knows about a model besides how to build it.
+
+    ``task`` is ``classification`` or ``segmentation``; a segmentation model reports its single-scale
+    ``miou`` instead of ``top1``, and ``crop_size`` is the side of its training crops.
+    """
 
     name: str
     crop_pct: float = 0.9
@@ -22,6 +26,9 @@ class ModelInfo:
     macs: float | None = None
     top1: float | None = None
     url: str | None = None
+    task: str = "classification"
+    miou: float | None = None
+    crop_size: int | None = None
 
 
 _BUILDERS: dict[str, Callable[..., nn.Cell]] = {}
