@@ -15,7 +15,7 @@ from .models import registry
 __all__ = ["create_model"]
 
 
-def create_model(name: str, pretrained: bool | str = False, num_classes: int = 1000, in_channels: int = 3,
+def create_model(name: str, pretrained: bool | str = False, num_classes: int | None = None, in_channels: int = 3,
                  checkpoint_path: str | None = None, backend: str = "auto", **overrides) -> nn.Cell:
     """``models.create_model(...)`` (see there for the arguments), then ``apply_backend(net, backend)``.
 

@@ -172,6 +172,14 @@ def test_registry_facts():
     assert model_info("poolformer_s12").task == "classification"
 
 
+def test_default_class_count_is_the_models_own():
+    """Without num_classes a segmentation model has ADE20K's 150 classes and a classifier ImageNet's 1000."""
+    from mindcv_poolformer import create_model
+
+    assert create_model("fpn_poolformer_s12", depths=(1, 1, 1, 1)).decode_head.conv_seg.out_channels == 150
+    assert create_model("poolformer_s12", depths=(1, 1, 1, 1)).head.out_channels == 1000
+
+
 def test_initialisation_as_mmseg():
     # neck: Xavier-uniform (its init_cfg); scale heads: mmcv ConvModule's Kaiming-normal (fan_out, ReLU);
     # conv_seg: N(0, 0.01); biases 0; BN 1/0 with statistics 0/1. Compared as per-tensor spreads.

@@ -64,7 +64,7 @@ def model_info(name: str) -> ModelInfo:
 def create_model(
     name: str,
     pretrained: bool | str = False,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     in_channels: int = 3,
     checkpoint_path: str | None = None,
     **overrides,
@@ -76,15 +76,18 @@ def create_model(
         pretrained: ``True`` looks for ``<name>.{safetensors,ckpt,pth.tar,pth}`` in the weights cache
             (``$MINDCV_POOLFORMER_HOME``, default ``~/.cache/mindcv_poolformer``); a string is a file
             or a directory to look in. Nothing is downloaded.
-        num_classes: classifier outputs. If it differs from the checkpoint's, the backbone is loaded
-            and only the head is re-initialised (reported in the log).
+        num_classes: classifier outputs; None: the model's own (1000 ImageNet classes for classifiers,
+            150 ADE20K classes for segmentation). If it differs from the checkpoint's, the backbone is
+            loaded and only the head is re-initialised (reported in the log).
         in_channels: input image channels.
         checkpoint_path: a checkpoint file to load (any format the converter reads); wins over
             ``pretrained``.
         **overrides: constructor arguments, e.g. ``drop_path_rate=0.1``.
     """
     _check_name(name)
-    model = _BUILDERS[name](num_classes=num_classes, in_channels=in_channels, **overrides)
+    if num_classes is not None:  # else the builder's own default: 1000 ImageNet classes, 150 ADE20K ones
+        overrides["num_classes"] = num_classes
+    model = _BUILDERS[name](in_channels=in_channels, **overrides)
     source = checkpoint_path
     if source is None and pretrained:
         from ..checkpoint import resolve_pretrained
