@@ -568,7 +568,9 @@ def resolve_pretrained(name: str, pretrained: bool | str) -> str:
         if candidate.is_file():
             return str(candidate)
     url = model_info(name).url
+    fetch = f"download {url} into it" if url else f"put {name}'s weights there"
     raise CheckpointError(
-        f"no pretrained weights for {name} in {directory} (looked for {name}.safetensors/.ckpt/.pth.tar/.pth); "
-        f"download {url} there, or pass checkpoint_path=, or set MINDCV_POOLFORMER_HOME"
+        f"no pretrained weights for {name} in {directory} (looked for {name}.safetensors/.ckpt/.pth.tar/.pth and "
+        f"{name}-*.ckpt); {fetch}, set MINDCV_POOLFORMER_HOME to the folder that holds them, or pass --ckpt_path "
+        "FILE (checkpoint_path= in Python)"
     )

@@ -1,8 +1,13 @@
 """The one configuration schema: YAML recipes plus ``--key value`` CLI overrides, validated once.
 
 Key names follow MindCV's recipes so a MindCV PoolFormer YAML runs unchanged; MindCV keys that
-have no effect here are accepted and reported as inert. Every script (train, validate, export,
-predict) reads the same schema, so a recipe means the same thing to all of them.
+have no effect here are accepted and reported as inert (``INERT_KEYS``). Every script (train,
+validate, export, predict) reads the same schema, so a recipe means the same thing to all of them.
+
+A MindCV recipe also means what it means to MindCV: a recipe whose every key is one that MindCV's
+``train.py`` accepts (``MINDCV_KEYS``; MindCV refuses any other key, and every recipe of ours has
+keys MindCV lacks) is a MindCV recipe, and the keys it leaves out take MindCV 0.3.0's defaults
+(``MINDCV_DEFAULTS``) instead of ours. ``recipe_defaults: mindcv|ours`` overrides that rule.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "Option", "SCHEMA", "Config", "load_config", "parse_cli", "format_help"]
+__all__ = ["ConfigError", "Option", "SCHEMA", "INERT_KEYS", "MINDCV_KEYS", "MINDCV_DEFAULTS", "Config",
+           "is_mindcv_recipe", "load_config", "parse_cli", "format_help"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
@@ -65,6 +71,9 @@ SCHEMA: dict[str, Option] = {
     "val_interval": _o(int, 1, "epochs between validations", _SYS, low=1),
     "log_interval": _o(int, 100, "steps between log lines", _SYS, low=1),
     "debug": _o(bool, False, "show full tracebacks on errors", _SYS),
+    "recipe_defaults": _o(str, "auto", "defaults of the keys a recipe leaves out: mindcv (MindCV 0.3.0's), ours, "
+                          "or auto: MindCV's for a recipe whose every key is a MindCV key, ours otherwise", _SYS,
+                          choices=("auto", "mindcv", "ours")),
     "enable_modelarts": _o(bool, False, "MindCV ModelArts switch", _SYS, inert=True),
     "multi_data_url": _o(str, "", "MindCV ModelArts path", _SYS, inert=True),
     "data_url": _o(str, "", "MindCV ModelArts path", _SYS, inert=True),
@@ -82,6 +91,8 @@ SCHEMA: dict[str, Option] = {
     "batch_size": _o(int, 128, "batch size per device", _DATA, low=1),
     "drop_remainder": _o(bool, True, "drop the last incomplete training batch (validation never drops)", _DATA),
     "aug_repeats": _o(int, 0, "repeated augmentation count (0 = off)", _DATA, low=0),
+    "aug_splits": _o(int, 0, "MindCV's augmentation splits; only 0 (one augmented view per image) here", _DATA,
+                     low=0),
     "strict_data": _o(bool, False, "an unreadable (corrupt or truncated) image stops the run with an error naming "
                       "the file; False: it is skipped with a warning (training substitutes the next image of the "
                       "epoch, validation leaves it out of top-1)", _DATA),
@@ -105,7 +116,8 @@ SCHEMA: dict[str, Option] = {
     "re_mode": _o(str, "pixel", "random erasing fill", _AUG, choices=("pixel", "rand", "const")),
     "re_scale": _o(list, [0.02, 0.33], "random erasing area range", _AUG, length=2),
     "re_ratio": _o(list, [0.3, 3.3], "random erasing aspect range", _AUG, length=2),
-    "re_value": _o(float, 0.0, "random erasing value for re_mode=const", _AUG),
+    "re_value": _o(float, 0.0, "random erasing value for re_mode=const ('random', MindCV's, is re_mode pixel)",
+                   _AUG),
     "re_max_attempts": _o(int, 10, "random erasing attempts", _AUG, low=1),
     "mean": _o(list, [0.485 * 255, 0.456 * 255, 0.406 * 255], "per-channel mean on the 0-255 scale", _AUG, length=3),
     "std": _o(list, [0.229 * 255, 0.224 * 255, 0.225 * 255], "per-channel std on the 0-255 scale", _AUG, length=3),
@@ -126,6 +138,9 @@ SCHEMA: dict[str, Option] = {
     "ckpt_path": _o(str, "", "initialise from this checkpoint (any format the converter reads)", _MODEL),
     "amp_level": _o(str, "O0", "mixed precision: O0 fp32, O2 fp16 except norms/loss, O3 all fp16", _MODEL,
                     choices=("O0", "O1", "O2", "O3")),
+    "val_amp_level": _o(str, None, "validate.py's amp level (MindCV's meaning; train.py validates at amp_level, as "
+                        "MindCV's does); default: amp_level", _MODEL, choices=("O0", "O1", "O2", "O3"),
+                        nullable=True),
     "amp_cast_list": _o(str, "", "MindCV custom AMP cast list", _MODEL, inert=True),
     "ema": _o(bool, False, "keep an exponential moving average of the weights", _MODEL),
     "ema_decay": _o(float, 0.9999, "EMA decay per step", _MODEL, low=0, high=1),
@@ -143,7 +158,14 @@ SCHEMA: dict[str, Option] = {
     "beta2": _o(float, 0.999, "Adam beta2", _OPT, low=0, high=1),
     "eps": _o(float, 1e-8, "Adam epsilon", _OPT, low=0, low_open=True),
     "weight_decay": _o(float, 0.05, "decoupled weight decay", _OPT, low=0),
-    "filter_bias_and_bn": _o(bool, True, "no weight decay on 1-D parameters (norms, biases, layer scales)", _OPT),
+    "weight_decay_filter": _o(str, "all_1d", "parameters without weight decay: all_1d = every 1-D one (norms, "
+                              "biases, layer scales; the official recipe), norm_and_bias = names with beta/gamma/bias "
+                              "(MindCV), auto = names with beta/gamma (MindSpore's own filter), disable = none",
+                              _OPT, choices=("all_1d", "norm_and_bias", "auto", "disable")),
+    "filter_bias_and_bn": _o(bool, None, "alias of weight_decay_filter: True = all_1d (norm_and_bias in a MindCV "
+                             "recipe, MindCV 0.2's meaning), False = disable", _OPT, nullable=True),
+    "layer_decay": _o(float, None, "MindCV's layer-wise lr decay; not available here (only null)", _OPT,
+                      nullable=True),
     "use_nesterov": _o(bool, False, "Nesterov momentum for SGD", _OPT),
     "loss_scale_type": _o(str, "auto", "auto: dynamic under amp_level O2/O3, fixed otherwise", _OPT,
                           choices=("auto", "fixed", "dynamic")),
@@ -161,7 +183,8 @@ SCHEMA: dict[str, Option] = {
                     choices=("cosine_decay", "constant", "step_decay", "multi_step_decay")),
     "min_lr": _o(float, 1e-5, "final learning rate of the cosine", _SCHED, low=0),
     "warmup_epochs": _o(int, 5, "linear warmup epochs", _SCHED, low=0),
-    "warmup_factor": _o(float, 0.0, "MindCV warmup start factor (use warmup_lr)", _SCHED, low=0, high=1),
+    "warmup_factor": _o(float, 0.0, "MindCV's warmup start as a factor of lr: sets warmup_lr = lr * warmup_factor "
+                        "when given (always in a MindCV recipe)", _SCHED, low=0, high=1),
     "warmup_lr": _o(float, 1e-6, "learning rate at the start of the warmup", _SCHED, low=0),
     "cooldown_epochs": _o(int, 0, "epochs at min_lr after the decay", _SCHED, low=0),
     "decay_epochs": _o(int, 0, "step_decay period; for cosine, MindCV's decay length (derived if 0)", _SCHED, low=0),
@@ -180,17 +203,59 @@ SCHEMA: dict[str, Option] = {
     "keep_checkpoint_max": _o(int, 10, "checkpoints kept", _CKPT, low=1),
     "ckpt_format": _o(str, "safetensors", "checkpoint file format", _CKPT, choices=("safetensors", "ckpt")),
     "resume": _o(str, "", "continue a run: a checkpoint path, or 'auto' for the newest in ckpt_save_dir", _CKPT),
-    "resume_opt": _o(bool, True, "MindCV switch; resuming always restores the optimizer here", _CKPT, inert=True),
+    "resume_opt": _o(bool, False, "MindCV's resume form: with ckpt_path (a checkpoint of this trainer) it continues "
+                     "that run, as --resume CKPT does", _CKPT),
     "overwrite": _o(bool, False, "allow writing into a ckpt_save_dir that holds another run", _CKPT),
     "dataset_sink_mode": _o(bool, True, "sink the dataset to the device (Ascend; ignored on CPU)", _CKPT),
     # eval / export
     "json": _o(str, "", "validate: write the metrics as JSON here", _EVAL),
+    "eval_shuffle": _o(bool, False, "MindCV's shuffle of the validation data (top-1 does not depend on it)", _EVAL,
+                       inert=True),
     "file_format": _o(str, "MINDIR", "export format", _EVAL, choices=("MINDIR", "AIR", "ONNX")),
     "file_name": _o(str, "", "export output path (suffix added if missing)", _EVAL),
     "labels": _o(str, "", "export/predict: text file with one class name per line", _EVAL),
     "topk": _o(int, 5, "predict: how many classes to print per image", _EVAL, low=1),
     "mindir": _o(str, "", "predict: run this exported MINDIR (reads its .json sidecar)", _EVAL),
     "onnx": _o(str, "", "predict: run this exported ONNX file in onnxruntime (reads its .json sidecar)", _EVAL),
+}
+
+# MindCV keys accepted for compatibility that change nothing here (warned about when set).
+INERT_KEYS: tuple[str, ...] = tuple(key for key, opt in SCHEMA.items() if opt.inert)
+
+# Every key of MindCV's train.py/validate.py parser (config.py of 0.2.0-0.3.0 and master). MindCV
+# refuses a recipe key outside its parser, so a MindCV recipe holds only these.
+MINDCV_KEYS: frozenset[str] = frozenset("""
+    amp_cast_list amp_level aug_repeats aug_splits auto_augment aux_factor batch_size ckpt_path ckpt_save_dir
+    ckpt_save_interval ckpt_save_policy ckpt_url clip_grad clip_value color_jitter crop_pct cutmix cutmix_prob
+    cycle_decay data_dir data_url dataset dataset_download dataset_sink_mode decay_epochs decay_rate device_target
+    distribute drop_overflow_update drop_path_rate drop_rate drop_remainder ema ema_decay enable_modelarts
+    epoch_size eps eval_shuffle filter_bias_and_bn gradient_accumulation_steps hflip image_resize in_channels
+    interpolation keep_checkpoint_max label_smoothing layer_decay log_interval loss loss_scale loss_scale_type lr
+    lr_epoch_stair mean min_lr mixup mode model momentum multi_data_url multi_step_decay_milestones num_classes
+    num_cycles num_parallel_workers num_samples opt pretrained ratio re_max_attempts re_prob re_ratio re_scale
+    re_value reduction resume_opt scale scheduler seed shuffle std train_split train_url use_nesterov
+    val_amp_level val_interval val_split val_while_train vflip warmup_epochs warmup_factor weight_decay
+    weight_decay_filter
+""".split())
+
+# MindCV 0.3.0's defaults where they differ from ours, for the keys a MindCV recipe leaves out.
+# Kept ours: model (MindCV's default is not a PoolFormer), data_dir (ours is a one-line error, not
+# training on ./), device_target (auto picks Ascend where MindCV's default Ascend is there).
+# re_mode is ours only: MindCV erases with the constant re_value. warmup_lr follows warmup_factor.
+MINDCV_DEFAULTS: dict[str, Any] = {
+    "val_while_train": False, "interpolation": "bilinear", "crop_pct": 0.875, "color_jitter": [0.4],
+    "epoch_size": 90, "clip_value": 15.0, "opt": "adam", "weight_decay": 1e-6, "weight_decay_filter": "disable",
+    "eps": 1e-10, "min_lr": 1e-6, "warmup_epochs": 3, "decay_epochs": 100, "decay_rate": 0.9,
+    "loss_scale_type": "fixed", "val_amp_level": "O0", "re_mode": "const",
+}
+
+# What a MindCV recipe's value means there and here, where the two differ and neither can follow the other.
+_MINDCV_MEANINGS: dict[tuple[str, str], str] = {
+    ("opt", "adamw"): "opt adamw: MindCV's AdamW corrects the moments for bias; here it is MindSpore's "
+                      "nn.AdamWeightDecay, which does not (the first ~1/(1-beta2) steps differ)",
+    ("loss_scale_type", "auto"): "loss_scale_type auto: MindCV leaves it to MindSpore's Model (dynamic from 2**24 "
+                                 "under O2, no scaling under O3); here dynamic from loss_scale (2**16 if 1) under "
+                                 "O2/O3",
 }
 
 
@@ -320,10 +385,95 @@ def _normalise_choice(key: str, value: Any) -> Any:
 def _set(cfg: Config, key: str, value: Any, source: str, from_cli: bool) -> None:
     if key not in SCHEMA:
         raise ConfigError(f"unknown config key {key!r} in {source}{_suggest(key)}")
+    if key == "re_value" and isinstance(value, str) and value.lower() == "random":
+        cfg["re_mode"], cfg["re_value"] = "pixel", 0.0  # MindCV's per-pixel random fill
+        return
+    given = value
     value = _coerce(key, value, from_cli)
     value = _normalise_choice(key, value)
+    if value == "" and SCHEMA[key].choices:  # "none" on the command line is no choice either
+        raise ConfigError(f"{key}: {given!r} is not one of {', '.join(map(str, SCHEMA[key].choices))}")
     _check(key, value)
     cfg[key] = value
+
+
+def is_mindcv_recipe(keys: Sequence[str] | Mapping[str, Any]) -> bool:
+    """Whether a recipe with these keys is MindCV's: it has keys and each is one MindCV's parser accepts."""
+    keys = list(keys)
+    return bool(keys) and all(str(k) in MINDCV_KEYS for k in keys)
+
+
+def _read_recipe(path: str | os.PathLike) -> Mapping[str, Any]:
+    """The recipe's raw mapping: read before any layer is applied, since its keys decide the defaults."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            recipe = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(recipe, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(recipe).__name__}")
+    return recipe
+
+
+def _recipe_style(recipe: Mapping[str, Any], overrides: Mapping[str, Any], cli: Mapping[str, str]) -> str:
+    """``mindcv`` or ``ours``: ``recipe_defaults`` where given (command line first), else the recipe's keys."""
+    for layer, from_cli in ((cli, True), (overrides, False), (recipe, False)):
+        if "recipe_defaults" in layer:
+            probe = Config()
+            _set(probe, "recipe_defaults", layer["recipe_defaults"], "recipe_defaults", from_cli)
+            if probe.recipe_defaults != "auto":
+                return probe.recipe_defaults
+            break
+    return "mindcv" if is_mindcv_recipe(recipe) else "ours"
+
+
+def _resolve(cfg: Config, explicit: set[str], mindcv: bool) -> None:
+    """Aliases and MindCV-only keys: derived values filled in, contradictions and unsupported values refused."""
+    alias = cfg["filter_bias_and_bn"]
+    if alias is not None and "weight_decay_filter" in explicit:
+        if alias != (cfg["weight_decay_filter"] != "disable"):
+            raise ConfigError(f"filter_bias_and_bn: {alias} contradicts weight_decay_filter: "
+                              f"{cfg['weight_decay_filter']} (it is an alias: True = any filter but disable, "
+                              "False = disable); give only weight_decay_filter")
+    elif alias is not None:
+        cfg["weight_decay_filter"] = ("norm_and_bias" if mindcv else "all_1d") if alias else "disable"
+    cfg["filter_bias_and_bn"] = cfg["weight_decay_filter"] != "disable"
+    if "warmup_factor" in explicit or mindcv:
+        derived = float(cfg["lr"]) * float(cfg["warmup_factor"])
+        if "warmup_lr" in explicit:  # wins over a factor of 0 (MindCV's default, in every saved config.yaml)
+            if "warmup_factor" in explicit and cfg["warmup_factor"] and abs(cfg["warmup_lr"] - derived) > 1e-12:
+                raise ConfigError(f"warmup_factor: {cfg['warmup_factor']} (warmup_lr {derived:g}) contradicts "
+                                  f"warmup_lr: {cfg['warmup_lr']:g}; give only one of them")
+        elif cfg["warmup_factor"] and cfg["lr_scale_batch"]:
+            raise ConfigError("warmup_factor: a factor of lr does not follow lr_scale_batch scaling; give warmup_lr "
+                              "(the learning rate the warmup starts from) instead")
+        else:
+            cfg["warmup_lr"] = derived
+    if cfg["layer_decay"] is not None:
+        raise ConfigError(f"layer_decay: {cfg['layer_decay']}: layer-wise learning-rate decay is not available here "
+                          "(every layer trains at lr); remove layer_decay or set it to null")
+    if cfg["aug_splits"]:
+        raise ConfigError(f"aug_splits: {cfg['aug_splits']}: MindCV's augmentation splits (3 views of each image "
+                          "for AugMix) are not available here; use 0 (one augmented view per image)")
+    if cfg["resume"] and cfg["resume_opt"] and cfg["ckpt_path"]:
+        raise ConfigError(f"resume_opt: ckpt_path {cfg['ckpt_path']} with resume_opt True (MindCV's resume form) "
+                          f"and resume {cfg['resume']} both ask to resume; give only --resume")
+
+
+def _note_mindcv(cfg: Config, explicit: set[str], why: str) -> None:
+    """One line naming the MindCV defaults that differ from ours, one per value whose meaning differs."""
+    taken = [f"{k} {cfg[k]!r} (ours {SCHEMA[k].default!r})" for k in (*MINDCV_DEFAULTS, "warmup_lr")
+             if k not in explicit and cfg[k] != SCHEMA[k].default]
+    if taken:
+        _LOG.info("%s: the keys it leaves out take MindCV 0.3.0's defaults: %s (--recipe_defaults ours keeps ours)",
+                  why, ", ".join(taken))
+    for (key, value), meaning in _MINDCV_MEANINGS.items():
+        if cfg[key] == value:
+            _LOG.info("%s", meaning)
 
 
 def _validate_model(cfg: Config) -> None:
@@ -337,33 +487,35 @@ def _validate_model(cfg: Config) -> None:
 
 def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
                 cli_overrides: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None) -> Config:
-    """Schema defaults <- ``defaults`` <- YAML recipe at ``path`` <- ``overrides`` <- ``cli_overrides`` (strings)."""
+    """Schema defaults <- ``defaults`` <- YAML recipe at ``path`` <- ``overrides`` <- ``cli_overrides`` (strings).
+
+    For a MindCV recipe (see the module doc) ``MINDCV_DEFAULTS`` come between ``defaults`` and the
+    recipe, so a key it leaves out means what MindCV's default means; one INFO line says which.
+    """
     cfg = Config({key: opt.default for key, opt in SCHEMA.items()})
     for key, value in (defaults or {}).items():
         _set(cfg, key, value, "script defaults", from_cli=False)
+    recipe = _read_recipe(path) if path else {}
+    style = _recipe_style(recipe, overrides or {}, cli_overrides or {})
+    if style == "mindcv":
+        for key, value in MINDCV_DEFAULTS.items():
+            _set(cfg, key, value, "MindCV defaults", from_cli=False)
     explicit: set[str] = set()
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                recipe = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(recipe, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of key: value, got {type(recipe).__name__}")
-        for key, value in recipe.items():
-            _set(cfg, str(key), value, str(path), from_cli=False)
-            explicit.add(str(key))
+    for key, value in recipe.items():
+        _set(cfg, str(key), value, str(path), from_cli=False)
+        explicit.add(str(key))
     for key, value in (overrides or {}).items():
         _set(cfg, key, value, "overrides", from_cli=False)
         explicit.add(key)
     for key, value in (cli_overrides or {}).items():
         _set(cfg, key, value, "command line", from_cli=True)
         explicit.add(key)
+    cfg["recipe_defaults"] = style
     _validate_model(cfg)
+    _resolve(cfg, explicit, style == "mindcv")
+    if style == "mindcv":
+        why = f"{path} is a MindCV recipe" if is_mindcv_recipe(recipe) else "recipe_defaults mindcv"
+        _note_mindcv(cfg, explicit, why)
     inert = sorted(k for k in explicit if SCHEMA[k].inert and cfg[k] != SCHEMA[k].default)
     if inert:
         _LOG.warning("ignoring MindCV keys with no effect here: %s", ", ".join(inert))
@@ -372,7 +524,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
 
 def format_help(prog: str, description: str) -> str:
     """Grouped ``--key`` help for every schema key."""
-    lines = [f"usage: {prog} [--config RECIPE.yaml] [--key value ...]", "", description, ""]
+    lines = [f"usage: {prog} [-c|--config RECIPE.yaml] [--key value ...]", "", description, ""]
     group = None
     for key, opt in SCHEMA.items():
         if opt.inert:
@@ -387,7 +539,7 @@ def format_help(prog: str, description: str) -> str:
 
 def parse_cli(argv: Sequence[str] | None = None, prog: str | None = None, description: str = "",
               defaults: Mapping[str, Any] | None = None) -> Config:
-    """Parse ``[--config FILE] [--key value | --key=value | --bool_key] ...`` into a validated Config.
+    """Parse ``[-c|--config FILE] [--key value | --key=value | --bool_key] ...`` into a validated Config.
 
     ``defaults`` are script-specific defaults that the recipe and the command line override.
     """
@@ -401,6 +553,8 @@ def parse_cli(argv: Sequence[str] | None = None, prog: str | None = None, descri
     i = 0
     while i < len(argv):
         token = argv[i]
+        if token == "-c" or token.startswith("-c="):  # MindCV's short form of --config
+            token = "--config" + token[2:]
         if not token.startswith("--"):
             raise ConfigError(f"unexpected argument {token!r}; options are --key value")
         key, eq, value = token[2:].partition("=")

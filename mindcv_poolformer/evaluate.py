@@ -284,10 +284,14 @@ def _load_mindir(path: str):
 def run_validation(cfg) -> dict:
     """validate.py's work for a parsed config: build/load the network, evaluate, return the JSON record.
 
-    Prints the line naming the device first (``device: CPU (auto: no Ascend or GPU found)``).
+    Prints the line naming the device first (``device: CPU (auto: no Ascend or GPU found)``). The
+    weights are ``ckpt_path``, else with ``pretrained`` the model's file in the local weights cache
+    (MindCV's ``validate.py --model NAME --pretrained``). The amp level is ``val_amp_level`` (MindCV's
+    key for it), else ``amp_level``.
     """
     from ._runtime import configure_device
     from ._script import ScriptError
+    from .checkpoint import resolve_pretrained
     from .export import load_network
     from .train.distributed import init_distributed
 
@@ -296,17 +300,24 @@ def run_validation(cfg) -> dict:
     # before any Tensor/Parameter exists
     dist = init_distributed(cfg.distribute, cfg.device_target)
     rank, group_size = dist.rank, dist.world
+    if not cfg.ckpt_path and cfg.pretrained:
+        cfg.ckpt_path = resolve_pretrained(cfg.model, True)
     if not cfg.ckpt_path:
         raise ConfigError("ckpt_path: no checkpoint given (pass --ckpt_path FILE: .ckpt, .safetensors, "
-                          ".pth(.tar) or an exported .mindir)")
+                          ".pth(.tar) or an exported .mindir; or --pretrained for the local weights cache)")
     if not os.path.isfile(cfg.ckpt_path):
         raise ConfigError(f"ckpt_path: {cfg.ckpt_path!r} does not exist")
+    amp_key = "val_amp_level" if cfg.val_amp_level else "amp_level"
+    amp_level = cfg[amp_key]
+    if amp_key == "val_amp_level" and amp_level == "O1":  # apply_amp's own message would name amp_level
+        raise ConfigError("val_amp_level: O1 is not supported (MindSpore's O1 network rewrite cannot handle these "
+                          "models); use O0, O2 or O3")
     path, classes, _ = scan_image_folder(cfg.data_dir, cfg.val_split, split_key="val_split")
     image_size, batch_size, pad_to = cfg.image_resize, cfg.batch_size, cfg.batch_size
     model_name = cfg.model
     if cfg.ckpt_path.lower().endswith(".mindir"):
-        if cfg.amp_level != "O0":
-            raise ConfigError(f"amp_level: {cfg.amp_level} cannot be applied to an exported MINDIR (use O0)")
+        if amp_level != "O0":
+            raise ConfigError(f"{amp_key}: {amp_level} cannot be applied to an exported MINDIR (use O0)")
         net, meta = _load_mindir(cfg.ckpt_path)
         image_size = int(meta.get("image_size", image_size))
         model_name = meta.get("model", model_name)
@@ -315,7 +326,7 @@ def run_validation(cfg) -> dict:
         num_classes = meta.get("num_classes")
     else:
         net, num_classes = load_network(cfg.model, cfg.ckpt_path, cfg.num_classes)
-        net = apply_amp(net, cfg.amp_level)
+        net = apply_amp(net, amp_level)
     if num_classes is not None and num_classes < len(classes):
         raise ConfigError(f"data_dir: {path} has {len(classes)} class folders but the model ({cfg.ckpt_path}) has "
                           f"only {num_classes} outputs; validate on the dataset it was trained for")
@@ -334,7 +345,7 @@ def run_validation(cfg) -> dict:
               f"top-5/loss (--strict_data True makes them an error)", file=sys.stderr)
     record = {"top1": metrics.top1, "top5": metrics.top5, "loss": metrics.loss, "num_samples": metrics.num_samples,
               "skipped": metrics.skipped, "model": model_name, "ckpt": cfg.ckpt_path, "img_per_s": metrics.img_per_s,
-              "amp_level": cfg.amp_level, "image_size": image_size, "crop_pct": cfg.crop_pct,
+              "amp_level": amp_level, "image_size": image_size, "crop_pct": cfg.crop_pct,
               "interpolation": cfg.interpolation, "data": path, "ranks": group_size}
     return record
 
@@ -353,7 +364,7 @@ def format_table(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python validate.py --config RECIPE --data_dir DIR --ckpt_path CKPT [--json OUT]``."""
+    """``python validate.py --config RECIPE --data_dir DIR (--ckpt_path CKPT | --pretrained) [--json OUT]``."""
     import json
 
     from ._script import run_script

@@ -220,6 +220,20 @@ CASES = [
          "overwrite=True (--overwrite)"),
     case("convert", ["{ws}/w.pth", "{out}/conv.safetensors", "--overwrite"], "needs torch, which is not installed",
          env=NO_TORCH),
+    # MindCV's flags (issue 19): refused values say what to use; --pretrained without a weights cache says where
+    case("train.py", ["-c", "{ws}/typo.yaml"], "unknown config key 'lr_scale_bacth' in {ws}/typo.yaml"),
+    case("train.py", ["--layer_decay", "0.75"], "layer_decay: 0.75: layer-wise learning-rate decay is not available",
+         "remove layer_decay"),
+    case("train.py", ["--aug_splits", "3"], "aug_splits: 3: MindCV's augmentation splits", "use 0"),
+    case("train.py", ["--weight_decay_filter", "auto", "--filter_bias_and_bn", "False"],
+         "filter_bias_and_bn: False contradicts weight_decay_filter: auto", "give only weight_decay_filter"),
+    case("train.py", ["--ckpt_path", "{s12}", "--resume_opt", "True"],
+         "resume_opt: {s12} is not a training checkpoint of this trainer", "drop --resume_opt", "--resume PATH|auto"),
+    case("train.py", ["--pretrained"], "no pretrained weights for poolformer_s12 in {ws}/no_cache",
+         "set MINDCV_POOLFORMER_HOME", "or pass --ckpt_path FILE", env={"MINDCV_POOLFORMER_HOME": "{ws}/no_cache"}),
+    case("validate.py", ["--ckpt_path", "", "--pretrained"], "no pretrained weights for poolformer_s12 in "
+         "{ws}/no_cache", "download https://", env={"MINDCV_POOLFORMER_HOME": "{ws}/no_cache"}),
+    case("validate.py", ["--val_amp_level", "O1"], "val_amp_level: O1 is not supported", "use O0, O2 or O3"),
     # devices and launchers
     *_device_cases(),
     case("export.py", ["--file_format", "AIR"], "AIR export needs the Ascend backend", "Export MINDIR or ONNX here",

@@ -11,7 +11,7 @@ from train_helpers import REPO, run_python
 from mindcv_poolformer.config import ConfigError, load_config
 from mindcv_poolformer.train.distributed import detect_launcher, init_distributed, mpi_env
 from mindcv_poolformer.train.run_io import check_run_dir
-from mindcv_poolformer.train.trainer import plan_loss_scale
+from mindcv_poolformer.train.trainer import LossScalePlan, plan_loss_scale
 
 DATA = Path(__file__).parent / "data"
 
@@ -20,6 +20,9 @@ def test_mindcv_recipe_loads_unchanged():
     cfg = load_config(DATA / "mindcv_poolformer_s12_ascend.yaml")
     assert cfg.opt == "adamw" and cfg.lr == 5e-4 and cfg.amp_level == "O3" and cfg.epoch_size == 600
     assert cfg.loss_scale == 1024 and cfg.distribute is True
+    # and means what it means to MindCV (0.2's filter_bias_and_bn True, its fixed loss scale, clip at 15)
+    assert cfg.recipe_defaults == "mindcv" and cfg.weight_decay_filter == "norm_and_bias"
+    assert plan_loss_scale(cfg) == LossScalePlan(1024.0, False) and cfg.clip_value == 15.0 and cfg.warmup_lr == 0.0
 
 
 @pytest.mark.parametrize("variant,drop_path,crop", [("s12", 0.1, 0.9), ("s24", 0.1, 0.9), ("s36", 0.2, 0.9),
@@ -32,7 +35,8 @@ def test_official_recipes(variant, drop_path, crop):
     assert (cfg.label_smoothing, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob) == (0.1, 0.8, 1.0, 0.5)
     assert cfg.auto_augment == "rand-m9-mstd0.5-inc1" and (cfg.re_prob, cfg.re_mode) == (0.25, "pixel")
     assert (cfg.batch_size, cfg.device_target, cfg.distribute, cfg.interpolation) == (128, "Ascend", True, "bicubic")
-    assert cfg.amp_level != "O0" and cfg.filter_bias_and_bn
+    assert cfg.amp_level != "O0" and cfg.filter_bias_and_bn and cfg.weight_decay_filter == "all_1d"
+    assert cfg.recipe_defaults == "ours" and cfg.val_amp_level is None
 
 
 @pytest.mark.parametrize("name", ["demo/digits_cpu.yaml", "poolformer/poolformer_s12_finetune.yaml"])
@@ -102,5 +106,8 @@ def test_saved_config_roundtrip(tmp_path):
     cfg.dump(tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
+    mindcv = load_config(DATA / "mindcv_poolformer_s12_ascend.yaml")  # its derived keys reload unchanged
+    mindcv.dump(tmp_path / "mindcv.yaml")
+    assert load_config(tmp_path / "mindcv.yaml") == mindcv
     assert load_config(overrides={"auto_augment": None}).auto_augment is None
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"] == "poolformer_s12"

@@ -64,6 +64,7 @@ def test_no_weight_decay_on_1d_parameters():
     assert {p.name for p in decay} >= {"patch_embed.proj.weight", "head.weight", "network.0.0.mlp.fc1.weight"}
     groups = param_groups(net, 0.05)
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
-    assert len(param_groups(net, 0.05, filter_bias_and_bn=False)) == 1
+    assert len(param_groups(net, 0.05, weight_decay_filter="disable")) == 1
+    assert len(param_groups(net, 0.0, weight_decay_filter="all_1d")) == 1
     opt = create_optimizer(net, load_config(overrides={"weight_decay": 0.05}), np.full(4, 1e-3, np.float32))
     assert len(opt.parameters) == len(net.trainable_params())

@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
-from typing import Any
 
 from .._script import run_script
-from ..config import ConfigError, parse_cli
+from ..config import Config, ConfigError, parse_cli
 
 __all__ = ["main", "preflight"]
 
@@ -19,17 +17,20 @@ DESCRIPTION = ("Train or fine-tune a PoolFormer: a YAML recipe (--config) plus -
                "Distributed: launch with msrun or mpirun and pass --distribute True.")
 
 
-def preflight(cfg: Mapping[str, Any]) -> None:
+def preflight(cfg: Config) -> None:
     """Checks of the initial weights that need no model, run before the trainer starts.
 
     The trainer clears (``--overwrite``) and writes the run directory before it builds the model;
     an unusable ``--ckpt_path`` must fail before that, in one line, not cost the user a previous
     run. Reading the checkpoint creates Parameters, so on a distributed run this comes after
     ``init_distributed`` (the device is set up before either; data and run-directory checks come
-    first in the trainer itself).
+    first in the trainer itself). MindCV's resume form (``--ckpt_path CKPT --resume_opt True``)
+    becomes ``--resume CKPT`` here, or a one-line error for a checkpoint that is not ours.
     """
     from ..checkpoint import check_checkpoint, resolve_pretrained
+    from .trainer import apply_mindcv_resume
 
+    apply_mindcv_resume(cfg)
     source = cfg["ckpt_path"]
     if source and not os.path.isfile(source):
         raise ConfigError(f"ckpt_path: {source} does not exist (a .ckpt, .safetensors or .pth(.tar) file of weights)")

@@ -1,9 +1,15 @@
 """Parameter groups and the optimizer factory.
 
-The official PoolFormer recipe (timm's ``create_optimizer`` with ``filter_bias_and_bn``) applies
-weight decay only to parameters with more than one dimension: GroupNorm scales/shifts, biases and
-LayerScale vectors are not decayed. MindCV decays everything; ``filter_bias_and_bn: False`` gets
-that behaviour back.
+``weight_decay_filter`` chooses the parameters that are not decayed:
+
+- ``all_1d`` (ours, the default): every parameter with at most one dimension (GroupNorm
+  scales/shifts, biases, LayerScale vectors), as the official PoolFormer recipe (timm's
+  ``create_optimizer`` with ``filter_bias_and_bn``) does;
+- ``norm_and_bias``: MindCV's, by name: every parameter whose name holds ``beta``, ``gamma`` or
+  ``bias`` (LayerScale vectors are decayed);
+- ``auto``: MindCV hands the ungrouped parameters to MindSpore, whose optimizer skips names holding
+  ``beta`` or ``gamma`` (biases and LayerScale vectors are decayed);
+- ``disable``: MindCV's default, every parameter is decayed.
 """
 
 from __future__ import annotations
@@ -12,27 +18,40 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import Parameter, Tensor, nn
 
-__all__ = ["split_decay", "param_groups", "create_optimizer"]
+__all__ = ["WEIGHT_DECAY_FILTERS", "is_decayed", "split_decay", "param_groups", "create_optimizer"]
+
+WEIGHT_DECAY_FILTERS = ("all_1d", "norm_and_bias", "auto", "disable")
 
 
-def split_decay(net: nn.Cell) -> tuple[list, list]:
-    """(decayed, not decayed) trainable parameters: every 1-D parameter and every bias is not decayed."""
+def is_decayed(param: Parameter, weight_decay_filter: str = "all_1d") -> bool:
+    """Whether ``weight_decay_filter`` leaves ``param`` decayed (see the module doc)."""
+    name = param.name
+    if weight_decay_filter == "all_1d":
+        return not (len(param.shape) <= 1 or name.endswith(".bias") or name.endswith(".beta"))
+    if weight_decay_filter == "norm_and_bias":
+        return not any(word in name for word in ("beta", "gamma", "bias"))
+    if weight_decay_filter == "auto":
+        return "beta" not in name and "gamma" not in name
+    if weight_decay_filter == "disable":
+        return True
+    raise ValueError(f"weight_decay_filter: {weight_decay_filter!r} is not one of {', '.join(WEIGHT_DECAY_FILTERS)}")
+
+
+def split_decay(net: nn.Cell, weight_decay_filter: str = "all_1d") -> tuple[list, list]:
+    """(decayed, not decayed) trainable parameters under ``weight_decay_filter``."""
     decay, no_decay = [], []
     for param in net.trainable_params():
-        if len(param.shape) <= 1 or param.name.endswith(".bias") or param.name.endswith(".beta"):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        (decay if is_decayed(param, weight_decay_filter) else no_decay).append(param)
     return decay, no_decay
 
 
-def param_groups(net: nn.Cell, weight_decay: float, filter_bias_and_bn: bool = True) -> list[dict]:
+def param_groups(net: nn.Cell, weight_decay: float, weight_decay_filter: str = "all_1d") -> list[dict]:
     """MindSpore group-parameter list with per-group weight decay."""
-    if not filter_bias_and_bn or weight_decay == 0:
+    if weight_decay_filter == "disable" or weight_decay == 0:
         return [{"params": net.trainable_params(), "weight_decay": weight_decay}]
-    decay, no_decay = split_decay(net)
+    decay, no_decay = split_decay(net, weight_decay_filter)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -46,7 +65,7 @@ def create_optimizer(net: nn.Cell, cfg: Mapping[str, Any], lr: np.ndarray | floa
     ``ms.mint.optim.AdamW`` has no CPU kernel.
     """
     learning_rate = Tensor(np.asarray(lr, dtype=np.float32)) if np.ndim(lr) else float(lr)
-    groups = param_groups(net, float(cfg["weight_decay"]), bool(cfg["filter_bias_and_bn"]))
+    groups = param_groups(net, float(cfg["weight_decay"]), cfg["weight_decay_filter"])
     name = cfg["opt"]
     if name == "adamw":
         return nn.AdamWeightDecay(groups, learning_rate=learning_rate, beta1=float(cfg["momentum"]),

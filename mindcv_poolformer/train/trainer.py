@@ -12,11 +12,13 @@ draws from the kernel RNG, so its masks after a resume differ.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import shlex
 import signal
+import struct
 import sys
 import threading
 import time
@@ -45,8 +47,8 @@ from .run_io import (
 )
 from .schedule import build_lr_schedule
 
-__all__ = ["LossScalePlan", "plan_loss_scale", "validate_train_config", "StopSignals", "TrainResult",
-           "TrainingDiverged", "Trainer", "train"]
+__all__ = ["LossScalePlan", "plan_loss_scale", "validate_train_config", "has_training_state",
+           "apply_mindcv_resume", "StopSignals", "TrainResult", "TrainingDiverged", "Trainer", "train"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
@@ -81,7 +83,60 @@ def validate_train_config(cfg: Mapping[str, Any]) -> LossScalePlan:
         raise ConfigError("amp_level: O1 is not supported for training here; use O0, O2 or O3")
     if cfg["mode"] == 1 and cfg["device_target"] == "Ascend" and cfg["dataset_sink_mode"]:
         _LOG.info("dataset_sink_mode needs GRAPH_MODE (mode 0); running without sink")
+    if cfg.get("val_amp_level") and cfg["val_amp_level"] != cfg["amp_level"] and cfg["val_while_train"]:
+        _LOG.info("val_amp_level %s is validate.py's amp level (as in MindCV); validation during training runs at "
+                  "amp_level %s, as MindCV's train.py does", cfg["val_amp_level"], cfg["amp_level"])
     return plan_loss_scale(cfg)
+
+
+def has_training_state(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint file holds this trainer's ``train_state.*``: only ours can be resumed exactly.
+
+    A safetensors header is plain JSON (no Parameters are built); a ``.ckpt`` is read for those entries only.
+    """
+    import mindspore as ms
+
+    path = str(path)
+    try:
+        if path.endswith(".safetensors"):
+            with open(path, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+            return any(name.startswith(STATE_PREFIX) for name in header)
+        if not path.endswith(".ckpt"):
+            return False
+        return bool(ms.load_checkpoint(path, choice_func=lambda name: name.startswith(STATE_PREFIX)))
+    except Exception as exc:  # struct/json/MindSpore raise several types for unreadable files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "empty after filter" in first:  # MindSpore's answer for a readable file without those entries
+            return False
+        raise CheckpointError(f"ckpt_path: {path} is not a readable checkpoint ({first})") from None
+
+
+def apply_mindcv_resume(cfg: Config) -> None:
+    """MindCV's resume form, ``--ckpt_path CKPT --resume_opt True``, becomes ``--resume CKPT`` for our checkpoints.
+
+    MindCV restores its optimizer from ``optim_<model>.ckpt`` beside the weights and takes the epoch
+    from the file name, not the data position or the best top-1; its AdamW keeps bias-correction
+    powers our optimizer lacks. So a checkpoint without our ``train_state.*`` cannot be continued
+    exactly, and that is a one-line error naming what works. Runs after ``init_distributed`` from
+    train.py (reading a ``.ckpt`` creates Parameters); a no-op once applied.
+    """
+    source = cfg["ckpt_path"]
+    if not (cfg["resume_opt"] and source):
+        if cfg["resume_opt"] and not cfg["resume"]:
+            _LOG.warning("resume_opt True has no effect without --ckpt_path (as in MindCV); to continue a run "
+                         "use --resume auto")
+        cfg["resume_opt"] = False
+        return
+    if not os.path.isfile(source):
+        raise ConfigError(f"ckpt_path: {source} does not exist (resume_opt True resumes from it)")
+    if not has_training_state(source):
+        raise CheckpointError(f"resume_opt: {source} is not a training checkpoint of this trainer (no train_state.*; "
+                              "MindCV's optimizer state cannot be continued here); drop --resume_opt to start from "
+                              "its weights, or use --resume PATH|auto to continue a run of this trainer")
+    _LOG.info("ckpt_path %s with resume_opt True (MindCV's resume form): resuming as --resume %s", source, source)
+    cfg["resume"], cfg["ckpt_path"], cfg["resume_opt"] = source, "", False
 
 
 class TrainingDiverged(ScriptError):
@@ -168,6 +223,7 @@ class Trainer:
         from .step import ApplyAccumulated, LossScaleState, TrainStep, WithLoss
 
         self.cfg = cfg
+        apply_mindcv_resume(cfg)
         self.plan = validate_train_config(cfg)
         _setup_context(cfg)
         prepare_data_dir(cfg)
@@ -553,18 +609,25 @@ def train(cfg: Config, stop_after_epoch: int | None = None) -> TrainResult:
 
 
 def resume_command(argv: list[str] | None = None) -> str:
-    """The command line that continues this run: the same arguments with ``--resume auto``."""
+    """The command line that continues this run: the same arguments with ``--resume auto``.
+
+    MindCV's ``--resume_opt`` goes too: with ``--ckpt_path`` it would ask to resume a second time.
+    """
     args = list(sys.argv if argv is None else argv)
     kept: list[str] = []
     skip = False
-    for token in args[1:]:
+    for i, token in enumerate(args[1:], 1):
         if skip:
             skip = False
             continue
         if token == "--resume":
             skip = True
             continue
-        if token.startswith("--resume="):
+        if token == "--resume_opt":
+            nxt = args[i + 1] if i + 1 < len(args) else "--"
+            skip = not nxt.startswith("--")
+            continue
+        if token.startswith(("--resume=", "--resume_opt=")):
             continue
         kept.append(token)
     script = os.path.basename(args[0]) if args else "train.py"
