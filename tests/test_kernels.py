@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import mindspore as ms
 import numpy as np
@@ -16,6 +17,7 @@ from mindcv_poolformer.backends import cpu as cpu_backend
 from mindcv_poolformer.models import MetaFormer
 from mindcv_poolformer.models.layers import DropPathNoise
 
+from conftest import in_ci, require_kernel_library
 from deploy_helpers import IMAGE_SIZE, MODEL, deploy_assets  # noqa: F401  (fixture)
 
 CONFIGS = {
@@ -30,20 +32,40 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def library():
-    path = kernels.library_path()
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the fused CPU kernels did not build in CI (is g++ installed?)")
-        pytest.skip("no C++ compiler: the fused CPU kernels are unavailable")
-    return path
+    return require_kernel_library()
 
 
-@pytest.fixture()
+def _avx512f() -> bool:
+    try:
+        return any(line.startswith("flags") and " avx512f" in line for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
 def gemm_kernels(library):
-    """The kernels with the AVX-512 GEMM (the library's 1x1 convs and fused MLP)."""
+    """The kernels with the AVX-512 GEMM (the library's 1x1 convs and fused MLP).
+
+    Where they cannot run, the GEMM tests skip and say why in one warning line, which pytest's summary
+    shows even without ``-rs`` (module scope: once, not once per test). A CPU without AVX-512 is not a
+    fault of the checkout, so CI does not fail on it (many CI runners are AMD EPYC Zen 2/3, without
+    AVX-512): those machines run the oneDNN path, which ``test_kernels_match_mindspore_ops[gemm-off]``
+    covers everywhere. A library built without the GEMM on a CPU that has AVX-512 is a build fault: CI fails.
+    """
     fast = kernels.cpu_kernels()
     if fast.conv1x1 is None:
-        pytest.skip("the kernel library was built without AVX-512: the 1x1 convs run on oneDNN")
+        if os.environ.get("MINDCV_POOLFORMER_CPU_GEMM", "1").strip().lower() in ("0", "false", "off", "no"):
+            why = "MINDCV_POOLFORMER_CPU_GEMM switches the GEMM off"
+        elif not _avx512f():
+            why = "this CPU has no AVX-512 (no avx512f in /proc/cpuinfo)"
+        else:
+            message = "the kernel library was built without the AVX-512 GEMM on a CPU with avx512f (check $CXX)"
+            if in_ci():
+                pytest.fail(message, pytrace=False)
+            why = message
+        message = f"AVX-512 GEMM tests skipped: {why}; the 1x1 convs run on oneDNN"
+        warnings.warn(message, stacklevel=1)
+        pytest.skip(message)
     return fast
 
 
@@ -78,39 +100,36 @@ def _pair(gemm: bool = True, **overrides):
 @pytest.mark.parametrize(("config", "mode"), [(name, "GRAPH") for name in CONFIGS] + [("default", "PYNATIVE")])
 def test_kernels_match_mindspore_ops(library, config, mode):
     ms.set_context(mode=getattr(ms, f"{mode}_MODE"))
-    try:
-        fast, slow = _pair(**CONFIGS[config])
-        rng = np.random.default_rng(2)
-        x = Tensor(rng.normal(0, 1, (3, 3, 64, 48)).astype(np.float32))  # stage maps 16x12 .. 2x2 (odd-free borders)
-        fast.set_train(False)
-        slow.set_train(False)
-        np.testing.assert_allclose(fast(x).asnumpy(), slow(x).asnumpy(), rtol=0, atol=2e-6)
+    fast, slow = _pair(**CONFIGS[config])
+    rng = np.random.default_rng(2)
+    x = Tensor(rng.normal(0, 1, (3, 3, 64, 48)).astype(np.float32))  # stage maps 16x12 .. 2x2 (odd-free borders)
+    fast.set_train(False)
+    slow.set_train(False)
+    np.testing.assert_allclose(fast(x).asnumpy(), slow(x).asnumpy(), rtol=0, atol=2e-6)
 
-        fast.set_train(True)
-        slow.set_train(True)
-        for net in (fast, slow):
-            noise = DropPathNoise(net, 3, seed=7)
-            noise.refill(1)
-        target = Tensor(rng.normal(0, 1, (3, 5)).astype(np.float32))
+    fast.set_train(True)
+    slow.set_train(True)
+    for net in (fast, slow):
+        noise = DropPathNoise(net, 3, seed=7)
+        noise.refill(1)
+    target = Tensor(rng.normal(0, 1, (3, 5)).astype(np.float32))
 
-        def grads(net):
-            def loss_fn(inputs):
-                return ((net(inputs) - target) ** 2).sum()
+    def grads(net):
+        def loss_fn(inputs):
+            return ((net(inputs) - target) ** 2).sum()
 
-            loss, (dx, dparams) = ms.value_and_grad(loss_fn, 0, net.trainable_params())(x)
-            return float(loss), dx.asnumpy(), [g.asnumpy() for g in dparams]
+        loss, (dx, dparams) = ms.value_and_grad(loss_fn, 0, net.trainable_params())(x)
+        return float(loss), dx.asnumpy(), [g.asnumpy() for g in dparams]
 
-        loss_f, dx_f, dp_f = grads(fast)
-        loss_s, dx_s, dp_s = grads(slow)
-        assert loss_f == pytest.approx(loss_s, rel=1e-6)
-        np.testing.assert_allclose(dx_f, dx_s, rtol=0, atol=1e-6 * np.abs(dx_s).max())
-        # norm1's beta cancels in pool(n + beta) - (n + beta): the kernels give it exactly 0, the model's ops
-        # a rounding residue, so the floor of every tolerance is relative to the largest gradient
-        floor = 1e-7 * max(np.abs(g).max() for g in dp_s)
-        for (name, _), gf, gs in zip(fast.parameters_and_names(), dp_f, dp_s):
-            np.testing.assert_allclose(gf, gs, rtol=0, atol=max(1e-5 * np.abs(gs).max(), floor), err_msg=name)
-    finally:
-        ms.set_context(mode=ms.GRAPH_MODE)
+    loss_f, dx_f, dp_f = grads(fast)
+    loss_s, dx_s, dp_s = grads(slow)
+    assert loss_f == pytest.approx(loss_s, rel=1e-6)
+    np.testing.assert_allclose(dx_f, dx_s, rtol=0, atol=1e-6 * np.abs(dx_s).max())
+    # norm1's beta cancels in pool(n + beta) - (n + beta): the kernels give it exactly 0, the model's ops
+    # a rounding residue, so the floor of every tolerance is relative to the largest gradient
+    floor = 1e-7 * max(np.abs(g).max() for g in dp_s)
+    for (name, _), gf, gs in zip(fast.parameters_and_names(), dp_f, dp_s):
+        np.testing.assert_allclose(gf, gs, rtol=0, atol=max(1e-5 * np.abs(gs).max(), floor), err_msg=name)
 
 
 def test_models_use_kernels_by_default_and_only_where_they_apply(library, monkeypatch):

@@ -16,6 +16,8 @@ from mindcv_poolformer.models.layers import GroupNorm1, LayerNormChannel
 from mindcv_poolformer.models.metaformer import METAFORMER_VARIANTS, MetaFormer
 from mindcv_poolformer.models.summary import main as summary_main
 
+from helpers import np_metaformer_block, randomise_parameters
+
 DEPTHS = (1, 1, 1, 1)
 WIDTHS = (32, 32, 64, 64)
 CLASSES = 10
@@ -26,10 +28,7 @@ RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "config
 
 @pytest.fixture(autouse=True)
 def pynative():
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=mode)
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # conftest restores the mode after each test
 
 
 def tiny(**kwargs) -> MetaFormer:
@@ -125,9 +124,16 @@ def test_random_matrix_is_frozen():
 def test_new_activation_and_norm_types():
     block = tiny(act="relu", norm="ln").network[0][0]
     assert isinstance(block.mlp.act, nn.ReLU) and isinstance(block.norm1, LayerNormChannel)
-    gelu = tiny().network[0][0].mlp.act
-    exact = float(gelu(ms.Tensor(np.array([1.0], np.float32))).asnumpy()[0])
-    assert abs(exact - 0.8413447) < 1e-6  # erf GELU; the tanh form gives 0.8411920
+    # the default activation is the exact erf GELU, as the block computes it (not as mlp.act alone would)
+    block = tiny().network[0][0]
+    params = randomise_parameters(block, seed=2)
+    x = np.random.default_rng(3).standard_normal((2, 32, 7, 5)).astype(np.float32)
+    block.set_train(False)
+    exact = np_metaformer_block(x, params, act="gelu")
+    tol = 5e-6 * np.abs(exact).max()
+    assert np.abs(exact - np_metaformer_block(x, params, act="gelu_tanh")).max() > 10 * tol
+    err = float(np.abs(block(ms.Tensor(x)).asnumpy() - exact).max())
+    assert err <= tol, f"the block differs from an erf-GELU block by {err:.2e} (tolerance {tol:.2e})"
     assert isinstance(tiny(act="silu").network[0][0].mlp.act, nn.SiLU)
     assert isinstance(tiny(norm="bn").network[0][0].norm2, nn.BatchNorm2d)
 

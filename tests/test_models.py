@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn
 
-from mindcv_poolformer import count_macs, count_params, create_model, list_models, model_info
+from mindcv_poolformer import count_macs, count_params, create_model, list_models, model_info, models
 from mindcv_poolformer.backends import cpu as cpu_backend
 from mindcv_poolformer.models.layers import DropPath, DropPathNoise, GroupNorm1, Pooling
-from mindcv_poolformer.models.metaformer import POOLFORMER_VARIANTS
+from mindcv_poolformer.models.metaformer import POOLFORMER_VARIANTS, MetaFormerBlock
+
+from conftest import require_kernel_library
+from helpers import np_metaformer_block, randomise_parameters
 
 PAPER_MACS_G = {"poolformer_s12": 1.8, "poolformer_s24": 3.4, "poolformer_s36": 5.0,
                 "poolformer_m36": 8.8, "poolformer_m48": 11.6}
@@ -103,18 +104,14 @@ def test_pooling_token_mixer_border_values(k, backend):
     """The model's device-neutral form and the CPU backend's padded-AvgPool form, in PyNative and GRAPH."""
     x = np.random.RandomState(0).randn(2, 3, 7, 5).astype(np.float32) * 3 + 1
     expected = _reference_avgpool(x, k) - x
-    mode = ms.get_context("mode")
-    try:
-        for run_mode in (ms.PYNATIVE_MODE, ms.GRAPH_MODE):
-            ms.set_context(mode=run_mode)
-            mixer = Pooling(k)
-            if backend == "cpu":
-                cpu_backend.apply(mixer, None)
-                assert isinstance(mixer.pool, cpu_backend.CpuAvgPoolExcludePad)
-            # corners average 4 (k=3) values, edges 6, the interior 9: all must match exactly
-            assert np.abs(mixer(ms.Tensor(x)).asnumpy() - expected).max() < 1e-5
-    finally:
-        ms.set_context(mode=mode)
+    for run_mode in (ms.PYNATIVE_MODE, ms.GRAPH_MODE):  # conftest restores the mode after the test
+        ms.set_context(mode=run_mode)
+        mixer = Pooling(k)
+        if backend == "cpu":
+            cpu_backend.apply(mixer, None)
+            assert isinstance(mixer.pool, cpu_backend.CpuAvgPoolExcludePad)
+        # corners average 4 (k=3) values, edges 6, the interior 9: all must match exactly
+        assert np.abs(mixer(ms.Tensor(x)).asnumpy() - expected).max() < 1e-5
 
 
 def test_groupnorm1_normalises_over_channels_and_space():
@@ -129,12 +126,36 @@ def test_groupnorm1_normalises_over_channels_and_space():
     assert np.abs(norm(ms.Tensor(x)).asnumpy() - expected).max() < 1e-4
 
 
-def test_mlp_uses_exact_erf_gelu():
-    net = create_model("poolformer_s12")
-    act = net.network[0][0].mlp.act
-    x = np.linspace(-4, 4, 41, dtype=np.float32)
-    exact = 0.5 * x * (1 + np.array([math.erf(v / math.sqrt(2)) for v in x]))
-    assert np.abs(act(ms.Tensor(x)).asnumpy() - exact).max() < 1e-6
+@pytest.mark.parametrize("backend", ["none", "cpu"])
+def test_block_computes_exact_erf_gelu(backend):
+    """What a block computes, not what ``mlp.act`` would: the fused CPU block never calls ``mlp.act``.
+
+    Against a numpy block with scipy's erf GELU, and far from the same block with the tanh approximation
+    (MindSpore's ``nn.GELU()`` default), for the plain model and for the CPU backend's fused kernels (which
+    fold GELU's constants into fc1 and have separate training and inference kernels).
+    """
+    factory = create_model if backend == "cpu" else models.create_model
+    block = factory("poolformer_s12", num_classes=10).network[0][0]
+    if backend == "cpu":
+        require_kernel_library()
+        assert isinstance(block, cpu_backend.FusedPoolFormerBlock)
+    else:
+        assert type(block) is MetaFormerBlock
+    params = randomise_parameters(block, seed=0)  # by the block's own names (norm1.gamma, ...)
+    x = np.random.default_rng(1).normal(0, 1, (2, 64, 7, 5)).astype(np.float32)
+    exact = np_metaformer_block(x, params, act="gelu")
+    tanh = np_metaformer_block(x, params, act="gelu_tanh")
+    scale = np.abs(exact).max()
+    gap = np.abs(exact - tanh).max()
+    tol = 5e-6 * scale  # measured: 1.6e-6 (plain), 2.5e-6 (fused) at scale 4.4
+    assert scale > 1
+    assert gap > 10 * tol, f"erf and tanh GELU differ by only {gap:.2e}: the test could not tell them apart"
+    for train in (False, True):  # drop path is 0 in block 0: both are the same function
+        block.set_train(train)
+        err = float(np.abs(block(ms.Tensor(x)).asnumpy() - exact).max())
+        print(f"{backend} train={train}: max |block - erf GELU numpy| = {err:.2e}, erf vs tanh GELU {gap:.2e}, "
+              f"output scale {scale:.2f}")
+        assert err <= tol, f"block output differs from the erf-GELU block by {err:.2e} (erf vs tanh: {gap:.2e})"
 
 
 def test_drop_path_schedule_is_linear_over_all_blocks():

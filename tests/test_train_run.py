@@ -108,17 +108,65 @@ def test_overflowed_steps_are_skipped(folder, tmp_path):
     assert all(np.array_equal(before[p.name], p.asnumpy()) for p in fixed.net.trainable_params())
 
 
-def test_gradient_accumulation_equals_big_batch(folder, tmp_path):
-    def weights(run, **kw):
-        cfg = load_config(overrides=tiny_overrides(folder, tmp_path / run, num_samples=8, epoch_size=1, opt="momentum",
-                                                   lr=0.05, clip_grad=True, clip_value=0.5, **kw))
-        trainer = Trainer(cfg)
-        result = trainer.fit()
-        assert trainer.global_step == 1
-        return {p.name: p.asnumpy() for p in trainer.net.trainable_params()}, result
+# Plain SGD without weight decay: one step's update is exactly -lr * g, so the tests below see the gradient's scale.
+SGD = {"num_samples": 8, "epoch_size": 1, "opt": "sgd", "momentum": 0.0, "weight_decay": 0.0, "lr": 0.05}
 
-    big, _ = weights("big", batch_size=8)
-    acc, result = weights("acc", batch_size=4, gradient_accumulation_steps=2)
-    assert len(result.step_losses) == 2
+
+def _one_step(folder, run_dir, **extra) -> tuple[dict, dict, float]:
+    """Weights before and after one optimizer step through the Trainer, and that step's learning rate."""
+    trainer = Trainer(load_config(overrides=tiny_overrides(folder, run_dir, **SGD, **extra)))
+    before = {p.name: p.asnumpy().copy() for p in trainer.net.trainable_params()}
+    trainer.fit()
+    assert trainer.global_step == 1
+    return before, {p.name: p.asnumpy() for p in trainer.net.trainable_params()}, float(trainer.lrs[0])
+
+
+def _updates(before: dict, after: dict) -> dict:
+    return {k: after[k].astype(np.float64) - before[k] for k in before}
+
+
+def _norm(update: dict) -> float:
+    return float(np.sqrt(sum(np.sum(v * v) for v in update.values())))
+
+
+@pytest.fixture(scope="module")
+def big_batch_step(folder, tmp_path_factory):
+    """One unclipped step on one batch of 8: the reference of the accumulation and clipping tests."""
+    return _one_step(folder, tmp_path_factory.mktemp("big") / "run", batch_size=8)
+
+
+def test_gradient_accumulation_equals_big_batch(folder, tmp_path, big_batch_step):
+    """2 micro-batches of 4 = 1 batch of 8. Unclipped: a gradient summed instead of averaged doubles the update."""
+    before, big, lr = big_batch_step
+    trainer = Trainer(load_config(overrides=tiny_overrides(folder, tmp_path / "acc", batch_size=4,
+                                                           gradient_accumulation_steps=2, **SGD)))
+    assert all(np.array_equal(before[p.name], p.asnumpy()) for p in trainer.net.trainable_params())
+    result = trainer.fit()
+    assert trainer.global_step == 1 and len(result.step_losses) == 2
+    acc = {p.name: p.asnumpy() for p in trainer.net.trainable_params()}
+    update = max(float(np.max(np.abs(big[k] - before[k]))) for k in big)
     worst = max(float(np.max(np.abs(big[k] - acc[k]))) for k in big)
-    assert worst <= 1e-6, worst
+    print(f"max |accumulated - big batch| = {worst:.3e} (largest update {update:.3e})")
+    assert update > 1e-3, f"the step barely moved the weights ({update:.1e}): the comparison would prove nothing"
+    assert worst <= 1e-4 * update, f"accumulated step differs by {worst:.3e} (largest update {update:.3e})"
+
+
+def test_clipping_scales_the_update_to_clip_value(folder, tmp_path, big_batch_step):
+    """clip_by_global_norm: the applied update is the unclipped one times clip / ||g||, of norm lr * clip."""
+    clip = 0.5
+    before, free_after, lr = big_batch_step
+    free = _updates(before, free_after)
+    grad_norm = _norm(free) / lr
+    clipped_before, clipped_after, clipped_lr = _one_step(folder, tmp_path / "clip", batch_size=8, clip_grad=True,
+                                                          clip_value=clip)
+    assert clipped_lr == lr and all(np.array_equal(before[k], clipped_before[k]) for k in before)
+    clipped = _updates(clipped_before, clipped_after)
+    applied = _norm(clipped)
+    largest = max(float(np.max(np.abs(v))) for v in clipped.values())
+    worst = max(float(np.max(np.abs(clipped[k] - free[k] * (clip / grad_norm)))) for k in free)
+    print(f"||g|| = {grad_norm:.4f}; |clipped update norm / (lr * clip) - 1| = {abs(applied / (lr * clip) - 1):.2e}; "
+          f"max |clipped - scaled unclipped| = {worst:.2e} (largest element {largest:.2e})")
+    assert grad_norm > 2 * clip, "the gradient is below the clip value: nothing would be clipped"
+    assert abs(applied - lr * clip) <= 1e-4 * lr * clip, f"clipped update norm {applied:.6e}, lr * clip {lr * clip}"
+    # float32 weights of ~1 (norm gammas) round each difference by up to 6e-8 (~1e-4 of the largest element)
+    assert worst <= 1e-3 * largest, f"the clipped update is not the unclipped one scaled: {worst:.2e}"

@@ -2,9 +2,11 @@
 
     python tests/train_dist_worker.py DATA_DIR OUT_DIR BATCH DISTRIBUTE [OPT]
 
-SGD-momentum by default: its update is linear in the gradient, so the comparison measures the all-reduce.
-Adam's first step is ~lr * sign(g), which turns float re-association noise in near-zero gradients into
-differences of up to ~1e-3 * lr (2.4e-6 measured with AdamW at lr 2e-3).
+SGD-momentum by default, without clipping: its first update is ``-lr * (g + wd * w)``, linear in the
+gradient, so a gradient of the wrong scale (ranks summed instead of averaged) moves the weights by the
+size of the update itself. Clipping by a global norm below ``||g||`` would hide that (the clipped update is
+``g * clip / ||g||`` whatever the scale of ``g``), and so would Adam, whose first step is ~``lr * sign(g)``.
+The initial weights are saved too (``init.npz``), so the test can compare the difference with the update.
 """
 
 import sys
@@ -24,10 +26,12 @@ def main() -> None:
     data_dir, out_dir, batch, distribute = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "True"
     opt = sys.argv[5] if len(sys.argv) > 5 else "momentum"
     cfg = load_config(overrides=tiny_overrides(Path(data_dir), out_dir / "run", batch_size=batch, num_samples=16,
-                                               epoch_size=1, distribute=distribute, shuffle=True, clip_grad=True,
-                                               clip_value=0.5, label_smoothing=0.1, val_while_train=True,
+                                               epoch_size=1, distribute=distribute, shuffle=True, clip_grad=False,
+                                               label_smoothing=0.1, val_while_train=True,
                                                opt=opt, lr=0.05 if opt == "momentum" else 2e-3))
     trainer = Trainer(cfg)
+    if trainer.dist.rank == 0:
+        np.savez(out_dir / "init.npz", **{p.name: p.asnumpy() for p in trainer.net.trainable_params()})
     result = trainer.fit()
     weights = {p.name: p.asnumpy() for p in trainer.net.trainable_params()}
     np.savez(out_dir / f"rank{trainer.dist.rank}.npz", **weights)
