@@ -105,6 +105,7 @@ def _ours(mode: str, task: str, model: str, weights: Path, batch: int, size: int
     if task == "infer":
         net.set_train(False)
         return _timed(lambda: net(x).asnumpy(), iters, batch)
+    from mindcv_poolformer.backends import backend_all_finite
     from mindcv_poolformer.config import load_config
     from mindcv_poolformer.train.loss import create_loss
     from mindcv_poolformer.train.optim import create_optimizer
@@ -112,7 +113,8 @@ def _ours(mode: str, task: str, model: str, weights: Path, batch: int, size: int
 
     cfg = load_config(overrides={"model": model, "opt": "adamw", "lr": 1e-3, "weight_decay": 0.05})
     optimizer = create_optimizer(net, cfg, 1e-3)
-    step = TrainStep(WithLoss(net, create_loss("CE")), optimizer, LossScaleState(1.0, False))
+    step = TrainStep(WithLoss(net, create_loss("CE")), optimizer, LossScaleState(1.0, False),
+                     all_finite=backend_all_finite())
     step.set_train(True)
     y_soft = ms.Tensor(np.eye(1000, dtype=np.float32)[y_np])
     return _timed(lambda: step(x, y_soft)[0].asnumpy(), iters, batch)

@@ -90,8 +90,14 @@ def worker(config: dict[str, str], task: str, model: str, size: int, iters: int)
         from mindcv_poolformer.train.step import LossScaleState, TrainStep, WithLoss
 
         cfg = load_config(overrides={"model": model, "opt": "adamw", "lr": 1e-3, "weight_decay": 0.05})
+        try:  # the training step as the trainer builds it: the backend's fused all-finite check where there is one
+            from mindcv_poolformer.backends import backend_all_finite
+
+            extra = {"all_finite": backend_all_finite()}
+        except ImportError:  # src= a checkout from before the backends, where the step picked the check itself
+            extra = {}
         cell = TrainStep(WithLoss(net, create_loss("CE")), create_optimizer(net, cfg, 1e-3),
-                         LossScaleState(1.0, False))
+                         LossScaleState(1.0, False), **extra)
         cell.set_train(True)
         y = np.eye(1000, dtype=np.float32)[rs.randint(0, 1000, size=batch)]
         args = (x, ms.Tensor(y))
