@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from mindcv_poolformer.export import load_network
 from mindcv_poolformer.models.layers import GroupNorm1
 from mindcv_poolformer.transforms import eval_transform_pil
 
+from conftest import require_mpirun, require_tool
 from deploy_helpers import IMAGE_SIZE, MODEL, REPO, deploy_assets, run_cli  # noqa: F401  (fixture)
 
 BATCH = 4  # 13 images: 3 full batches and one of 1
@@ -123,11 +123,10 @@ def test_amp_levels_close_to_fp32(deploy_assets):  # noqa: F811
 @pytest.mark.parametrize("launcher", ["msrun", "mpirun"])
 def test_two_ranks_all_reduce(deploy_assets, tmp_path, launcher):  # noqa: F811
     """Real data-parallel validation (2 processes): 7 + 6 samples, all-reduced to the 13-sample result."""
-    exe = shutil.which(launcher, path=os.path.dirname(sys.executable)) or shutil.which(launcher)
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{launcher} is not installed")
-        pytest.skip(f"{launcher} is not installed")
+    if launcher == "mpirun":
+        exe = require_mpirun()
+    else:
+        exe = require_tool("msrun", "it ships with MindSpore: run from the venv", os.path.dirname(sys.executable))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
