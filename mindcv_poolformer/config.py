@@ -89,6 +89,12 @@ SCHEMA: dict[str, Option] = {
     "shuffle": _o(bool, True, "shuffle the training set", _DATA),
     "num_samples": _o(int, None, "use only this many training samples", _DATA, nullable=True, low=1),
     "batch_size": _o(int, 128, "batch size per device", _DATA, low=1),
+    "reduce_zero_label": _o(bool, True, "segmentation: label 0 is 'other' and ignored (255), ids k > 0 become k - 1 "
+                            "(ADE20K's mmseg setting)", _DATA),
+    "seg_scale": _o(list, [2048, 512], "segmentation test resize: fit (long, short) keeping the aspect ratio "
+                    "(mmseg's Resize scale)", _DATA, length=2),
+    "seg_size_divisor": _o(int, 32, "segmentation test resize: then resize each side up to a multiple of this "
+                           "(mmseg's ResizeToMultiple; 1 = off)", _DATA, low=1),
     "drop_remainder": _o(bool, True, "drop the last incomplete training batch (validation never drops)", _DATA),
     "aug_repeats": _o(int, 0, "repeated augmentation count (0 = off)", _DATA, low=0),
     "aug_splits": _o(int, 0, "MindCV's augmentation splits; only 0 (one augmented view per image) here", _DATA,

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .amp import apply_amp
 from .config import ConfigError
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageReader, create_transforms
 
@@ -147,33 +148,6 @@ def create_eval_dataset(
     dataset = reader.dataset(workers).map(ops, input_columns="image", num_parallel_workers=workers)
     dataset = dataset.batch(batch_size, drop_remainder=False)
     return dataset, images.classes, total
-
-
-def apply_amp(net, amp_level: str = "O0"):
-    """Mixed precision for training and inference. O2 keeps every normalisation in float32, O3 runs all in fp16.
-
-    MindSpore's O2 black list only names its own BatchNorm/LayerNorm cells, so our GroupNorm1 would
-    run in float16; it (and any MindSpore norm) is forced back to float32 here. Logits come back float32.
-    """
-    import mindspore as ms
-    from mindspore import nn
-
-    from .models.layers import GroupNorm1, LayerNormChannel
-
-    if amp_level == "O0":
-        return net
-    if amp_level not in ("O1", "O2", "O3"):
-        raise ConfigError(f"amp_level: {amp_level!r} is not one of O0, O1, O2, O3")
-    if amp_level == "O1":  # its rewrite fails on subclassed cells (NameError: Conv2dOpt) with a long trace
-        raise ConfigError("amp_level: O1 is not supported (MindSpore's O1 network rewrite cannot handle these "
-                          "models); use O2 (fp16 except norms) or O3")
-    net = ms.amp.auto_mixed_precision(net, amp_level)
-    if amp_level == "O2":
-        norms = (GroupNorm1, LayerNormChannel, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
-        for _, cell in net.cells_and_names():
-            if isinstance(cell, norms):
-                cell.to_float(ms.float32)
-    return net
 
 
 def _all_reduce(values: np.ndarray) -> np.ndarray:
@@ -312,6 +286,12 @@ def run_validation(cfg) -> dict:
     if amp_key == "val_amp_level" and amp_level == "O1":  # apply_amp's own message would name amp_level
         raise ConfigError("val_amp_level: O1 is not supported (MindSpore's O1 network rewrite cannot handle these "
                           "models); use O0, O2 or O3")
+    from .models.registry import model_info
+
+    if model_info(cfg.model).task == "segmentation":
+        from .evaluation.segmentation import validate_segmentation
+
+        return validate_segmentation(cfg, amp_level, rank, group_size, lambda net: apply_amp(net, amp_level))
     path, classes, _ = scan_image_folder(cfg.data_dir, cfg.val_split, split_key="val_split")
     image_size, batch_size, pad_to = cfg.image_resize, cfg.batch_size, cfg.batch_size
     model_name = cfg.model
@@ -352,6 +332,10 @@ def run_validation(cfg) -> dict:
 
 def format_table(record: dict) -> str:
     """The metrics as a small two-column text table."""
+    if record.get("task") == "segmentation":
+        from .evaluation.segmentation import format_segmentation_table
+
+        return format_segmentation_table(record)
     rows = [("model", record["model"]), ("checkpoint", record["ckpt"]), ("samples", record["num_samples"]),
             ("skipped (unreadable)", record.get("skipped", 0)),
             ("top-1 (%)", f"{record['top1']:.3f}"), ("top-5 (%)", f"{record['top5']:.3f}"),

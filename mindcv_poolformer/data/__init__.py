@@ -1,0 +1,1 @@
+"""Datasets beyond ImageFolder classification (ADE20K segmentation)."""

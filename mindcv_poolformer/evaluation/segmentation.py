@@ -1,0 +1,143 @@
+"""validate.py for a Semantic FPN: mmseg's single-scale whole-image test on ADE20K, mIoU as ``IoUMetric``.
+
+Each image goes through ``inference_resize`` (mmseg's test pipeline), the network's stride-4 logits
+are resized bilinearly (align_corners=False) to the original size and arg-maxed, and the
+histograms of the original-size label are accumulated. Sharding: rank ``r`` of ``g`` takes images
+``r, r + g, ...`` (every image once), the histograms are summed exactly (``IoUHistogram.all_reduce``).
+A file that does not decode is an error with ``strict_data``, else skipped and counted; an unpaired
+file, a size mismatch or a label out of range is always an error (a wrong dataset or config).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ..config import ConfigError
+from ..data.ade20k import (
+    CorruptFileError,
+    ade20k_classes,
+    inference_resize,
+    list_ade20k,
+    load_sample,
+    normalise,
+    warn_skipped,
+)
+from .miou import IoUHistogram
+
+__all__ = ["load_segmentation_network", "predict_map", "evaluate_segmentation", "validate_segmentation",
+           "format_segmentation_table"]
+
+
+def load_segmentation_network(model: str, ckpt_path: str, num_classes: int | None = None):
+    """Build the Semantic FPN ``model`` with the checkpoint's class count and load it strictly; ``(net, classes)``."""
+    from ..checkpoint import CheckpointError, load_checkpoint_into, read_state_dict, split_model_state, to_canonical
+    from ..factory import create_model
+
+    state, _ = to_canonical(read_state_dict(ckpt_path))
+    state, _ = split_model_state(state)
+    head = state.get("decode_head.conv_seg.weight")
+    if head is None:
+        raise CheckpointError(f"{ckpt_path}: not a Semantic FPN checkpoint (no decode_head.conv_seg); {model} needs "
+                              "a segmentation checkpoint")
+    classes = int(head.shape[0])
+    if num_classes and num_classes != classes:
+        raise CheckpointError(f"num_classes: {ckpt_path} has {classes} classes but num_classes is {num_classes}; drop "
+                              "--num_classes")
+    net = create_model(model, num_classes=classes)
+    load_checkpoint_into(net, state)
+    net.set_train(False)
+    return net, classes
+
+
+def predict_map(net, image: np.ndarray, scale: Sequence[int] = (2048, 512), divisor: int = 32,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
+    """Class ids ``(H, W)`` int64 of an HWC uint8 RGB image at its own size (mmseg's whole-image test)."""
+    import mindspore as ms
+    from mindspore import ops
+
+    x = normalise(inference_resize(image, scale, divisor), *(() if mean is None else (mean, std)))
+    logits = net(ms.Tensor(x))
+    logits = ops.interpolate(logits, size=tuple(image.shape[:2]), mode="bilinear", align_corners=False)
+    return logits.argmax(axis=1).asnumpy()[0].astype(np.int64)
+
+
+def evaluate_segmentation(net, images: Sequence[str], labels: Sequence[str], num_classes: int, *,
+                          reduce_zero_label: bool = True, scale: Sequence[int] = (2048, 512), divisor: int = 32,
+                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                          strict: bool = True, distributed: bool = False) -> tuple[IoUHistogram, list[str]]:
+    """Accumulate the histograms of the given pairs (this rank's); returns them (reduced if ``distributed``) and
+    the files skipped here."""
+    if hasattr(net, "set_train"):
+        net.set_train(False)
+    hist = IoUHistogram(num_classes)
+    skipped: list[str] = []
+    for image_path, label_path in zip(images, labels):
+        try:
+            sample = load_sample(image_path, label_path, num_classes, reduce_zero_label)
+        except CorruptFileError:
+            if strict:
+                raise
+            skipped.append(image_path)
+            hist.skipped += 1
+            continue
+        hist.update(predict_map(net, sample.image, scale, divisor, mean, std), sample.label)
+    if distributed:
+        hist.all_reduce()
+    return hist, skipped
+
+
+def validate_segmentation(cfg, amp_level: str, rank: int = 0, group_size: int = 1,
+                          apply_amp: Callable | None = None) -> dict:
+    """``run_validation`` for a segmentation model: the record with mIoU/aAcc/mAcc and per-class IoU by name.
+
+    ``apply_amp(net) -> net`` is the caller's mixed-precision wrapper for ``amp_level`` (none: float32).
+    """
+    from ..train.data import shard_indices
+
+    if cfg.ckpt_path.lower().endswith(".mindir"):
+        raise ConfigError("ckpt_path: validating an exported segmentation MINDIR is not supported; pass the "
+                          ".safetensors/.ckpt/.pth checkpoint")
+    pairs = list_ade20k(cfg.data_dir, cfg.val_split)
+    net, num_classes = load_segmentation_network(cfg.model, cfg.ckpt_path, cfg.num_classes)
+    if apply_amp is not None:
+        net = apply_amp(net)
+    rows = np.arange(len(pairs.images))
+    if group_size > 1:
+        rows = shard_indices(rows, rank, group_size, even=False)
+    start = time.perf_counter()
+    hist, skipped = evaluate_segmentation(
+        net, [pairs.images[i] for i in rows], [pairs.labels[i] for i in rows], num_classes,
+        reduce_zero_label=cfg.reduce_zero_label, scale=cfg.seg_scale, divisor=cfg.seg_size_divisor,
+        mean=cfg.mean, std=cfg.std, strict=cfg.strict_data, distributed=group_size > 1)
+    seconds = time.perf_counter() - start
+    metrics = hist.compute()
+    if rank == 0:
+        if metrics.skipped:
+            warn_skipped(skipped or ["(on another rank)"], f"unreadable or invalid pair(s) of {metrics.skipped}")
+    names = ade20k_classes() if num_classes == 150 else [str(i) for i in range(num_classes)]
+    return {"task": "segmentation", "miou": 100 * metrics.miou, "aacc": 100 * metrics.aacc,
+            "macc": 100 * metrics.macc,
+            "per_class_iou": {n: (None if np.isnan(v) else 100 * float(v)) for n, v in zip(names, metrics.iou)},
+            "per_class_acc": {n: (None if np.isnan(v) else 100 * float(v)) for n, v in zip(names, metrics.acc)},
+            "num_samples": metrics.num_images, "skipped": metrics.skipped,
+            "model": cfg.model, "ckpt": cfg.ckpt_path, "amp_level": amp_level, "seg_scale": list(cfg.seg_scale),
+            "seg_size_divisor": cfg.seg_size_divisor, "reduce_zero_label": cfg.reduce_zero_label,
+            "data": os.path.abspath(pairs.root), "ranks": group_size, "seconds": seconds}
+
+
+def format_segmentation_table(record: dict) -> str:
+    """The summary metrics and the five best/worst classes as a two-column text table."""
+    ious = [(v, k) for k, v in record["per_class_iou"].items() if v is not None]
+    rows = [("model", record["model"]), ("checkpoint", record["ckpt"]), ("images", record["num_samples"]),
+            ("skipped", record["skipped"]), ("mIoU (%)", f"{record['miou']:.2f}"),
+            ("aAcc (%)", f"{record['aacc']:.2f}"), ("mAcc (%)", f"{record['macc']:.2f}"),
+            ("classes present", len(ious)), ("amp", record["amp_level"]),
+            ("input", f"resize {tuple(record['seg_scale'])} keep ratio, multiple of {record['seg_size_divisor']}")]
+    rows += [(f"IoU {name}", f"{value:.2f}") for value, name in sorted(ious, reverse=True)[:5]]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(str(v)) for _, v in rows))
+    return "\n".join([line] + [f"{k:<{width}} | {v}" for k, v in rows] + [line])
