@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .amp import apply_amp
 from .config import ConfigError
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, ImageReader, create_transforms
 
@@ -147,33 +148,6 @@ def create_eval_dataset(
     dataset = reader.dataset(workers).map(ops, input_columns="image", num_parallel_workers=workers)
     dataset = dataset.batch(batch_size, drop_remainder=False)
     return dataset, images.classes, total
-
-
-def apply_amp(net, amp_level: str = "O0"):
-    """Mixed precision for training and inference. O2 keeps every normalisation in float32, O3 runs all in fp16.
-
-    MindSpore's O2 black list only names its own BatchNorm/LayerNorm cells, so our GroupNorm1 would
-    run in float16; it (and any MindSpore norm) is forced back to float32 here. Logits come back float32.
-    """
-    import mindspore as ms
-    from mindspore import nn
-
-    from .models.layers import GroupNorm1, LayerNormChannel
-
-    if amp_level == "O0":
-        return net
-    if amp_level not in ("O1", "O2", "O3"):
-        raise ConfigError(f"amp_level: {amp_level!r} is not one of O0, O1, O2, O3")
-    if amp_level == "O1":  # its rewrite fails on subclassed cells (NameError: Conv2dOpt) with a long trace
-        raise ConfigError("amp_level: O1 is not supported (MindSpore's O1 network rewrite cannot handle these "
-                          "models); use O2 (fp16 except norms) or O3")
-    net = ms.amp.auto_mixed_precision(net, amp_level)
-    if amp_level == "O2":
-        norms = (GroupNorm1, LayerNormChannel, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d)
-        for _, cell in net.cells_and_names():
-            if isinstance(cell, norms):
-                cell.to_float(ms.float32)
-    return net
 
 
 def _all_reduce(values: np.ndarray) -> np.ndarray:
