@@ -223,6 +223,7 @@ SCHEMA: dict[str, Option] = {
     "topk": _o(int, 5, "predict: how many classes to print per image", _EVAL, low=1),
     "mindir": _o(str, "", "predict: run this exported MINDIR (reads its .json sidecar)", _EVAL),
     "onnx": _o(str, "", "predict: run this exported ONNX file in onnxruntime (reads its .json sidecar)", _EVAL),
+    "output_dir": _o(str, ".", "predict (segmentation): folder for <stem>_classes.png and <stem>_overlay.png", _EVAL),
 }
 
 # MindCV keys accepted for compatibility that change nothing here (warned about when set).

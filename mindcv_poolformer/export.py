@@ -9,6 +9,12 @@ formulations with the same parameter names: the token mixer uses ``AvgPool2d(pad
 which MindSpore and ONNX (``count_include_pad=0``) both average over the valid window only, as the
 reference does; the exact GELU becomes ``relu(x) - |x| * erfc(|x|/sqrt2) / 2`` with erfc from
 Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), an identity that needs no sign op.
+
+Segmentation (``fpn_*``): the MINDIR takes ``[N, 3, H, W]`` with all three dynamic and returns the
+network's stride-4 logits; the FPN's resizes read their sizes from runtime shapes (``DynamicResize``,
+the same primitives ``ops.interpolate`` calls, without its constant-size check). A reloaded graph
+must be given dynamic inputs (``load_mindir(dynamic_shape=)``): a plain ``GraphCell`` returns the
+first call's output shape for every later shape.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from mindspore import Tensor, nn, ops
+from mindspore.common import dtype as mstype
 
 from ._script import ScriptError
 from .backends import apply_backend
@@ -34,15 +41,19 @@ from .checkpoint import (
     to_canonical,
 )
 from .config import ConfigError
+from .models.fpn import Resize
 from .models.layers import Pooling
 
 __all__ = [
+    "DynamicResize",
     "ExportResult",
     "ErfFreeGELU",
     "SamePadPooling",
     "export_model",
+    "export_segmentation",
     "load_mindir",
     "load_network",
+    "make_dynamic_resizable",
     "make_onnx_exportable",
     "read_labels",
     "read_sidecar",
@@ -86,8 +97,12 @@ def load_network(model: str, ckpt_path: str, num_classes: int | None = None):
     return net, classes
 
 
-def load_mindir(path: str):
-    """An exported MINDIR as a callable ``GraphCell``; a damaged file is a one-line ``CheckpointError``."""
+def load_mindir(path: str, dynamic_shape: Sequence[int | None] | None = None):
+    """An exported MINDIR as a callable ``GraphCell``; a damaged file is a one-line ``CheckpointError``.
+
+    ``dynamic_shape`` (``None`` for a dynamic axis) compiles the graph once for every shape it admits;
+    without it MindSpore 2.10 reuses the first call's output shape when a dynamic axis changes.
+    """
     import mindspore as ms
 
     from ._runtime import native_stderr_only_on_success
@@ -98,7 +113,10 @@ def load_mindir(path: str):
     except Exception as exc:  # MindSpore raises RuntimeError/ValueError (and logs a C++ error) for a damaged file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} is not a loadable MINDIR ({first})") from None
-    return ms.nn.GraphCell(graph)
+    cell = ms.nn.GraphCell(graph)
+    if dynamic_shape is not None:
+        cell.set_inputs(ms.Tensor(shape=list(dynamic_shape), dtype=ms.float32))
+    return cell
 
 
 def _erfc_as(a: Tensor) -> Tensor:
@@ -141,6 +159,45 @@ def make_onnx_exportable(net):
     # Fresh cells carry short parameter names ("gamma"); graph compilation needs unique full names.
     for name, param in net.parameters_and_names():
         param.name = name
+    return net
+
+
+class DynamicResize(nn.Cell):
+    """``models.fpn.Resize`` with sizes that may be runtime values: the primitives of ``ops.interpolate``.
+
+    ``ResizeNearestNeighborV2`` (no half-pixel centres) and ``ResizeBilinearV2(half_pixel_centers=True)``
+    are what ``ops.interpolate`` runs for these modes, so the values are the same; only its check that
+    ``size`` is a constant, which a dynamic-H/W export cannot pass, is left out.
+    """
+
+    def __init__(self, mode: str, scale_factor: int | None = None) -> None:
+        super().__init__()
+        from mindspore.ops.operations import _sequence_ops
+
+        self.mode = mode
+        self.scale_factor = scale_factor
+        self.to_tensor = _sequence_ops.TupleToTensor()
+        self.nearest = ops.ResizeNearestNeighborV2()
+        self.bilinear = ops.ResizeBilinearV2(align_corners=False, half_pixel_centers=True)
+
+    def construct(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        if size is None:
+            size = (x.shape[2] * self.scale_factor, x.shape[3] * self.scale_factor)
+        if self.mode == "nearest":
+            return self.nearest(x, self.to_tensor(size, mstype.int32))
+        return self.bilinear(x, size)
+
+
+def make_dynamic_resizable(net):
+    """Swap, in place, every ``Resize`` (inside ``SequentialCell`` too) for a ``DynamicResize``."""
+    for _, cell in list(net.cells_and_names()):
+        for attr, sub in list(cell.name_cells().items()):
+            if isinstance(sub, Resize):
+                new = DynamicResize(sub.mode, sub.scale_factor)
+                if isinstance(cell, nn.SequentialCell):
+                    cell[int(attr)] = new  # setattr would leave the cell list running the old one
+                else:
+                    setattr(cell, attr, new)
     return net
 
 
@@ -189,6 +246,11 @@ class ExportResult:
     note: str
 
 
+def _max_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """Max |difference|; a shape mismatch is infinite (broadcasting would hide a wrong output shape)."""
+    return float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+
+
 def _output_path(file_name: str, model: str, file_format: str) -> str:
     suffix = SUFFIXES[file_format]
     path = file_name or model
@@ -203,6 +265,138 @@ def _check_backend(file_format: str) -> None:
         if target != "Ascend":
             raise ScriptError(f"AIR export needs the Ascend backend (MindSpore only writes AIR there); this run uses "
                               f"{target}. Export MINDIR or ONNX here, or run with --device_target Ascend on Ascend")
+
+
+def _write_json(path: str, meta: dict) -> None:
+    """Atomically: a reader never sees half a sidecar."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def _prepare_paths(file_name: str, model: str, file_format: str, overwrite: bool) -> tuple[str, str]:
+    """The artifact and sidecar paths, refused if they exist (unless ``overwrite``); their folder is created."""
+    path = _output_path(file_name, model, file_format)
+    meta_path = sidecar_path(path)
+    for existing in (path, meta_path):
+        if os.path.exists(existing) and not overwrite:
+            raise ScriptError(f"{existing} already exists; pass --overwrite True to replace it")
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path, meta_path
+
+
+SEGMENTATION_OUTPUT = ("logits at stride 4, [N, classes, H/4, W/4] float32 for H, W multiples of 32 (the "
+                       "network's own output); resize them bilinearly (align_corners=False, half-pixel centres) "
+                       "to the original image size and take the argmax over classes, as mmseg does")
+
+
+def export_segmentation(
+    model: str,
+    ckpt_path: str,
+    file_format: str = "MINDIR",
+    file_name: str = "",
+    batch_size: int = 1,
+    image_size: int = 224,
+    num_classes: int | None = None,
+    mean: Sequence[float] = (123.675, 116.28, 103.53),
+    std: Sequence[float] = (58.395, 57.12, 57.375),
+    labels: list[str] | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    seg_scale: Sequence[int] = (2048, 512),
+    size_divisor: int = 32,
+) -> ExportResult:
+    """Export a Semantic FPN: MINDIR with dynamic N, H and W, checked at two input sizes; AIR at one size.
+
+    The graph returns stride-4 logits, not logits at the input size: 16x less output (150 channels at
+    2048x512 would be 630 MB per image), and the predictor's single bilinear resize to the original
+    image size is then mmseg's own order (resizing input-size logits again would be a second,
+    different interpolation). ``image_size`` is the side of the check inputs, not a fixed input size.
+    """
+    import mindspore as ms
+
+    from .data.ade20k import ade20k_classes, ade20k_palette
+    from .evaluation.segmentation import load_segmentation_network
+
+    if file_format == "ONNX":
+        raise ScriptError(f"ONNX export of the segmentation model {model} is not supported; export MINDIR")
+    if image_size % 32:
+        raise ConfigError(f"image_resize: {image_size} must be a multiple of 32 (the network downsamples by 32)")
+    if not ckpt_path:
+        raise ConfigError("ckpt_path: no checkpoint given (pass --ckpt_path FILE)")
+    if not os.path.isfile(ckpt_path):
+        raise CheckpointError(f"ckpt_path: {ckpt_path!r} does not exist")
+    net, classes = load_segmentation_network(model, ckpt_path, num_classes)
+    if labels is None and classes == 150:
+        labels = ade20k_classes()
+    if labels is not None and len(labels) != classes:
+        raise ConfigError(f"labels: {len(labels)} names given but the model has {classes} classes")
+    path, meta_path = _prepare_paths(file_name, model, file_format, overwrite)
+    apply_backend(net, "none")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.default_rng(seed)
+    shapes = [(batch_size, 3, image_size, image_size), (1, 3, image_size + 32, image_size + 64)]
+    inputs = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+    references = [net(ms.Tensor(x)).asnumpy() for x in inputs]
+
+    diff: float | None = None
+    if file_format == "MINDIR":
+        export_net, _ = load_segmentation_network(model, ckpt_path, classes)
+        apply_backend(export_net, "none")
+        make_dynamic_resizable(export_net)
+        dynamic = [None, 3, None, None]
+        ms.export(export_net, ms.Tensor(shape=dynamic, dtype=ms.float32), file_name=path, file_format="MINDIR")
+        graph = load_mindir(path, dynamic)
+        diffs = [_max_diff(graph(ms.Tensor(x)).asnumpy(), ref) for x, ref in zip(inputs, references)]
+        diff = max(diffs)
+        sizes = " and ".join(f"{n}x3x{h}x{w}" for n, _, h, w in shapes)
+        note = (f"dynamic batch, height and width; reloaded with ms.load + nn.GraphCell, max |diff| {diff:.3g} "
+                f"on {sizes}")
+        tolerance = MINDIR_TOLERANCE
+        batch, hw = None, None
+    else:
+        ms.export(net, ms.Tensor(inputs[0]), file_name=path, file_format="AIR")
+        note = f"fixed input {batch_size}x3x{image_size}x{image_size}"
+        tolerance = float("inf")
+        batch, hw = batch_size, [image_size, image_size]
+
+    meta = {
+        "model": model,
+        "task": "segmentation",
+        "num_classes": classes,
+        "labels": labels,
+        "palette": ade20k_palette().tolist() if classes == 150 else None,
+        "palette_source": "ADE20K, mmseg's ADE20KDataset palette (mindcv_poolformer.data.ade20k.ade20k_palette)"
+                          if classes == 150 else None,
+        "input": "[N, 3, H, W] float32 RGB, normalised; " + ("N, H and W dynamic (H, W multiples of the size "
+                                                              "divisor)" if hw is None else f"fixed {batch}x3x{hw}"),
+        "output": SEGMENTATION_OUTPUT,
+        "preprocessing": {"resize": "keep the aspect ratio to fit seg_scale (long, short), then resize each "
+                                    "side up to a multiple of size_divisor; bilinear (mmseg's test pipeline)",
+                          "seg_scale": [int(v) for v in seg_scale], "size_divisor": int(size_divisor),
+                          "mean": [float(m) for m in mean], "std": [float(v) for v in std]},
+        "image_size": hw,
+        "seg_scale": [int(v) for v in seg_scale],
+        "size_divisor": int(size_divisor),
+        "mean": [float(m) for m in mean],
+        "std": [float(v) for v in std],
+        "crop_pct": None,
+        "interpolation": "bilinear",
+        "file_format": file_format,
+        "batch": batch,
+        "checked_shapes": [list(s) for s in shapes] if diff is not None else None,
+        "checkpoint": os.path.abspath(ckpt_path),
+        "max_abs_diff": diff,
+        "tolerance": tolerance if math.isfinite(tolerance) else None,
+        "note": note,
+    }
+    _write_json(meta_path, meta)
+    if diff is not None and not diff <= tolerance:
+        raise ScriptError(f"{path}: outputs differ from the checkpointed network by {diff:.3g} "
+                          f"(tolerance {tolerance:g})")
+    return ExportResult(path, meta_path, file_format, batch, diff, note)
 
 
 def export_model(
@@ -220,28 +414,30 @@ def export_model(
     labels: list[str] | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    seg_scale: Sequence[int] = (2048, 512),
+    size_divisor: int = 32,
 ) -> ExportResult:
     """Export ``model`` + ``ckpt_path`` and verify the artifact (MINDIR reloaded, ONNX in onnxruntime).
 
     MINDIR gets a dynamic batch dimension; ONNX has a fixed ``batch_size`` (MindSpore 2.10 refuses
     dynamic shapes for ONNX). Raises ScriptError if the artifact's outputs differ from the network
-    by more than the tolerance, leaving the file for inspection.
+    by more than the tolerance, leaving the file for inspection. Segmentation models go to
+    ``export_segmentation`` (``seg_scale``/``size_divisor`` are only recorded for them).
     """
     import mindspore as ms
+
+    from .models.registry import model_info
 
     file_format = file_format.upper()
     if file_format not in SUFFIXES:
         raise ConfigError(f"file_format: {file_format!r} is not one of {', '.join(SUFFIXES)}")
     _check_backend(file_format)
+    if model_info(model).task == "segmentation":
+        return export_segmentation(model, ckpt_path, file_format, file_name, batch_size, image_size, num_classes,
+                                   mean, std, labels, overwrite, seed, seg_scale, size_divisor)
     if image_size % 32:
         raise ConfigError(f"image_resize: {image_size} must be a multiple of 32 (the network downsamples by 32)")
-    path = _output_path(file_name, model, file_format)
-    meta_path = sidecar_path(path)
-    for existing in (path, meta_path):
-        if os.path.exists(existing) and not overwrite:
-            raise ScriptError(f"{existing} already exists; pass --overwrite True to replace it")
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    path, meta_path = _prepare_paths(file_name, model, file_format, overwrite)
     net, classes = load_network(model, ckpt_path, num_classes)
     apply_backend(net, "none")  # an exported graph is device-neutral: never this machine's kernel library
     if labels is not None and len(labels) != classes:
@@ -256,10 +452,9 @@ def export_model(
         ms.export(net, ms.Tensor(shape=[None, 3, image_size, image_size], dtype=ms.float32),
                   file_name=path, file_format="MINDIR")
         batch = None
-        graph = load_mindir(path)
-        diff = float(np.abs(graph(ms.Tensor(x)).asnumpy() - reference).max())
-        one = float(np.abs(graph(ms.Tensor(x[:1])).asnumpy() - reference[:1]).max())
-        diff = max(diff, one)
+        graph = load_mindir(path, [None, 3, image_size, image_size])
+        diff = _max_diff(graph(ms.Tensor(x)).asnumpy(), reference)
+        diff = max(diff, _max_diff(graph(ms.Tensor(x[:1])).asnumpy(), reference[:1]))
         note = f"dynamic batch; reloaded with ms.load + nn.GraphCell, max |diff| {diff:.3g} on batch {batch_size} and 1"
         tolerance = MINDIR_TOLERANCE
     elif file_format == "ONNX":
@@ -301,10 +496,7 @@ def export_model(
         "tolerance": tolerance if math.isfinite(tolerance) else None,
         "note": note,
     }
-    tmp = f"{meta_path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2)
-    os.replace(tmp, meta_path)
+    _write_json(meta_path, meta)
     if diff is not None and not diff <= tolerance:
         raise ScriptError(f"{path}: outputs differ from the checkpointed network by {diff:.3g} "
                           f"(tolerance {tolerance:g})")
@@ -335,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             _, labels, _ = scan_image_folder(cfg.data_dir, cfg.val_split)
         result = export_model(cfg.model, cfg.ckpt_path, cfg.file_format, cfg.file_name, cfg.batch_size,
                               cfg.image_resize, cfg.num_classes, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std,
-                              labels, cfg.overwrite, cfg.seed)
+                              labels, cfg.overwrite, cfg.seed, cfg.seg_scale, cfg.seg_size_divisor)
         print(f"wrote {result.path} ({result.file_format}); {result.note}")
         print(f"wrote {result.sidecar}")
         return 0

@@ -1,7 +1,12 @@
-"""Classify image files with a checkpoint, an exported MINDIR or an ONNX file; print top-k labels.
+"""Classify (or segment) image files with a checkpoint, an exported MINDIR or an ONNX file; print top-k labels.
 
     python -m mindcv_poolformer.predict IMAGES... (--ckpt_path CKPT [--model NAME] | --mindir FILE | --onnx FILE)
         [--labels FILE] [--topk 5] [--json OUT]
+
+A segmentation model (``--model fpn_*`` with a checkpoint, or a MINDIR whose sidecar says
+``task: segmentation``) writes ``<stem>_classes.png`` (class ids, uint8) and ``<stem>_overlay.png``
+(palette 50% over the image) per image into ``--output_dir`` and prints the top-k classes by area;
+the pipeline is mmseg's test one (``evaluation.segmentation.predict_map``), at the original size.
 
 The eval transform is the reference one (``transforms.eval_transform_pil``); its settings come
 from the artifact's JSON sidecar (MINDIR/ONNX) or from the model's registry entry and the config
@@ -24,7 +29,8 @@ from ._script import ScriptError, run_script
 from .config import SCHEMA, ConfigError, parse_cli
 from .transforms import eval_transform_pil
 
-__all__ = ["Predictor", "load_predictor", "main", "softmax"]
+__all__ = ["Predictor", "SegPredictor", "load_predictor", "load_seg_predictor", "main", "predict_segmentation",
+           "softmax"]
 
 _TRUE_FALSE = {"true", "false", "yes", "no", "1", "0", "on", "off"}
 
@@ -119,6 +125,117 @@ def load_predictor(cfg) -> Predictor:
                      meta["mean"], meta["std"], labels, path)
 
 
+@dataclass
+class SegPredictor:
+    """``1CHW float32 -> stride-4 logits`` plus the test pipeline, class names and palette of a segmentation model."""
+
+    run: Callable[[np.ndarray], object]
+    scale: Sequence[int]
+    divisor: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    labels: list[str]
+    palette: np.ndarray
+    source: str
+
+    def classes(self, image: np.ndarray) -> np.ndarray:
+        """Class ids ``(H, W)`` of an HWC uint8 RGB image, at its size (the ops of ``predict_map``)."""
+        from .evaluation.segmentation import logits_to_map, preprocess_image
+
+        x = preprocess_image(image, self.scale, self.divisor, self.mean, self.std)
+        return logits_to_map(self.run(x), image.shape[:2])
+
+
+def _seg_palette(classes: int, given: list | None) -> np.ndarray:
+    """The sidecar's (or ADE20K's) palette; other class counts get fixed pseudo-random colours."""
+    from .data.ade20k import ade20k_palette
+
+    if given is not None and len(given) == classes:
+        return np.asarray(given, np.uint8)
+    if classes == 150:
+        return ade20k_palette()
+    return np.random.default_rng(0).integers(0, 256, (classes, 3), dtype=np.uint8)
+
+
+def _is_segmentation(cfg) -> bool:
+    """Segmentation if the MINDIR's sidecar says so, or (checkpoint) if the model's registry entry does."""
+    from .export import read_sidecar
+    from .models.registry import model_info
+
+    if cfg.mindir and os.path.isfile(cfg.mindir):
+        return read_sidecar(cfg.mindir).get("task") == "segmentation"
+    return not cfg.onnx and model_info(cfg.model).task == "segmentation"
+
+
+def load_seg_predictor(cfg) -> SegPredictor:
+    """A segmentation predictor from ``cfg.ckpt_path`` (with ``cfg.model``) or ``cfg.mindir`` (exactly one)."""
+    import mindspore as ms
+
+    from ._runtime import configure_device
+    from .data.ade20k import ade20k_classes
+    from .export import load_mindir, read_labels, read_sidecar
+
+    given = [k for k in ("ckpt_path", "mindir", "onnx") if cfg[k]]
+    if given != ["ckpt_path"] and given != ["mindir"]:
+        raise ConfigError("segmentation: give exactly one of --ckpt_path CKPT (with --model fpn_*) or --mindir FILE "
+                          f"(got {', '.join('--' + k for k in given) or 'none'}; ONNX export is MINDIR-only here)")
+    kind = given[0]
+    path = cfg[kind]
+    if not os.path.isfile(path):
+        raise ConfigError(f"{kind}: {path!r} does not exist")
+    meta = read_sidecar(path) if kind == "mindir" else {}
+    print(configure_device(cfg, mode=cfg.mode if kind == "ckpt_path" else ms.GRAPH_MODE), flush=True)
+    if kind == "ckpt_path":
+        from .evaluation.segmentation import load_segmentation_network
+
+        net, classes = load_segmentation_network(cfg.model, path, cfg.num_classes)
+        run = lambda x: net(ms.Tensor(x))  # noqa: E731
+        scale, divisor, mean, std = cfg.seg_scale, cfg.seg_size_divisor, cfg.mean, cfg.std
+    else:
+        graph = load_mindir(path, [None, 3, None, None])
+        run = lambda x: graph(ms.Tensor(x))  # noqa: E731
+        classes = int(meta["num_classes"])
+        scale, divisor, mean, std = meta["seg_scale"], int(meta["size_divisor"]), meta["mean"], meta["std"]
+    if classes > 255:
+        raise ConfigError(f"segmentation: {classes} classes do not fit the uint8 class PNG (255 means none)")
+    if cfg.labels:
+        labels = read_labels(cfg.labels, classes)
+    elif meta.get("labels"):
+        labels = list(meta["labels"])
+    else:
+        labels = ade20k_classes() if classes == 150 else [f"class_{i}" for i in range(classes)]
+    return SegPredictor(run, scale, divisor, mean, std, labels, _seg_palette(classes, meta.get("palette")), path)
+
+
+def predict_segmentation(predictor: SegPredictor, files: Sequence[str], output_dir: str,
+                         topk: int) -> tuple[list[dict], list[str]]:
+    """Write both PNGs per readable file; the top-k class areas per image, and one error line per unreadable one."""
+    from .data.ade20k import overlay_classes
+
+    results, errors = [], []
+    for path in files:
+        try:
+            image = np.asarray(_read_image(path))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            errors.append(f"{path}: cannot read image ({reason})")
+            continue
+        classes = predictor.classes(image).astype(np.uint8)
+        os.makedirs(output_dir, exist_ok=True)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        class_png = os.path.join(output_dir, f"{stem}_classes.png")
+        overlay_png = os.path.join(output_dir, f"{stem}_overlay.png")
+        Image.fromarray(classes, mode="L").save(class_png)
+        Image.fromarray(overlay_classes(image, classes, predictor.palette)).save(overlay_png)
+        counts = np.bincount(classes.ravel(), minlength=len(predictor.labels))
+        order = np.argsort(-counts, kind="stable")[:topk]
+        areas = [{"index": int(i), "label": predictor.labels[i], "share": float(counts[i] / classes.size)}
+                 for i in order if counts[i]]
+        results.append({"image": path, "width": int(image.shape[1]), "height": int(image.shape[0]),
+                        "classes_png": class_png, "overlay_png": overlay_png, "areas": areas})
+    return results, errors
+
+
 def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separate image paths (positional) from ``--key value`` options."""
     images, options = [], []
@@ -180,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                         defaults={"batch_size": 8, "crop_pct": model_info(first.model).crop_pct})
         if not files:
             raise ConfigError("no images given (usage: python -m mindcv_poolformer.predict IMG... --ckpt_path CKPT)")
+        if _is_segmentation(cfg):
+            return _main_segmentation(cfg, files)
         predictor = load_predictor(cfg)
         results, errors = predict_files(predictor, files, cfg.topk)
         for line in errors:
@@ -188,6 +307,20 @@ def main(argv: list[str] | None = None) -> int:
             print(item["image"])
             for rank, entry in enumerate(item["topk"], 1):
                 print(f"  {rank}. {entry['prob']:.4f}  {entry['label']}")
+        if cfg.json:
+            with open(cfg.json, "w", encoding="utf-8") as fh:
+                json.dump({"source": predictor.source, "predictions": results, "errors": errors}, fh, indent=2)
+        return 1 if errors else 0
+
+    def _main_segmentation(cfg, files: list[str]) -> int:
+        predictor = load_seg_predictor(cfg)
+        results, errors = predict_segmentation(predictor, files, cfg.output_dir or ".", cfg.topk)
+        for line in errors:
+            print(f"predict: error: {line}", file=sys.stderr)
+        for item in results:
+            print(f"{item['image']} ({item['width']}x{item['height']}): {item['classes_png']}, {item['overlay_png']}")
+            for rank, entry in enumerate(item["areas"], 1):
+                print(f"  {rank}. {100 * entry['share']:6.2f}%  {entry['label']}")
         if cfg.json:
             with open(cfg.json, "w", encoding="utf-8") as fh:
                 json.dump({"source": predictor.source, "predictions": results, "errors": errors}, fh, indent=2)

@@ -28,7 +28,7 @@ from ..config import ConfigError
 
 __all__ = ["CorruptFileError", "ADE20K_MEAN", "ADE20K_STD", "IGNORE_INDEX", "SegSample", "SegmentationList",
            "ade20k_classes", "ade20k_palette", "list_ade20k", "load_sample", "rescale_size", "multiple_size",
-           "inference_resize", "normalise", "warn_skipped"]
+           "inference_resize", "normalise", "overlay_classes", "warn_skipped"]
 
 ADE20K_MEAN = (123.675, 116.28, 103.53)
 ADE20K_STD = (58.395, 57.12, 57.375)
@@ -194,6 +194,22 @@ def normalise(image: np.ndarray, mean: Sequence[float] = ADE20K_MEAN, std: Seque
     """HWC uint8 RGB -> 1CHW float32 ``(x - mean) / std``, as mmseg's ``SegDataPreProcessor``."""
     x = (image.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def overlay_classes(image: np.ndarray, classes: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
+    """Blend the palette 50% over an HWC uint8 image: ``floor((image + palette[class] + 1) / 2)``, exact in integers.
+
+    Pixels of class 255 (none) keep the image; ids beyond the palette are an error, not a wrong colour.
+    """
+    palette = ade20k_palette() if palette is None else np.asarray(palette, np.uint8)
+    if image.shape[:2] != classes.shape:
+        raise ValueError(f"overlay: image {image.shape[:2]} and class map {classes.shape} differ in size")
+    known = classes != IGNORE_INDEX
+    if known.any() and int(classes[known].max()) >= len(palette):
+        raise ValueError(f"overlay: class {int(classes[known].max())} has no colour (palette of {len(palette)})")
+    colour = palette[np.where(known, classes, 0)].astype(np.uint16)
+    blended = ((image.astype(np.uint16) + colour + 1) // 2).astype(np.uint8)
+    return np.where(known[..., None], blended, image)
 
 
 def warn_skipped(skipped: Sequence[str], what: str) -> None:

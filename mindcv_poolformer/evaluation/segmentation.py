@@ -28,8 +28,8 @@ from ..data.ade20k import (
 )
 from .miou import IoUHistogram
 
-__all__ = ["load_segmentation_network", "predict_map", "evaluate_segmentation", "validate_segmentation",
-           "format_segmentation_table"]
+__all__ = ["load_segmentation_network", "predict_map", "preprocess_image", "logits_to_map", "evaluate_segmentation",
+           "validate_segmentation", "format_segmentation_table"]
 
 
 def load_segmentation_network(model: str, ckpt_path: str, num_classes: int | None = None):
@@ -57,11 +57,28 @@ def predict_map(net, image: np.ndarray, scale: Sequence[int] = (2048, 512), divi
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
     """Class ids ``(H, W)`` int64 of an HWC uint8 RGB image at its own size (mmseg's whole-image test)."""
     import mindspore as ms
+
+    return logits_to_map(net(ms.Tensor(preprocess_image(image, scale, divisor, mean, std))), image.shape[:2])
+
+
+def preprocess_image(image: np.ndarray, scale: Sequence[int] = (2048, 512), divisor: int = 32,
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
+    """The test pipeline's network input ``1CHW`` float32; shared by validation and every predict backend."""
+    return normalise(inference_resize(image, scale, divisor), *(() if mean is None else (mean, std)))
+
+
+def logits_to_map(logits, size: Sequence[int]) -> np.ndarray:
+    """Stride-4 logits ``1CHW`` (Tensor or array) -> class ids ``(H, W)`` int64 at ``size``: bilinear, then argmax.
+
+    One resize straight to the original size, as mmseg does; exported graphs stop before it, so a
+    checkpoint and a MINDIR give their maps through this same op.
+    """
+    import mindspore as ms
     from mindspore import ops
 
-    x = normalise(inference_resize(image, scale, divisor), *(() if mean is None else (mean, std)))
-    logits = net(ms.Tensor(x))
-    logits = ops.interpolate(logits, size=tuple(image.shape[:2]), mode="bilinear", align_corners=False)
+    if not isinstance(logits, ms.Tensor):
+        logits = ms.Tensor(np.ascontiguousarray(logits, np.float32))
+    logits = ops.interpolate(logits, size=tuple(int(v) for v in size), mode="bilinear", align_corners=False)
     return logits.argmax(axis=1).asnumpy()[0].astype(np.int64)
 
 
