@@ -27,6 +27,9 @@ CONFIGS = {
     "drop-path": {"drop_path_rate": 0.5},
     # the 1x1 convs on oneDNN (a CPU without AVX-512): separate GELU and residual kernels around them
     "gemm-off": {"gemm": False},
+    # no kernel library (no compiler, switched off): the same folds on MindSpore's ops
+    "ops-folds": {"library": False},
+    "ops-folds-drop-path": {"library": False, "drop_path_rate": 0.5},
 }
 
 
@@ -73,19 +76,24 @@ def _fused_blocks(net) -> int:
     return sum(isinstance(cell, cpu_backend.FusedPoolFormerBlock) for _, cell in net.cells_and_names())
 
 
-def _pair(gemm: bool = True, **overrides):
-    """Two equal tiny MetaFormers (perturbed from their init): one in the CPU backend, one as the model is written."""
+def _pair(gemm: bool = True, library: bool = True, **overrides):
+    """Two equal tiny MetaFormers (perturbed from their init): one in the CPU backend, one as the model is written.
+
+    ``library=False`` applies the backend without its kernel library: the folded MindSpore-ops blocks.
+    """
     settings = {"layer_scale_init": 0.5, **overrides}
     fast = MetaFormer((1, 2, 1, 1), (8, 16, 24, 32), num_classes=5, **settings)
     slow = MetaFormer((1, 2, 1, 1), (8, 16, 24, 32), num_classes=5, **settings)
-    fast_kernels = kernels.cpu_kernels()
+    fast_kernels = kernels.cpu_kernels() if library else None
     if not gemm:
         os.environ["MINDCV_POOLFORMER_CPU_GEMM"] = "0"
         try:
             fast_kernels = kernels.CpuKernels(kernels.library_path())
         finally:
             del os.environ["MINDCV_POOLFORMER_CPU_GEMM"]
-    assert cpu_backend.apply(fast, fast_kernels) == 5
+    assert cpu_backend.apply(fast, fast_kernels) == (5 if library else 0)
+    folded = [cell for _, cell in fast.cells_and_names() if isinstance(cell, cpu_backend.FoldedPoolFormerBlock)]
+    assert len(folded) == 5
     blocks = [cell for _, cell in fast.cells_and_names() if isinstance(cell, cpu_backend.FusedPoolFormerBlock)]
     assert all(block.fuse_mlp == (gemm and fast_kernels.conv1x1 is not None) for block in blocks)
     assert applied_backend(slow) == "none"
@@ -145,6 +153,7 @@ def test_models_use_kernels_by_default_and_only_where_they_apply(library, monkey
     assert not kernels.kernels_enabled()
     off = create_model("poolformer_s12", num_classes=3)
     assert _fused_blocks(off) == 0
+    assert sum(isinstance(c, cpu_backend.FoldedPoolFormerBlock) for _, c in off.cells_and_names()) == 12
 
 
 def test_float16_inputs_use_mindspore_ops(library):

@@ -54,7 +54,7 @@ def apply_backend(net: nn.Cell, backend: str = "auto") -> str:
 def applied_backend(net: nn.Cell) -> str:
     """The backend ``net`` is in, read from its cells: ``cpu``, ``ascend`` or ``none``."""
     for _, cell in net.cells_and_names():
-        if isinstance(cell, (cpu.FusedPoolFormerBlock, cpu.CpuAvgPoolExcludePad)):
+        if isinstance(cell, (cpu.FoldedPoolFormerBlock, cpu.CpuAvgPoolExcludePad)):
             return "cpu"
         if isinstance(cell, ascend.AscendAvgPoolExcludePad):
             return "ascend"

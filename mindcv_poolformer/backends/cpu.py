@@ -2,15 +2,16 @@
 
 ``apply(net)`` changes how a built model computes on the CPU, never what it holds:
 - every eligible ``MetaFormerBlock`` (GroupNorm(1), pooling mixer, exact GELU, residuals: the
-  PoolFormer block) becomes a ``FusedPoolFormerBlock``. That is the same object with the same
-  Parameters and names, only its class (hence its ``construct``) changes, so checkpoints, the
-  optimizer and exported keys are untouched and ``remove`` switches it back;
+  PoolFormer block) becomes a ``FusedPoolFormerBlock`` (on the kernels) or, where the kernel library
+  is unavailable, a ``FoldedPoolFormerBlock`` (the same folds on MindSpore's ops). It stays the same
+  object with the same Parameters and names, only its class (hence its ``construct``) changes, so
+  checkpoints, the optimizer and exported keys are untouched and ``remove`` switches it back;
 - every pooling mixer's ``count_include_pad=False`` average runs as MindSpore's padded
   ``AvgPool2d`` divided by the valid count: exact, and 4x faster on the CPU than padding the input
   first (bench/ops.py), but refused by MindSpore on Ascend 910B, so it lives here and not in the model.
 
-The kernels are float32 only: a block whose input is float16 (AMP O2/O3) runs the model's own
-``construct``. Exported graphs never use this backend (``mindcv_poolformer.export``).
+The kernels are float32 only: a block whose input is float16 (AMP O3) runs the folded ops form.
+Exported graphs never use this backend (``mindcv_poolformer.export``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..kernels import CpuKernels
 from ..models.layers import AvgPoolExcludePad, DropPath, GroupNorm1, Pooling
 from ..models.metaformer import MetaFormerBlock
 
-__all__ = ["CpuAvgPoolExcludePad", "FusedPoolFormerBlock", "apply", "eligible", "remove"]
+__all__ = ["CpuAvgPoolExcludePad", "FoldedPoolFormerBlock", "FusedPoolFormerBlock", "apply", "eligible", "remove"]
 
 
 class CpuAvgPoolExcludePad(nn.Cell):
@@ -54,18 +55,67 @@ def eligible(block: MetaFormerBlock) -> bool:
             and isinstance(block.token_mixer, Pooling) and _exact_gelu(block.mlp.act))
 
 
-class FusedPoolFormerBlock(MetaFormerBlock):
+_INV_SQRT2 = 0.7071067811865476
+
+
+def _normalize(norm: GroupNorm1, x: Tensor) -> Tensor:
+    """GroupNorm(1)'s normalisation without its affine (which the folds apply elsewhere)."""
+    flat = x.reshape((x.shape[0], -1))
+    ones = ops.ones((flat.shape[1],), x.dtype)
+    return norm.layer_norm(flat, ones, ops.zeros_like(ones))[0].reshape(x.shape)
+
+
+def _folded_conv(conv: nn.Conv2d, x: Tensor, weight_scale: Tensor, bias_scale: Tensor,
+                 in_scale: Tensor | None = None, in_shift: Tensor | None = None) -> Tensor:
+    """``conv(x * in_scale + in_shift) * weight_scale`` (bias times ``bias_scale``) by rewriting the small weights.
+
+    Everything in the activation's dtype: under AMP the input is float16 while the parameters stay float32.
+    """
+    dtype = x.dtype
+    weight = ops.cast(conv.weight, dtype)
+    bias = ops.cast(conv.bias, dtype)
+    if in_shift is not None:  # W (x + shift) = W x + W shift
+        w2d = weight.reshape(weight.shape[:2])
+        bias = bias + ops.matmul(w2d, ops.cast(in_shift, dtype).reshape((-1, 1))).reshape((-1,))
+    if in_scale is not None:
+        weight = weight * ops.cast(in_scale, dtype).reshape((1, -1, 1, 1))
+    weight = weight * ops.cast(weight_scale, dtype).reshape((-1, 1, 1, 1))
+    return conv.bias_add(conv.conv2d(x, weight), bias * ops.cast(bias_scale, dtype))
+
+
+class FoldedPoolFormerBlock(MetaFormerBlock):
+    """The PoolFormer block on MindSpore's CPU ops, rearranged for fewer passes over the activations.
+
+    MindSpore's CPU backend runs one memory pass per elementwise op and keeps many intermediates alive
+    in a graph (S12 eval at batch 32: 6.7 GB written as the model is, 2.3 GB this way), so:
+    - GroupNorm's affine and normalisation commute with the valid-pixel average, so
+      ``mixer(norm1(x)) = gamma * (pool(n) - n)`` for the normalised map ``n``; gamma joins LayerScale;
+    - norm2's affine, the exact GELU's 1/sqrt2 constants and LayerScale are folded into fc1's and
+      fc2's weights, so GELU is ``z * (erf(z) + 1)`` on fc1's output (sqrt2 * GELU(h) for z = h/sqrt2).
+    Exact up to float rounding; used where the kernel library is unavailable and for float16 inputs.
+    """
+
+    def construct(self, x: Tensor) -> Tensor:
+        scale = self.norm1.gamma * self.layer_scale_1 if self.use_layer_scale else self.norm1.gamma
+        mixed = self.token_mixer(_normalize(self.norm1, x)) * ops.cast(scale, x.dtype).reshape((-1, 1, 1))
+        x = x + self.drop_path1(mixed)
+        inv_sqrt2 = ops.cast(Tensor(_INV_SQRT2, mstype.float32), x.dtype)
+        z = _folded_conv(self.mlp.fc1, _normalize(self.norm2, x), inv_sqrt2, inv_sqrt2, self.norm2.gamma,
+                         self.norm2.beta)
+        hidden = self.mlp.drop(z * (ops.erf(z) + 1.0))
+        layer_scale = self.layer_scale_2 if self.use_layer_scale else ops.ones_like(self.mlp.fc2.bias)
+        return x + self.drop_path2(self.mlp.drop(_folded_conv(self.mlp.fc2, hidden, layer_scale * _INV_SQRT2,
+                                                              layer_scale)))
+
+
+class FusedPoolFormerBlock(FoldedPoolFormerBlock):
     """The PoolFormer block on the fused float32 CPU kernels (see ``mindcv_poolformer.kernels``).
 
-    Same maths as ``MetaFormerBlock.construct``, rearranged for fewer memory passes:
-    - GroupNorm's affine and normalisation commute with the valid-pixel average, so
-      ``mixer(norm1(x)) = gamma * (pool(n) - n)`` for the normalised map ``n``, which the mixer kernel
-      never builds; gamma joins LayerScale;
-    - norm2's affine, the exact GELU's 1/sqrt2 constants and LayerScale are folded into fc1's and
-      fc2's weights (``FoldMlp``), so GELU is ``z * (erf(z) + 1)`` on fc1's output;
-    - with the AVX-512 GEMM the MLP is two GEMMs whose stores do the bias, GELU, drop path and
-      residual; at inference fc1 also normalises its input as it packs it.
-    Instances are made by ``apply`` from built blocks; the kernel primitives are attached there.
+    The folds of ``FoldedPoolFormerBlock``, in kernels that make one memory pass per step: the mixer
+    kernel never builds the normalised map; ``FoldMlp`` folds the weights in one kernel; with the
+    AVX-512 GEMM the MLP is two GEMMs whose stores do the bias, GELU, drop path and residual, and at
+    inference fc1 also normalises its input as it packs it. Instances are made by ``apply`` from built
+    blocks; the kernel primitives are attached there. Float16 inputs take the folded ops form.
     """
 
     def construct(self, x: Tensor) -> Tensor:
@@ -135,9 +185,12 @@ def apply(net: nn.Cell, kernels: CpuKernels | None) -> int:
     for _, cell in list(net.cells_and_names()):
         if isinstance(cell, Pooling) and type(cell.pool) is AvgPoolExcludePad:
             cell.pool = CpuAvgPoolExcludePad(cell.pool_size)
-        if kernels is not None and isinstance(cell, MetaFormerBlock) and eligible(cell):
-            _fuse(cell, kernels)
-            fused += 1
+        if isinstance(cell, MetaFormerBlock) and eligible(cell):
+            if kernels is None:
+                cell.__class__ = FoldedPoolFormerBlock
+            else:
+                _fuse(cell, kernels)
+                fused += 1
     return fused
 
 
@@ -146,7 +199,7 @@ def remove(net: nn.Cell) -> None:
     for _, cell in list(net.cells_and_names()):
         if isinstance(cell, Pooling) and isinstance(cell.pool, CpuAvgPoolExcludePad):
             cell.pool = AvgPoolExcludePad(cell.pool_size)
-        if type(cell) is FusedPoolFormerBlock:
+        if isinstance(cell, FoldedPoolFormerBlock):
             for attr in _KERNEL_ATTRS:
                 if hasattr(cell, attr):
                     delattr(cell, attr)
