@@ -5,8 +5,8 @@ tests look at the computation, not at flags: in PYNATIVE, forward hooks compare 
 a float64 reference computed from the input it received; in GRAPH, the compiled kernel graph (MindSpore's
 IR dump) says which dtype enters each reduction (the norms' statistics) and each Softmax. The norms' inputs
 sit at a large offset (1000 + N(0, 1)), where a float16 norm is off by 0.02-0.7 and a float32 one by ~1e-5.
-Both O2 policies are checked: Ascend's (blocks in float16) and the CPU's (blocks in float32). The hybrid's
-attention softmax is expected to fail (strict xfail) until models/layers.py calls it as a cell.
+Both O2 policies are checked: Ascend's (blocks in float16) and the CPU's (blocks in float32), and the
+hybrid's attention softmax.
 """
 
 from __future__ import annotations
@@ -196,13 +196,9 @@ def _float32_softmax_rows(net: nn.Cell) -> dict[int, list[float]]:
     return rows
 
 
-_SOFTMAX_XFAIL = pytest.mark.xfail(strict=True, reason="Attention calls ops.softmax inside its float16 cell; O2 "
-                                                      "keeps a softmax float32 only as a cell (models/layers.py), "
-                                                      "see mindcv_poolformer.amp")
 _HYBRID = ("attention", "pooling", "attention", "attention")
 
 
-@_SOFTMAX_XFAIL
 def test_o2_attention_softmax_in_float32_pynative():
     """Each attention mixer of the hybrid produces its probabilities in float32: rows sum to 1 within 1e-5."""
     ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -212,7 +208,6 @@ def test_o2_attention_softmax_in_float32_pynative():
     assert len(rows) == 3 and all(errors and min(errors) < 1e-5 for errors in rows.values()), rows
 
 
-@_SOFTMAX_XFAIL
 def test_o2_attention_softmax_in_float32_graph(tmp_path):
     """Every Softmax kernel of the compiled hybrid reads float32."""
     net = _tiny("ln", _HYBRID)

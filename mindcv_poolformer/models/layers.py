@@ -301,6 +301,8 @@ class Attention(nn.Cell):
         self.qkv = nn.Dense(dim, dim * 3, has_bias=qkv_bias, weight_init=init.TruncatedNormal(0.02),
                             bias_init="zeros")
         self.proj = nn.Dense(dim, dim, weight_init=init.TruncatedNormal(0.02), bias_init="zeros")
+        # a cell, not ops.softmax: mixed precision keeps cells in float32 (an op inside a float16 cell runs float16)
+        self.softmax = nn.Softmax(axis=-1)
 
     def construct(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -308,7 +310,7 @@ class Attention(nn.Cell):
         tokens = x.reshape((b, c, n)).transpose(0, 2, 1)
         qkv = self.qkv(tokens).reshape((b, n, 3, self.num_heads, self.head_dim)).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = ops.softmax(ops.matmul(q * self.scale, k.transpose(0, 1, 3, 2)), axis=-1)
+        attn = self.softmax(ops.matmul(q * self.scale, k.transpose(0, 1, 3, 2)))
         out = ops.matmul(attn, v).transpose(0, 2, 1, 3).reshape((b, n, c))
         return self.proj(out).transpose(0, 2, 1).reshape((b, c, h, w))
 
