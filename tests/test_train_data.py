@@ -119,3 +119,47 @@ def test_digits_without_scikit_learn_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"needs scikit-learn, which is not installed \(pip install scikit-learn\)"):
         materialize_digits(tmp_path / "digits")
     assert not (tmp_path / "digits" / "train").exists()
+
+
+def test_split_folders_are_listed_once_per_run(folder, monkeypatch):
+    """prepare_data_dir lists train and val once; every epoch's shard and the val set come from that listing."""
+    import mindcv_poolformer.evaluate as evaluate
+    from mindcv_poolformer.train.data import build_val_dataset, prepare_data_dir
+
+    calls = []
+    original = evaluate.list_image_folder
+    monkeypatch.setattr(evaluate, "list_image_folder", lambda root, split="", *a, **k: calls.append(split)
+                        or original(root, split, *a, **k))
+    cfg = _cfg(folder, val_while_train=True)
+    listing = prepare_data_dir(cfg)
+    assert calls == ["train", "val"]
+    for epoch in range(3):
+        for rank in range(2):
+            build_train_dataset(cfg, epoch, rank, 2, listing=listing)
+    build_val_dataset(cfg, listing.val, 0, 2)
+    assert calls == ["train", "val"]
+
+
+def test_val_set_from_the_listing_is_create_eval_datasets(folder):
+    from mindcv_poolformer.evaluate import create_eval_dataset
+    from mindcv_poolformer.train.data import build_val_dataset, prepare_data_dir
+
+    cfg = _cfg(folder, val_while_train=True, batch_size=3)
+    listing = prepare_data_dir(cfg)
+    for rank, world in ((0, 1), (1, 3)):
+        ours = build_val_dataset(cfg, listing.val, rank, world)
+        ref, _, _ = create_eval_dataset(str(folder), "val", 3, 32, 1.0, cfg["interpolation"], cfg["mean"], cfg["std"],
+                                        1, rank, world, class_names=listing.train.classes)
+        a = list(ours.create_tuple_iterator(output_numpy=True, num_epochs=1))
+        b = list(ref.create_tuple_iterator(output_numpy=True, num_epochs=1))
+        assert len(a) == len(b) > 0 and all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1])
+                                            for x, y in zip(a, b))
+
+
+def test_fused_decode_path_when_augmenting_in_all_workers(folder):
+    """deterministic_augment False: RandomCropDecodeResize in every worker; same shapes and soft targets."""
+    cfg = _cfg(folder, num_parallel_workers=2, deterministic_augment=False, auto_augment="rand-m9-mstd0.5-inc1",
+               re_prob=0.25, mixup=0.8, cutmix=1.0, interpolation="random")
+    batches = _batches(cfg, 0)
+    assert len(batches) == 5 and {b[0].shape for b in batches} == {(8, 3, 32, 32)}
+    assert all(np.allclose(t.sum(axis=1), 1.0, atol=1e-5) for _, t in batches)

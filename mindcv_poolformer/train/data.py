@@ -6,9 +6,14 @@ disjoint), and every epoch's augmentation RNG is seeded from ``(seed, rank, epoc
 draw different augmentations (MindCV seeds every rank alike) and epoch k+1 after a resume sees
 exactly the batches an uninterrupted run would have seen.
 
-Images are decoded inside the pipeline's parallel workers by ``transforms.ImageReader``: an
-unreadable file is replaced by the next image of the rank's epoch order (deterministic, and the
-epoch keeps its length on every rank) and reported, or with ``strict_data`` stops the run.
+The split folders are listed once per process (``prepare_data_dir`` returns the listing); every
+epoch's shard and the validation set are cut from it, never from a fresh listing.
+
+Files are read inside the pipeline's parallel workers by ``transforms.ImageReader`` and decoded
+by MindSpore's C++ ``RandomCropDecodeResize`` (only the crop's rows of a JPEG), each JPEG checked
+once by PIL first (the C++ decoder crashes on some damaged headers). An unreadable file is
+replaced by the next image of the rank's epoch order (deterministic, and the epoch keeps its
+length on every rank) and reported, or with ``strict_data`` stops the run.
 """
 
 from __future__ import annotations
@@ -18,16 +23,21 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..config import ConfigError
 
+if TYPE_CHECKING:
+    from ..evaluate import ImageList
+
 __all__ = [
     "DataError",
+    "DataListing",
+    "build_val_dataset",
     "augmentation_seed",
     "epoch_order",
     "shard_indices",
@@ -114,12 +124,31 @@ def materialize_digits(root: str | os.PathLike, size: int = 32, val_fraction: fl
     return root
 
 
-def prepare_data_dir(cfg: Mapping[str, Any]) -> Path:
-    """Check (or, for ``dataset: digits``, create) ``data_dir`` before a run writes anything.
+@dataclass
+class DataListing:
+    """The run's file listing, made once: the training split, the validation split (or None), the root.
+
+    ``verified`` holds one byte per training file: set once ``ImageReader`` has checked that JPEG,
+    so later epochs hand it to the C++ decoder unchecked.
+    """
+
+    root: Path
+    train: ImageList
+    val: ImageList | None = None
+    verified: bytearray = field(default_factory=bytearray)
+
+    def __post_init__(self) -> None:
+        if len(self.verified) != len(self.train.files):
+            self.verified = bytearray(len(self.train.files))
+
+
+def prepare_data_dir(cfg: Mapping[str, Any]) -> DataListing:
+    """Check (or, for ``dataset: digits``, create) ``data_dir`` before a run writes anything; list it once.
 
     The training split must have class folders that all hold images, at least as many classes
     as ``num_classes``; the validation split (when ``val_while_train``) likewise, with no class
-    the training split lacks. Raises ConfigError naming the path and what is expected.
+    the training split lacks. Raises ConfigError naming the path and what is expected. The
+    listing returned is the one every epoch and the validation set use.
     """
     from ..evaluate import list_image_folder
 
@@ -134,9 +163,10 @@ def prepare_data_dir(cfg: Mapping[str, Any]) -> Path:
     if num_classes and num_classes < len(train.classes):
         raise DataError(f"num_classes: {num_classes} is fewer than the {len(train.classes)} class folders of "
                         f"{train.path}; pass --num_classes {len(train.classes)} (or more), or leave it unset")
+    val = None
     if cfg.get("val_while_train", True):
-        list_image_folder(str(root), cfg["val_split"], class_names=train.classes, split_key="val_split")
-    return root
+        val = list_image_folder(str(root), cfg["val_split"], class_names=train.classes, split_key="val_split")
+    return DataListing(root, train, val)
 
 
 # ---------------------------------------------------------------------------------------------- mixing
@@ -146,8 +176,9 @@ class SoftTargetMixer:
     """Batch op: integer labels -> smoothed one-hot targets, then mixup or cutmix (timm's batch mode).
 
     With probability ``prob`` a batch is mixed with its reverse; when both alphas are set, cutmix is
-    chosen with probability ``switch_prob``. The RNG is owned here and seeded per (seed, rank,
-    epoch), so a resumed epoch mixes exactly like the original.
+    chosen with probability ``switch_prob``. ``__call__`` draws from the mixer's own generator,
+    seeded per (seed, rank, epoch); ``mix_batch`` from one seeded by (that seed, batch number), so
+    batches can be mixed in parallel workers and a resumed epoch still mixes exactly like the original.
     """
 
     def __init__(self, num_classes: int, smoothing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
@@ -158,6 +189,7 @@ class SoftTargetMixer:
         self.cutmix = cutmix
         self.prob = prob
         self.switch_prob = switch_prob
+        self.seed = int(seed)
         self.rng = np.random.default_rng(seed)
 
     def targets(self, labels: np.ndarray) -> np.ndarray:
@@ -166,32 +198,56 @@ class SoftTargetMixer:
         out[np.arange(len(labels)), labels.astype(np.int64)] = 1.0 - self.smoothing + off
         return out
 
-    def _cutmix_box(self, lam: float, height: int, width: int) -> tuple[int, int, int, int]:
+    @staticmethod
+    def _cutmix_box(rng: np.random.Generator, lam: float, height: int, width: int) -> tuple[int, int, int, int]:
         cut = np.sqrt(1.0 - lam)
         ch, cw = int(height * cut), int(width * cut)
-        cy, cx = int(self.rng.integers(0, height)), int(self.rng.integers(0, width))
+        cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
         y0, y1 = np.clip(cy - ch // 2, 0, height), np.clip(cy + ch // 2, 0, height)
         x0, x1 = np.clip(cx - cw // 2, 0, width), np.clip(cx + cw // 2, 0, width)
         return int(y0), int(y1), int(x0), int(x1)
 
+    def _mix(self, rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, in_place: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
+        images = np.asarray(images, dtype=np.float32)
+        if not (in_place and images.flags.writeable and images.flags.c_contiguous):
+            images = images.copy()
+        targets = self.targets(np.asarray(labels).reshape(-1))
+        if not (self.mixup > 0 or self.cutmix > 0) or rng.random() >= self.prob:
+            return images, targets
+        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or rng.random() < self.switch_prob)
+        alpha = self.cutmix if use_cutmix else self.mixup
+        lam = float(rng.beta(alpha, alpha))
+        n = len(images)
+        if use_cutmix:
+            y0, y1, x0, x1 = self._cutmix_box(rng, lam, images.shape[2], images.shape[3])
+            box = images[:, :, y0:y1, x0:x1]
+            box[...] = box[::-1].copy()
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / float(images.shape[2] * images.shape[3])
+        elif n > 1:
+            # image i and image n-1-i swap a share 1 - lam: a' = b + lam (a - b), b' = a - lam (a - b);
+            # one pair at a time: two image-sized temporaries, not three batch-sized (77 MB) ones
+            delta, scratch = np.empty_like(images[0]), np.empty_like(images[0])
+            for i in range(n // 2):
+                a, b = images[i], images[n - 1 - i]
+                np.subtract(a, b, out=delta)
+                delta *= np.float32(lam)
+                np.add(b, delta, out=scratch)
+                np.subtract(a, delta, out=b)
+                a[...] = scratch
+        return images, (lam * targets + (1.0 - lam) * targets[::-1]).astype(np.float32)
+
     def __call__(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mix an (N, C, H, W) float batch; return it with (N, num_classes) float32 targets."""
-        images = np.asarray(images, dtype=np.float32)
-        targets = self.targets(np.asarray(labels))
-        if not (self.mixup > 0 or self.cutmix > 0) or self.rng.random() >= self.prob:
-            return images, targets
-        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or self.rng.random() < self.switch_prob)
-        alpha = self.cutmix if use_cutmix else self.mixup
-        lam = float(self.rng.beta(alpha, alpha))
-        flipped = images[::-1]
-        if use_cutmix:
-            y0, y1, x0, x1 = self._cutmix_box(lam, images.shape[2], images.shape[3])
-            images = images.copy()
-            images[:, :, y0:y1, x0:x1] = flipped[:, :, y0:y1, x0:x1]
-            lam = 1.0 - (y1 - y0) * (x1 - x0) / float(images.shape[2] * images.shape[3])
-        else:
-            images = lam * images + (1.0 - lam) * flipped
-        return images.astype(np.float32), (lam * targets + (1.0 - lam) * targets[::-1]).astype(np.float32)
+        return self._mix(self.rng, images, labels)
+
+    def mix_batch(self, images: np.ndarray, labels: np.ndarray, batch_number: int, in_place: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """``__call__`` with the draws of batch ``batch_number`` of the epoch (any worker, any order).
+
+        ``in_place``: mix ``images`` where it is (the pipeline's own copy of the batch), not a copy.
+        """
+        return self._mix(np.random.default_rng([self.seed, int(batch_number), 0x313]), images, labels, in_place)
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
@@ -203,12 +259,12 @@ def _transform_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: cfg[k] for k in keys}
 
 
-def _transforms(cfg: Mapping[str, Any], is_training: bool) -> list:
+def _transforms(cfg: Mapping[str, Any], is_training: bool, fused_decode: bool = False) -> list:
     from ..transforms import create_transforms
 
     kwargs = _transform_kwargs(cfg) if is_training else {}
     return create_transforms(is_training, cfg["image_resize"], cfg["crop_pct"], cfg["interpolation"],
-                             cfg["mean"], cfg["std"], decode=False, **kwargs)
+                             cfg["mean"], cfg["std"], decode=fused_decode, fused_decode=fused_decode, **kwargs)
 
 
 @dataclass
@@ -219,15 +275,25 @@ class TrainData:
     num_batches: int
 
 
+def _workers(cfg: Mapping[str, Any]) -> int:
+    return max(1, min(int(cfg["num_parallel_workers"]), os.cpu_count() or 1))  # MindSpore refuses more
+
+
 def build_train_dataset(cfg: Mapping[str, Any], epoch: int, rank: int = 0, world: int = 1,
-                        num_classes: int | None = None) -> TrainData:
-    """The training batches of ``rank`` in ``epoch``: (images float32 NCHW, soft targets float32)."""
+                        num_classes: int | None = None, listing: DataListing | None = None) -> TrainData:
+    """The training batches of ``rank`` in ``epoch``: (images float32 NCHW, soft targets float32).
+
+    ``listing`` is the run's (``prepare_data_dir``); without one the training split is listed here.
+    """
     import mindspore.dataset as ds
 
     from ..evaluate import list_image_folder
     from ..transforms import ImageReader
 
-    images = list_image_folder(str(cfg["data_dir"]), cfg["train_split"], split_key="train_split")
+    if listing is None:
+        train = list_image_folder(str(cfg["data_dir"]), cfg["train_split"], split_key="train_split")
+        listing = DataListing(Path(cfg["data_dir"]), train)
+    images = listing.train
     folder, total = images.path, len(images.files)
     num_classes = num_classes or cfg.get("num_classes") or len(images.classes)
     base = np.arange(total)
@@ -239,15 +305,24 @@ def build_train_dataset(cfg: Mapping[str, Any], epoch: int, rank: int = 0, world
     batch = int(cfg["batch_size"])
     if len(mine) < batch:
         raise DataError(f"{folder}: {len(mine)} images per rank is fewer than batch_size {batch}")
-    ds.config.set_seed(augmentation_seed(cfg["seed"], rank, epoch))
-    workers = max(1, min(int(cfg["num_parallel_workers"]), os.cpu_count() or 1))  # MindSpore refuses more
-    # Random ops in several map workers draw in a nondeterministic order; decoding is not random and
-    # stays parallel, so only the augmentation runs in one worker when exact reproducibility is asked.
+    ds.config.set_seed(augmentation_seed(cfg["seed"], rank, epoch))  # C++ ops, and Python's random / np.random
+    workers = _workers(cfg)
     reader = ImageReader([images.files[i] for i in mine], images.labels[mine], strict=bool(cfg.get("strict_data")),
-                         substitute=True)
-    dataset = reader.dataset(workers)
-    aug_workers = 1 if cfg.get("deterministic_augment", True) else workers
-    dataset = dataset.map(operations=_transforms(cfg, True), input_columns="image", num_parallel_workers=aug_workers)
+                         substitute=True, encoded=True, verified=listing.verified, index=mine)
+    rows = np.arange(len(mine), dtype=np.int64)
+    dataset = ds.NumpySlicesDataset({"image": rows, "row": rows}, shuffle=False)
+    dataset = dataset.map(reader, input_columns="image", output_columns=["image", "label"],
+                          num_parallel_workers=workers)
+    if cfg.get("deterministic_augment", True):
+        # Random ops in several map workers draw in a nondeterministic order: decoding is not random
+        # and stays parallel, the augmentation runs in one worker.
+        from mindspore.dataset import vision
+
+        dataset = dataset.map([vision.Decode()], input_columns="image", num_parallel_workers=workers)
+        dataset = dataset.map(_transforms(cfg, True), input_columns="image", num_parallel_workers=1)
+    else:
+        dataset = dataset.map(_transforms(cfg, True, fused_decode=True), input_columns="image",
+                              num_parallel_workers=workers)
     off = int(cfg["mixup_off_epoch"])
     mixing = off == 0 or epoch < off
     mixer = SoftTargetMixer(num_classes, float(cfg["label_smoothing"]),
@@ -255,10 +330,31 @@ def build_train_dataset(cfg: Mapping[str, Any], epoch: int, rank: int = 0, world
                             float(cfg["cutmix_prob"]), float(cfg["mixup_switch_prob"]),
                             seed=augmentation_seed(cfg["seed"], rank, epoch))
 
-    def mix(images, labels, _info):
-        out_images, targets = mixer(np.stack(images), np.stack(labels))
-        return out_images, targets
+    def mix(images: np.ndarray, labels: np.ndarray, batch_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return mixer.mix_batch(images, labels, int(batch_rows[0]) // batch, in_place=True)
 
-    dataset = dataset.batch(batch, drop_remainder=True, per_batch_map=mix, input_columns=["image", "label"],
-                            output_columns=["image", "label"], num_parallel_workers=1)
+    dataset = dataset.batch(batch, drop_remainder=True)  # stacked in C++
+    dataset = dataset.map(mix, input_columns=["image", "label", "row"], output_columns=["image", "label"],
+                          num_parallel_workers=workers)
     return TrainData(dataset, len(mine) // batch)
+
+
+def build_val_dataset(cfg: Mapping[str, Any], images: ImageList, rank: int = 0, world: int = 1) -> Any:
+    """The validation batches of ``rank`` from the run's listing (``evaluate.create_eval_dataset``'s pipeline).
+
+    Returns None for an empty shard (more ranks than images). Unreadable images come out with label
+    -1, or raise with ``strict_data``.
+    """
+    from ..transforms import ImageReader
+
+    rows = np.arange(len(images.files))
+    if world > 1:
+        rows = shard_indices(rows, rank, world, even=False)
+        if not len(rows):
+            return None
+    reader = ImageReader([images.files[i] for i in rows], images.labels[rows], strict=bool(cfg.get("strict_data")),
+                         substitute=False)
+    workers = _workers(cfg)
+    dataset = reader.dataset(workers).map(_transforms(cfg, False), input_columns="image",
+                                          num_parallel_workers=workers)
+    return dataset.batch(int(cfg["batch_size"]), drop_remainder=False)

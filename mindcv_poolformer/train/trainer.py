@@ -32,7 +32,7 @@ import numpy as np
 from .._script import ScriptError
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
-from .data import DataError, augmentation_seed, build_train_dataset, prepare_data_dir
+from .data import DataError, augmentation_seed, build_train_dataset, build_val_dataset, prepare_data_dir
 from .distributed import DistInfo, init_distributed
 from .run_io import (
     STATE_PREFIX,
@@ -215,7 +215,7 @@ class Trainer:
         from mindspore import ParameterTuple, nn
 
         from ..backends import backend_all_finite
-        from ..evaluate import apply_amp, create_eval_dataset, scan_image_folder
+        from ..evaluate import apply_amp
         from ..factory import create_model
         from ..models.layers import DropPathNoise
         from .loss import create_loss
@@ -226,7 +226,7 @@ class Trainer:
         apply_mindcv_resume(cfg)
         self.plan = validate_train_config(cfg)
         _setup_context(cfg)
-        prepare_data_dir(cfg)
+        self.listing = prepare_data_dir(cfg)  # listed once: every epoch and validation use it
         check_run_dir(cfg)
         self.dist = dist or init_distributed(cfg["distribute"], cfg["device_target"])
         rank, world = self.dist.rank, self.dist.world
@@ -237,7 +237,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.dump(self.run_dir / "config.yaml")
 
-        _, classes, n_train = scan_image_folder(cfg["data_dir"], cfg["train_split"])
+        classes, n_train = self.listing.train.classes, len(self.listing.train.files)
         self.num_classes = cfg["num_classes"] or len(classes)
         if cfg["num_samples"]:
             n_train = min(n_train, int(cfg["num_samples"]))
@@ -277,10 +277,7 @@ class Trainer:
 
         self.eval_data = None
         if cfg["val_while_train"]:
-            self.eval_data, _, _ = create_eval_dataset(
-                cfg["data_dir"], cfg["val_split"], batch, cfg["image_resize"], cfg["crop_pct"], cfg["interpolation"],
-                cfg["mean"], cfg["std"], cfg["num_parallel_workers"], rank, world, strict=bool(cfg["strict_data"]),
-                class_names=classes)  # labels follow the training classes even if val lacks some
+            self.eval_data = build_val_dataset(cfg, self.listing.val, rank, world)  # labels: training classes
         self.manager = CheckpointManager(self.run_dir, cfg["model"], cfg["ckpt_format"],
                                          int(cfg["keep_checkpoint_max"]), cfg["ckpt_save_policy"])
         self.metrics = MetricsLog(self.run_dir)
@@ -484,7 +481,7 @@ class Trainer:
         micro_per_epoch = self.steps_per_epoch * self.accum
         batch = int(cfg["batch_size"])
         sink = cfg["device_target"] == "Ascend" and cfg["dataset_sink_mode"] and cfg["mode"] == 0
-        data = build_train_dataset(cfg, epoch, self.dist.rank, self.dist.world, self.num_classes)
+        data = build_train_dataset(cfg, epoch, self.dist.rank, self.dist.world, self.num_classes, self.listing)
         self.net.set_train(True)
         self.step.set_train(True)
         progress = Progress(self.steps_per_epoch, epoch + 1, self.total_epochs, int(cfg["log_interval"]),
