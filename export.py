@@ -6,7 +6,7 @@
 import sys
 
 import mindcv_poolformer  # noqa: F401  (sets the fast oneDNN code path before any conv runs)
-from mindcv_poolformer.export import main
+from mindcv_poolformer.deploy.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

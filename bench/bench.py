@@ -153,7 +153,7 @@ def _torch(mode: str, task: str, model: str, weights: Path, batch: int, size: in
 def _onnxruntime(model: str, weights: Path, batch: int, size: int, iters: int, workdir: Path) -> dict:
     import onnxruntime as ort
 
-    from mindcv_poolformer.export import export_model
+    from mindcv_poolformer.deploy.export import export_model
 
     onnx_path = workdir / f"{model}_b{batch}_{size}.onnx"
     if not onnx_path.exists():

@@ -218,13 +218,13 @@ def cores_per_npu(raw: dict, workers: list[int]) -> str:
 
 
 class CountingLister:
-    """``evaluate.list_image_folder`` wrapped: counts calls per split and the seconds spent in them."""
+    """``list_image_folder`` as the training data code calls it, wrapped: counts calls per split and seconds spent."""
 
     def __init__(self) -> None:
-        import mindcv_poolformer.evaluate as evaluate
+        import mindcv_poolformer.train.data as train_data
 
-        self.module = evaluate
-        self.original = evaluate.list_image_folder
+        self.module = train_data
+        self.original = train_data.list_image_folder
         self.calls: dict[str, int] = {}
         self.seconds = 0.0
 
@@ -246,7 +246,7 @@ class CountingLister:
 
 def _before(cfg, epochs: int) -> None:
     """The listing calls of the code before this change, in order (Trainer.__init__, then each epoch)."""
-    import mindcv_poolformer.evaluate as evaluate
+    import mindcv_poolformer.data.listing as evaluate
 
     root = str(cfg["data_dir"])
     train = evaluate.list_image_folder(root, cfg["train_split"], split_key="train_split")  # prepare_data_dir

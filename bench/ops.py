@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from mindspore import nn, ops  # noqa: E402
 
 import mindcv_poolformer  # noqa: E402,F401  (oneDNN ISA before the first conv)
-from mindcv_poolformer.export import ErfFreeGELU  # noqa: E402
+from mindcv_poolformer.deploy.export import ErfFreeGELU  # noqa: E402
 from mindcv_poolformer.models.layers import GroupNorm1, Pooling  # noqa: E402
 
 

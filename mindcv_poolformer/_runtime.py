@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
+from .errors import ConfigError, ScriptError
+
 # MindSpore's bundled oneDNN picks its AVX-512 code path on AVX-512 CPUs, and for every conv
 # except stride-1 1x1 that path falls back to a reference kernel: one 3x3/s2 conv of PoolFormer-S12
 # takes ~1 s instead of ~10 ms. Capping the ISA at AVX2 selects the JIT kernels (~50x faster
@@ -94,8 +96,6 @@ def check_device_target(target: str) -> None:
 
     Raises ConfigError naming the target and the backends that are available.
     """
-    from .config import ConfigError
-
     available = available_device_targets()
     if target not in available:
         import mindspore as ms
@@ -153,8 +153,6 @@ def _set_device(target: str) -> None:
     """
     import mindspore as ms
     from mindspore._c_expression import DeviceManagerConf, MSContext
-
-    from ._script import ScriptError
 
     conf = DeviceManagerConf.get_instance()
     if conf.is_device_enable():

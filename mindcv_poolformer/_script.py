@@ -6,14 +6,9 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
+from .errors import CheckpointError, ConfigError, ScriptError
 
 __all__ = ["ScriptError", "USER_ERRORS", "run_script", "user_error_message", "wants_debug"]
-
-
-class ScriptError(RuntimeError):
-    """A problem with the user's input or environment (not a bug): reported without a traceback."""
 
 
 USER_ERRORS = (ConfigError, CheckpointError, ScriptError, FileNotFoundError)

@@ -23,6 +23,8 @@ from mindspore import nn, ops
 from mindspore.common import dtype as mstype
 
 from .config import ConfigError
+from .models.layers import GroupNorm1, LayerNormChannel
+from .models.metaformer import MetaFormerBlock, PositionEmbeddedStage
 
 __all__ = ["AMP_LEVELS", "apply_amp", "float32_cells"]
 
@@ -41,7 +43,6 @@ class _Float16Output(nn.Cell):
 
 
 def _norm_cells() -> tuple[type, ...]:
-    from .models.layers import GroupNorm1, LayerNormChannel
 
     return (GroupNorm1, LayerNormChannel, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d,
             nn.BatchNorm3d)
@@ -66,8 +67,6 @@ def _cpu_float32_cells() -> tuple[type, ...]:
     The stem/downsampling convs and the classifier stay float16, as on Ascend, whose O2 keeps the
     blocks' convs and matmuls in float16.
     """
-    from .models.metaformer import MetaFormerBlock, PositionEmbeddedStage
-
     return (MetaFormerBlock, PositionEmbeddedStage)
 
 

@@ -36,6 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ._paths import weights_home
+from .errors import CheckpointError
+from .models.fpn import SEGMENTATION_VARIANTS
+from .models.metaformer import POOLFORMER_VARIANTS
+from .models.registry import model_info
+
 __all__ = [
     "CheckpointError",
     "LoadReport",
@@ -62,14 +68,9 @@ SEGMENTATION_PREFIXES = ("backbone.", "neck.", "decode_head.")
 _SEG_HEAD = "decode_head.conv_seg."
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says which."""
-
-
 @dataclass
 class LoadReport:
     """What ``load_checkpoint_into`` did."""
-
     source: str
     layout: str
     loaded: list[str] = field(default_factory=list)
@@ -354,8 +355,6 @@ def infer_architecture(state: Mapping[str, np.ndarray]) -> Architecture:
 
 def match_variant(arch: Architecture) -> str | None:
     """The registered PoolFormer whose depths and widths equal ``arch``'s, if any."""
-    from .models.metaformer import POOLFORMER_VARIANTS
-
     for name, variant in POOLFORMER_VARIANTS.items():
         if variant.depths == arch.depths and variant.widths == arch.widths:
             return name
@@ -364,8 +363,6 @@ def match_variant(arch: Architecture) -> str | None:
 
 def model_name(arch: Architecture) -> str | None:
     """The registered model for ``arch``: its PoolFormer, or that PoolFormer's Semantic FPN for a segmentation state."""
-    from .models.fpn import SEGMENTATION_VARIANTS
-
     variant = match_variant(arch)
     if variant is None or arch.task != "segmentation":
         return variant
@@ -414,9 +411,6 @@ def check_architecture(state: Mapping[str, np.ndarray], model: str, label: str) 
     line naming both and the ``--model`` to pass. Other registered models are not checked here
     (``load_checkpoint_into`` still is) and give None; else the checkpoint's architecture.
     """
-    from .models.fpn import SEGMENTATION_VARIANTS
-    from .models.metaformer import POOLFORMER_VARIANTS
-
     segmentation = model in SEGMENTATION_VARIANTS
     variant = POOLFORMER_VARIANTS.get(SEGMENTATION_VARIANTS[model].backbone if segmentation else model)
     if variant is None:
@@ -550,15 +544,8 @@ def load_checkpoint_into(net, source: str | os.PathLike | Mapping[str, np.ndarra
     return report
 
 
-def weights_home() -> Path:
-    """Where ``pretrained=True`` looks for weights: ``$MINDCV_POOLFORMER_HOME`` or ~/.cache/mindcv_poolformer."""
-    return Path(os.environ.get("MINDCV_POOLFORMER_HOME", Path.home() / ".cache" / "mindcv_poolformer"))
-
-
 def resolve_pretrained(name: str, pretrained: bool | str) -> str:
     """Find local weights for ``name``; nothing is downloaded (no network is assumed)."""
-    from .models.registry import model_info
-
     if isinstance(pretrained, (str, os.PathLike)) and os.path.isfile(pretrained):
         return str(pretrained)
     directory = Path(pretrained) if isinstance(pretrained, (str, os.PathLike)) else weights_home()

@@ -22,20 +22,18 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+from .models.registry import list_models
+
 __all__ = ["ConfigError", "Option", "SCHEMA", "INERT_KEYS", "MINDCV_KEYS", "MINDCV_DEFAULTS", "Config",
            "is_mindcv_recipe", "load_config", "parse_cli", "format_help"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
 
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the key and what is accepted."""
-
-
 @dataclass(frozen=True)
 class Option:
     """One configuration key: its type, default, accepted values and meaning."""
-
     type: type
     default: Any
     help: str
@@ -484,8 +482,6 @@ def _note_mindcv(cfg: Config, explicit: set[str], why: str) -> None:
 
 
 def _validate_model(cfg: Config) -> None:
-    from .models.registry import list_models
-
     if cfg.model not in list_models():
         close = difflib.get_close_matches(cfg.model, list_models(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

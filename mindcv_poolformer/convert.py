@@ -31,6 +31,7 @@ from .checkpoint import (
     to_canonical,
 )
 from .config import ConfigError
+from .models.registry import create_model, list_models, model_info
 
 __all__ = ["ConvertResult", "convert_checkpoint", "main", "output_path"]
 
@@ -45,7 +46,6 @@ TIMM_HEAD_NOTE = (
 @dataclass(frozen=True)
 class ConvertResult:
     """What was converted: the architecture, the source layout and where it was written."""
-
     arch: str
     layout: str
     num_classes: int
@@ -79,8 +79,6 @@ def convert_checkpoint(src: str, dst: str, arch: str | None = None, overwrite: b
     is verified by loading it into a freshly built model before writing.
     An existing output is never replaced unless ``overwrite`` is set.
     """
-    from .models.registry import list_models, model_info
-
     dst = output_path(src, dst)
     if not dst.lower().endswith((".safetensors", ".ckpt")):
         raise CheckpointError(f"{dst}: the output must be a .safetensors (default) or .ckpt file")
@@ -108,7 +106,6 @@ def convert_checkpoint(src: str, dst: str, arch: str | None = None, overwrite: b
             f"{src}: depths {found.depths} / widths {found.widths} match no registered PoolFormer"
             + (" Semantic FPN" if found.task == "segmentation" else "") + "; pass --arch"
         )
-    from .models.registry import create_model
 
     net = create_model(name, num_classes=found.num_classes, in_channels=found.in_channels)
     load_checkpoint_into(net, state)

@@ -87,9 +87,9 @@ def _build_eval():
 def _build_train_step(amp_level: str):
     """The training step of ``Trainer.__init__`` (same calls, same order) for the Ascend S12 recipe."""
     from mindcv_poolformer import create_model
+    from mindcv_poolformer.amp import apply_amp
     from mindcv_poolformer.backends import backend_all_finite
     from mindcv_poolformer.config import load_config
-    from mindcv_poolformer.evaluate import apply_amp
     from mindcv_poolformer.models.layers import DropPathNoise
     from mindcv_poolformer.train.loss import create_loss
     from mindcv_poolformer.train.optim import create_optimizer

@@ -13,10 +13,10 @@ import pytest
 from ascend_sim import ascend_soc_fixture  # noqa: F401  (the ascend_soc fixture)
 
 from mindcv_poolformer import backends, create_model, list_models
+from mindcv_poolformer.amp import apply_amp
 from mindcv_poolformer.backends import ascend as ascend_backend
 from mindcv_poolformer.config import load_config
-from mindcv_poolformer.evaluate import apply_amp
-from mindcv_poolformer.export import make_onnx_exportable
+from mindcv_poolformer.deploy.export import make_onnx_exportable
 from mindcv_poolformer.models.layers import Pooling
 from mindcv_poolformer.train.loss import create_loss
 from mindcv_poolformer.train.optim import create_optimizer

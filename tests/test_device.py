@@ -18,12 +18,11 @@ import pytest
 from ascend_sim import simulate_ascend
 from train_helpers import REPO, make_tiny_folder, run_python
 
-from mindcv_poolformer import _runtime
+from mindcv_poolformer import _runtime, distributed
 from mindcv_poolformer.config import ConfigError, load_config
-from mindcv_poolformer.evaluate import main as validate_main
-from mindcv_poolformer.export import main as export_main
-from mindcv_poolformer.predict import main as predict_main
-from mindcv_poolformer.train import distributed
+from mindcv_poolformer.deploy.export import main as export_main
+from mindcv_poolformer.deploy.predict import main as predict_main
+from mindcv_poolformer.evaluation.validate import main as validate_main
 from mindcv_poolformer.train.cli import main as train_main
 
 from deploy_helpers import IMAGE_SIZE, deploy_assets  # noqa: F401  (fixture)
@@ -265,7 +264,7 @@ try:
     if sys.argv[1] == "train.py":
         from mindcv_poolformer.train.cli import main
     else:
-        from mindcv_poolformer.evaluate import main
+        from mindcv_poolformer.evaluation.validate import main
     main(sys.argv[2:])
 except Stop:
     pass

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from mindcv_poolformer.evaluate import create_eval_dataset, evaluate
-from mindcv_poolformer.export import ErfFreeGELU, load_network, make_onnx_exportable
+from mindcv_poolformer.deploy.artifacts import load_network
+from mindcv_poolformer.deploy.export import ErfFreeGELU, make_onnx_exportable
+from mindcv_poolformer.evaluation.classification import create_eval_dataset, evaluate
 
 from conftest import require
 from deploy_helpers import IMAGE_SIZE, MODEL, deploy_assets, run_cli  # noqa: F401  (fixture)

@@ -14,7 +14,7 @@ from mindspore import nn
 from mindcv_poolformer import count_macs, count_params, create_model, list_models, load_checkpoint_into
 from mindcv_poolformer.models.layers import GroupNorm1, LayerNormChannel
 from mindcv_poolformer.models.metaformer import METAFORMER_VARIANTS, MetaFormer
-from mindcv_poolformer.models.summary import main as summary_main
+from mindcv_poolformer.summary import main as summary_main
 
 from helpers import np_metaformer_block, randomise_parameters
 

@@ -362,7 +362,7 @@ def test_mindcv_resume_form_continues_our_run(tmp_path):
 
 
 def test_validate_pretrained_uses_the_weights_cache(deploy_assets, tmp_path, monkeypatch, capsys):  # noqa: F811
-    from mindcv_poolformer.evaluate import main
+    from mindcv_poolformer.evaluation.validate import main
 
     common = ["--data_dir", str(deploy_assets["data"]), "--image_resize", "64", "--batch_size", "4",
               "--num_parallel_workers", "1", "--mode", "1"]
@@ -385,7 +385,7 @@ def test_validate_pretrained_uses_the_weights_cache(deploy_assets, tmp_path, mon
 
 
 def test_validate_amp_level_is_val_amp_level(deploy_assets, tmp_path, capsys):  # noqa: F811
-    from mindcv_poolformer.evaluate import main
+    from mindcv_poolformer.evaluation.validate import main
 
     common = ["--data_dir", str(deploy_assets["data"]), "--ckpt_path", str(deploy_assets["ckpt"]),
               "--image_resize", "64", "--batch_size", "4", "--num_parallel_workers", "1", "--mode", "1"]

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from mindcv_poolformer.export import export_model
-from mindcv_poolformer.predict import _split_argv, main
+from mindcv_poolformer.deploy.export import export_model
+from mindcv_poolformer.deploy.predict import _split_argv, main
 
 from conftest import require
 from deploy_helpers import CLASS_NAMES, IMAGE_SIZE, MODEL, deploy_assets, run_cli  # noqa: F401  (fixture)

@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from mindcv_poolformer.data.ade20k import ade20k_classes, ade20k_palette, overlay_classes
-from mindcv_poolformer.evaluation.segmentation import load_segmentation_network, predict_map
-from mindcv_poolformer.export import export_model, load_mindir
-from mindcv_poolformer.predict import main
+from mindcv_poolformer.deploy.artifacts import load_mindir, load_segmentation_network
+from mindcv_poolformer.deploy.export import export_model
+from mindcv_poolformer.deploy.predict import main
+from mindcv_poolformer.evaluation.segmentation import predict_map
 
 from conftest import require
 from deploy_helpers import run_cli

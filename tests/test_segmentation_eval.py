@@ -166,7 +166,8 @@ def _one_line_exit2(proc, *patterns: str) -> str:
 
 def test_validate_cli_miou_equals_numpy(seg_assets):
     """validate.py's mIoU/aAcc/mAcc/per-class IoU equal numpy on the same model's predictions of the same files."""
-    from mindcv_poolformer.evaluation.segmentation import load_segmentation_network, predict_map
+    from mindcv_poolformer.deploy.artifacts import load_segmentation_network
+    from mindcv_poolformer.evaluation.segmentation import predict_map
 
     tmp, ckpt, data = seg_assets
     out = tmp / "seg.json"

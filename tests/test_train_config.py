@@ -9,7 +9,7 @@ import yaml
 from train_helpers import REPO, run_python
 
 from mindcv_poolformer.config import ConfigError, load_config
-from mindcv_poolformer.train.distributed import detect_launcher, init_distributed, mpi_env
+from mindcv_poolformer.distributed import detect_launcher, init_distributed, mpi_env
 from mindcv_poolformer.train.run_io import check_run_dir
 from mindcv_poolformer.train.trainer import LossScalePlan, plan_loss_scale
 

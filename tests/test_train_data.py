@@ -123,12 +123,12 @@ def test_digits_without_scikit_learn_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_split_folders_are_listed_once_per_run(folder, monkeypatch):
     """prepare_data_dir lists train and val once; every epoch's shard and the val set come from that listing."""
-    import mindcv_poolformer.evaluate as evaluate
+    import mindcv_poolformer.train.data as train_data
     from mindcv_poolformer.train.data import build_val_dataset, prepare_data_dir
 
     calls = []
-    original = evaluate.list_image_folder
-    monkeypatch.setattr(evaluate, "list_image_folder", lambda root, split="", *a, **k: calls.append(split)
+    original = train_data.list_image_folder
+    monkeypatch.setattr(train_data, "list_image_folder", lambda root, split="", *a, **k: calls.append(split)
                         or original(root, split, *a, **k))
     cfg = _cfg(folder, val_while_train=True)
     listing = prepare_data_dir(cfg)
@@ -141,7 +141,7 @@ def test_split_folders_are_listed_once_per_run(folder, monkeypatch):
 
 
 def test_val_set_from_the_listing_is_create_eval_datasets(folder):
-    from mindcv_poolformer.evaluate import create_eval_dataset
+    from mindcv_poolformer.evaluation.classification import create_eval_dataset
     from mindcv_poolformer.train.data import build_val_dataset, prepare_data_dir
 
     cfg = _cfg(folder, val_while_train=True, batch_size=3)

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mindcv_poolformer.amp import apply_amp
 from mindcv_poolformer.config import ConfigError
-from mindcv_poolformer.evaluate import apply_amp, create_eval_dataset, evaluate, main
-from mindcv_poolformer.export import load_network
+from mindcv_poolformer.deploy.artifacts import load_network
+from mindcv_poolformer.evaluation.classification import create_eval_dataset, evaluate
+from mindcv_poolformer.evaluation.validate import main
 from mindcv_poolformer.models.layers import GroupNorm1
 from mindcv_poolformer.transforms import eval_transform_pil
 

@@ -41,7 +41,7 @@ def _install(hook: str) -> None:
 
         ms.save_checkpoint = save_half
     elif kind == "validate":
-        import mindcv_poolformer.evaluate as evaluate_module
+        import mindcv_poolformer.train.trainer as evaluate_module  # the name the trainer calls
 
         real_evaluate = evaluate_module.evaluate
 

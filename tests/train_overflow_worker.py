@@ -99,8 +99,8 @@ def run(step: step_mod.TrainStep, update: InjectedOverflow, apply_acc: nn.Cell |
 def main() -> None:
     out = Path(sys.argv[1])
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    from mindcv_poolformer.distributed import init_distributed
     from mindcv_poolformer.kernels import cpu_kernels
-    from mindcv_poolformer.train.distributed import init_distributed
 
     dist = init_distributed(True, "CPU")
     step_mod._Update = InjectedOverflow

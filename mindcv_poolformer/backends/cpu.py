@@ -11,7 +11,7 @@
   first (bench/ops.py), but refused by MindSpore on Ascend 910B, so it lives here and not in the model.
 
 The kernels are float32 only: a block whose input is float16 (AMP O3) runs the folded ops form.
-Exported graphs never use this backend (``mindcv_poolformer.export``).
+Exported graphs never use this backend (``mindcv_poolformer.deploy.export``).
 """
 
 from __future__ import annotations

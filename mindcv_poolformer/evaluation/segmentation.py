@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..config import ConfigError
 from ..data.ade20k import (
     CorruptFileError,
     ade20k_classes,
@@ -26,31 +25,13 @@ from ..data.ade20k import (
     normalise,
     warn_skipped,
 )
+from ..data.listing import shard_indices
+from ..deploy.artifacts import load_segmentation_network
+from ..errors import ConfigError
 from .miou import IoUHistogram
 
-__all__ = ["load_segmentation_network", "predict_map", "preprocess_image", "logits_to_map", "evaluate_segmentation",
+__all__ = ["predict_map", "preprocess_image", "logits_to_map", "evaluate_segmentation",
            "validate_segmentation", "format_segmentation_table"]
-
-
-def load_segmentation_network(model: str, ckpt_path: str, num_classes: int | None = None):
-    """Build the Semantic FPN ``model`` with the checkpoint's class count and load it strictly; ``(net, classes)``."""
-    from ..checkpoint import CheckpointError, load_checkpoint_into, read_state_dict, split_model_state, to_canonical
-    from ..factory import create_model
-
-    state, _ = to_canonical(read_state_dict(ckpt_path))
-    state, _ = split_model_state(state)
-    head = state.get("decode_head.conv_seg.weight")
-    if head is None:
-        raise CheckpointError(f"{ckpt_path}: not a Semantic FPN checkpoint (no decode_head.conv_seg); {model} needs "
-                              "a segmentation checkpoint")
-    classes = int(head.shape[0])
-    if num_classes and num_classes != classes:
-        raise CheckpointError(f"num_classes: {ckpt_path} has {classes} classes but num_classes is {num_classes}; drop "
-                              "--num_classes")
-    net = create_model(model, num_classes=classes)
-    load_checkpoint_into(net, state)
-    net.set_train(False)
-    return net, classes
 
 
 def predict_map(net, image: np.ndarray, scale: Sequence[int] = (2048, 512), divisor: int = 32,
@@ -113,8 +94,6 @@ def validate_segmentation(cfg, amp_level: str, rank: int = 0, group_size: int = 
 
     ``apply_amp(net) -> net`` is the caller's mixed-precision wrapper for ``amp_level`` (none: float32).
     """
-    from ..train.data import shard_indices
-
     if cfg.ckpt_path.lower().endswith(".mindir"):
         raise ConfigError("ckpt_path: validating an exported segmentation MINDIR is not supported; pass the "
                           ".safetensors/.ckpt/.pth checkpoint")

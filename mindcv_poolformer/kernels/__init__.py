@@ -32,6 +32,8 @@ from pathlib import Path
 from mindspore import ops
 from mindspore.common import dtype as mstype
 
+from .._paths import weights_home
+
 __all__ = ["CpuKernels", "cpu_kernels", "kernels_enabled", "library_path"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
@@ -42,8 +44,6 @@ ENV_SWITCH = "MINDCV_POOLFORMER_CPU_KERNELS"
 
 def _cache_dir() -> Path:
     """``$MINDCV_POOLFORMER_HOME/kernels`` (default ``~/.cache/mindcv_poolformer/kernels``), beside the weights."""
-    from ..checkpoint import weights_home
-
     return weights_home() / "kernels"
 
 

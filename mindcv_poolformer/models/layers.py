@@ -5,7 +5,7 @@ LayerNorm over each sample's flattened (C*H*W) row plus a per-channel affine, an
 token mixer's ``count_include_pad=False`` average as a window sum over the zero-padded input divided
 by the true window count. Faster device-specific forms with the same semantics (the fused CPU kernels,
 Ascend's native pooling) live in ``mindcv_poolformer.backends`` and are applied to a built model;
-ONNX export swaps a few cells for exportable forms (``mindcv_poolformer.export.make_onnx_exportable``).
+ONNX export swaps a few cells for exportable forms (``mindcv_poolformer.deploy.export.make_onnx_exportable``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from mindspore.common import initializer as init
 
 class _AffineNorm(nn.Cell):
     """Normalisation over ``axes`` followed by a per-channel affine (``gamma``/``beta``, MindSpore's names)."""
-
     axes: tuple[int, ...] = (1,)
 
     def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
@@ -49,7 +48,6 @@ class GroupNorm1(_AffineNorm):
     axis because that is the only LayerNorm ONNX export accepts; the per-channel affine follows as
     a multiply-add.
     """
-
     axes = (1, 2, 3)
 
     def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
@@ -152,7 +150,6 @@ class DropPathNoise:
     process has run. The buffers are non-trainable parameters named ``drop_path_noise.*``
     (``is_noise_name``); they are scratch state and are left out of checkpoints.
     """
-
     PREFIX = "drop_path_noise."
 
     def __init__(self, network: nn.Cell, batch_size: int, seed: int, rank: int = 0) -> None:
@@ -221,7 +218,6 @@ class LayerNormChannel(_AffineNorm):
     The paper's ``LN`` ablation (and the norm of the official hybrid models). Written as explicit
     reductions over axis 1 so no transpose to NHWC is needed and it exports like ``GroupNorm1``.
     """
-
     axes = (1,)
 
     def construct(self, x: Tensor) -> Tensor:

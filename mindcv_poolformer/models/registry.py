@@ -18,7 +18,6 @@ class ModelInfo:
     ``task`` is ``classification`` or ``segmentation``; a segmentation model reports its single-scale
     ``miou`` instead of ``top1``, and ``crop_size`` is the side of its training crops.
     """
-
     name: str
     crop_pct: float = 0.9
     drop_path_rate: float = 0.0
@@ -61,40 +60,19 @@ def model_info(name: str) -> ModelInfo:
     return _INFO[name]
 
 
-def create_model(
-    name: str,
-    pretrained: bool | str = False,
-    num_classes: int | None = None,
-    in_channels: int = 3,
-    checkpoint_path: str | None = None,
-    **overrides,
-) -> nn.Cell:
-    """Build a registered model and optionally load weights into it.
+def create_model(name: str, num_classes: int | None = None, in_channels: int = 3, **overrides) -> nn.Cell:
+    """Build a registered model as the paper writes it, with fresh weights.
+    Loading weights is ``mindcv_poolformer.create_model``'s job (the factory sits above the checkpoint
+    readers, which read this registry's facts), so this module imports nothing of the package above it.
 
     Args:
         name: a name from ``list_models()``.
-        pretrained: ``True`` looks for ``<name>.{safetensors,ckpt,pth.tar,pth}`` in the weights cache
-            (``$MINDCV_POOLFORMER_HOME``, default ``~/.cache/mindcv_poolformer``); a string is a file
-            or a directory to look in. Nothing is downloaded.
         num_classes: classifier outputs; None: the model's own (1000 ImageNet classes for classifiers,
-            150 ADE20K classes for segmentation). If it differs from the checkpoint's, the backbone is
-            loaded and only the head is re-initialised (reported in the log).
+            150 ADE20K classes for segmentation).
         in_channels: input image channels.
-        checkpoint_path: a checkpoint file to load (any format the converter reads); wins over
-            ``pretrained``.
         **overrides: constructor arguments, e.g. ``drop_path_rate=0.1``.
     """
     _check_name(name)
-    if num_classes is not None:  # else the builder's own default: 1000 ImageNet classes, 150 ADE20K ones
+    if num_classes is not None:
         overrides["num_classes"] = num_classes
-    model = _BUILDERS[name](in_channels=in_channels, **overrides)
-    source = checkpoint_path
-    if source is None and pretrained:
-        from ..checkpoint import resolve_pretrained
-
-        source = resolve_pretrained(name, pretrained)
-    if source is not None:
-        from ..checkpoint import load_checkpoint_into
-
-        load_checkpoint_into(model, source)
-    return model
+    return _BUILDERS[name](in_channels=in_channels, **overrides)

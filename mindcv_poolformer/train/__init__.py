@@ -1,7 +1,7 @@
 """Training: data pipeline, optimizer/schedule/loss, distributed launch, the compiled step and the loop."""
 
+from ..distributed import DistInfo, detect_launcher, init_distributed
 from .data import augmentation_seed, build_train_dataset, materialize_digits
-from .distributed import DistInfo, detect_launcher, init_distributed
 from .optim import create_optimizer, param_groups, split_decay
 from .schedule import build_lr_schedule, scaled_lr
 from .trainer import Trainer, TrainResult, plan_loss_scale, train, validate_train_config

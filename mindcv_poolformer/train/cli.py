@@ -6,8 +6,12 @@ import logging
 import os
 import sys
 
+from .._runtime import configure_device
 from .._script import run_script
+from ..checkpoint import check_checkpoint, resolve_pretrained
 from ..config import Config, ConfigError, parse_cli
+from ..distributed import init_distributed
+from .trainer import apply_mindcv_resume, train
 
 __all__ = ["main", "preflight"]
 
@@ -27,9 +31,6 @@ def preflight(cfg: Config) -> None:
     first in the trainer itself). MindCV's resume form (``--ckpt_path CKPT --resume_opt True``)
     becomes ``--resume CKPT`` here, or a one-line error for a checkpoint that is not ours.
     """
-    from ..checkpoint import check_checkpoint, resolve_pretrained
-    from .trainer import apply_mindcv_resume
-
     apply_mindcv_resume(cfg)
     source = cfg["ckpt_path"]
     if source and not os.path.isfile(source):
@@ -41,9 +42,6 @@ def preflight(cfg: Config) -> None:
 
 
 def _main(argv: list[str]) -> int:
-    from .._runtime import configure_device
-    from .distributed import init_distributed
-    from .trainer import train
 
     cfg = parse_cli(argv, prog="train.py", description=DESCRIPTION)
     _LOG.info("%s", configure_device(cfg))

@@ -25,22 +25,18 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError
-
-if TYPE_CHECKING:
-    from ..evaluate import ImageList
+from ..data.listing import ImageList, augmentation_seed, epoch_order, list_image_folder, shard_indices
+from ..errors import ConfigError
+from ..transforms import ImageReader, create_transforms
 
 __all__ = [
     "DataError",
     "DataListing",
     "build_val_dataset",
-    "augmentation_seed",
-    "epoch_order",
-    "shard_indices",
     "materialize_digits",
     "prepare_data_dir",
     "SoftTargetMixer",
@@ -53,30 +49,6 @@ _LOG = logging.getLogger("mindcv_poolformer")
 
 class DataError(ConfigError):
     """A dataset directory that is missing or unusable; the message names the path."""
-
-
-def augmentation_seed(seed: int, rank: int, epoch: int) -> int:
-    """The dataset RNG seed of one rank in one epoch (distinct per rank and per epoch)."""
-    return (int(seed) + 1_000_003 * int(epoch) + 7919 * int(rank)) % (2**31 - 1)
-
-
-def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """Sample order of one epoch: the same on every rank, reproducible from (seed, epoch) alone."""
-    if not shuffle:
-        return np.arange(num_items)
-    return np.random.default_rng([int(seed), int(epoch), 0x5EED]).permutation(num_items)
-
-
-def shard_indices(order: np.ndarray, rank: int, world: int, even: bool = True) -> np.ndarray:
-    """Rank ``rank``'s strided share of ``order``; ``even`` trims so every rank gets as many items.
-
-    With ``even=False`` every item belongs to exactly one rank (validation counts each sample once).
-    """
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in [0, {world})")
-    if even:
-        order = order[: (len(order) // world) * world]
-    return order[rank::world]
 
 
 # ---------------------------------------------------------------------------------------------- digits
@@ -131,7 +103,6 @@ class DataListing:
     ``verified`` holds one byte per training file: set once ``ImageReader`` has checked that JPEG,
     so later epochs hand it to the C++ decoder unchecked.
     """
-
     root: Path
     train: ImageList
     val: ImageList | None = None
@@ -150,8 +121,6 @@ def prepare_data_dir(cfg: Mapping[str, Any]) -> DataListing:
     the training split lacks. Raises ConfigError naming the path and what is expected. The
     listing returned is the one every epoch and the validation set use.
     """
-    from ..evaluate import list_image_folder
-
     if not cfg["data_dir"]:
         raise DataError("data_dir: no dataset directory given (pass --data_dir DIR, the folder holding "
                         f"{cfg['train_split']}/ and {cfg['val_split']}/)")
@@ -260,7 +229,6 @@ def _transform_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _transforms(cfg: Mapping[str, Any], is_training: bool, fused_decode: bool = False) -> list:
-    from ..transforms import create_transforms
 
     kwargs = _transform_kwargs(cfg) if is_training else {}
     return create_transforms(is_training, cfg["image_resize"], cfg["crop_pct"], cfg["interpolation"],
@@ -270,7 +238,6 @@ def _transforms(cfg: Mapping[str, Any], is_training: bool, fused_decode: bool = 
 @dataclass
 class TrainData:
     """One epoch of one rank: the dataset and how many batches it yields."""
-
     dataset: Any
     num_batches: int
 
@@ -286,9 +253,6 @@ def build_train_dataset(cfg: Mapping[str, Any], epoch: int, rank: int = 0, world
     ``listing`` is the run's (``prepare_data_dir``); without one the training split is listed here.
     """
     import mindspore.dataset as ds
-
-    from ..evaluate import list_image_folder
-    from ..transforms import ImageReader
 
     if listing is None:
         train = list_image_folder(str(cfg["data_dir"]), cfg["train_split"], split_key="train_split")
@@ -345,8 +309,6 @@ def build_val_dataset(cfg: Mapping[str, Any], images: ImageList, rank: int = 0, 
     Returns None for an empty shard (more ranks than images). Unreadable images come out with label
     -1, or raise with ``strict_data``.
     """
-    from ..transforms import ImageReader
-
     rows = np.arange(len(images.files))
     if world > 1:
         rows = shard_indices(rows, rank, world, even=False)

@@ -29,11 +29,19 @@ from typing import Any
 
 import numpy as np
 
+from .._runtime import configure_device
 from .._script import ScriptError
+from ..amp import apply_amp
+from ..backends import backend_all_finite
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
+from ..distributed import DistInfo, all_reduce_sum, init_distributed
+from ..evaluation.classification import evaluate
+from ..factory import create_model
+from ..models.layers import DropPathNoise
 from .data import DataError, augmentation_seed, build_train_dataset, build_val_dataset, prepare_data_dir
-from .distributed import DistInfo, init_distributed
+from .loss import create_loss
+from .optim import create_optimizer
 from .run_io import (
     STATE_PREFIX,
     CheckpointManager,
@@ -46,6 +54,7 @@ from .run_io import (
     resolve_resume,
 )
 from .schedule import build_lr_schedule
+from .step import ApplyAccumulated, LossScaleState, TrainStep, WithLoss
 
 __all__ = ["LossScalePlan", "plan_loss_scale", "validate_train_config", "has_training_state",
            "apply_mindcv_resume", "StopSignals", "TrainResult", "TrainingDiverged", "Trainer", "train"]
@@ -56,7 +65,6 @@ _LOG = logging.getLogger("mindcv_poolformer")
 @dataclass(frozen=True)
 class LossScalePlan:
     """The resolved loss scaling: initial value and whether it is dynamic."""
-
     value: float
     dynamic: bool
 
@@ -150,7 +158,6 @@ class TrainResult:
     ``interrupted`` names the signal (``"SIGTERM"``) when the run stopped early on one, after
     writing ``last_checkpoint``; ``skipped_steps`` counts steps whose gradients were not finite.
     """
-
     step_losses: list[tuple[int, float]] = field(default_factory=list)
     epochs: list[dict] = field(default_factory=list)
     best_top1: float = 0.0
@@ -167,7 +174,6 @@ class StopSignals:
     Installed only in the main thread (where Python delivers signals); the previous handlers come
     back on exit. The compiled step is C++ code, so the handler runs when the current step returns.
     """
-
     SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self) -> None:
@@ -202,8 +208,6 @@ class StopSignals:
 
 def _setup_context(cfg: Config) -> None:
     """Device, mode and jit level; a no-op repeat when train.py's CLI has set them up already."""
-    from .._runtime import configure_device
-
     configure_device(cfg)
 
 
@@ -214,13 +218,6 @@ class Trainer:
         import mindspore as ms
         from mindspore import ParameterTuple, nn
 
-        from ..backends import backend_all_finite
-        from ..evaluate import apply_amp
-        from ..factory import create_model
-        from ..models.layers import DropPathNoise
-        from .loss import create_loss
-        from .optim import create_optimizer
-        from .step import ApplyAccumulated, LossScaleState, TrainStep, WithLoss
 
         self.cfg = cfg
         apply_mindcv_resume(cfg)
@@ -297,7 +294,6 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint state
 
     def _state_parameters(self) -> dict:
-        from ..models.layers import DropPathNoise
 
         params = {}
         for cell in (self.step,) + ((self.apply_accumulated,) if self.apply_accumulated else ()):
@@ -411,8 +407,6 @@ class Trainer:
 
     def validate(self) -> tuple[float, float, float | None]:
         """(top1, top5, ema top1 or None) over the whole validation split, all-reduced over ranks."""
-        from ..evaluate import evaluate
-
         if self.eval_data is None and not self.dist.world > 1:
             return float("nan"), float("nan"), None
         metrics = evaluate(self.net, self.eval_data, distributed=self.dist.world > 1)
@@ -469,9 +463,7 @@ class Trainer:
         local = self.signals.received is not None
         if self.dist.world == 1:
             return local
-        from ..evaluate import _all_reduce
-
-        return bool(_all_reduce(np.array([1.0 if local else 0.0], np.float32))[0] > 0)
+        return bool(all_reduce_sum(np.array([1.0 if local else 0.0], np.float32))[0] > 0)
 
     def _train_epoch(self, epoch: int) -> dict | None:
         """One epoch (from ``skip_micro`` on a mid-epoch resume); None when a signal stopped it."""

@@ -30,19 +30,17 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
-from ._script import ScriptError
-from .backends import apply_backend
-from .checkpoint import (
-    CheckpointError,
-    check_architecture,
-    load_checkpoint_into,
-    read_state_dict,
-    split_model_state,
-    to_canonical,
-)
-from .config import ConfigError
-from .models.fpn import Resize
-from .models.layers import Pooling
+from .._runtime import configure_device
+from .._script import run_script
+from ..backends import apply_backend
+from ..config import parse_cli
+from ..data.ade20k import ade20k_classes, ade20k_palette
+from ..data.listing import scan_image_folder
+from ..errors import CheckpointError, ConfigError, ScriptError
+from ..models.fpn import Resize
+from ..models.layers import Pooling
+from ..models.registry import model_info
+from .artifacts import load_mindir, load_network, load_segmentation_network, read_labels, sidecar_path
 
 __all__ = [
     "DynamicResize",
@@ -51,13 +49,8 @@ __all__ = [
     "SamePadPooling",
     "export_model",
     "export_segmentation",
-    "load_mindir",
-    "load_network",
     "make_dynamic_resizable",
     "make_onnx_exportable",
-    "read_labels",
-    "read_sidecar",
-    "sidecar_path",
 ]
 
 _LOG = logging.getLogger("mindcv_poolformer")
@@ -65,58 +58,6 @@ _LOG = logging.getLogger("mindcv_poolformer")
 SUFFIXES = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 MINDIR_TOLERANCE = 1e-4  # absolute, on the logits
 ONNX_TOLERANCE = 1e-4  # times max(1, max |logit|)
-
-
-def load_network(model: str, ckpt_path: str, num_classes: int | None = None):
-    """Build ``model`` with the checkpoint's class count (or ``num_classes``) and load it strictly.
-
-    Unlike fine-tuning, inference must not re-initialise a head whose shape differs: that is an error.
-    Returns ``(net, num_classes)``.
-    """
-    from .factory import create_model
-
-    if not ckpt_path:
-        raise ConfigError("ckpt_path: no checkpoint given (pass --ckpt_path FILE)")
-    if not os.path.isfile(ckpt_path):
-        raise CheckpointError(f"ckpt_path: {ckpt_path!r} does not exist")
-    state, _ = to_canonical(read_state_dict(ckpt_path))
-    state, _ = split_model_state(state)
-    check_architecture(state, model, ckpt_path)
-    head = state.get("head.weight")
-    ckpt_classes = int(head.shape[0]) if head is not None else None
-    if num_classes and ckpt_classes and num_classes != ckpt_classes:
-        raise CheckpointError(f"num_classes: {ckpt_path} has a {ckpt_classes}-class head but num_classes is "
-                              f"{num_classes}; drop --num_classes (or set it to {ckpt_classes}) to use the "
-                              "checkpoint's head (training with another num_classes fine-tunes a new head)")
-    classes = num_classes or ckpt_classes
-    if not classes:
-        raise CheckpointError(f"{ckpt_path}: the checkpoint has no classifier head; pass --num_classes")
-    net = create_model(model, num_classes=classes)
-    load_checkpoint_into(net, state)
-    net.set_train(False)
-    return net, classes
-
-
-def load_mindir(path: str, dynamic_shape: Sequence[int | None] | None = None):
-    """An exported MINDIR as a callable ``GraphCell``; a damaged file is a one-line ``CheckpointError``.
-
-    ``dynamic_shape`` (``None`` for a dynamic axis) compiles the graph once for every shape it admits;
-    without it MindSpore 2.10 reuses the first call's output shape when a dynamic axis changes.
-    """
-    import mindspore as ms
-
-    from ._runtime import native_stderr_only_on_success
-
-    try:
-        with native_stderr_only_on_success():
-            graph = ms.load(path)
-    except Exception as exc:  # MindSpore raises RuntimeError/ValueError (and logs a C++ error) for a damaged file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a loadable MINDIR ({first})") from None
-    cell = ms.nn.GraphCell(graph)
-    if dynamic_shape is not None:
-        cell.set_inputs(ms.Tensor(shape=list(dynamic_shape), dtype=ms.float32))
-    return cell
 
 
 def _erfc_as(a: Tensor) -> Tensor:
@@ -201,43 +142,9 @@ def make_dynamic_resizable(net):
     return net
 
 
-def sidecar_path(artifact: str) -> str:
-    """``model.onnx`` -> ``model.onnx.json``."""
-    return f"{artifact}.json"
-
-
-def read_sidecar(artifact: str) -> dict:
-    """The JSON written next to an exported artifact; ScriptError if absent or unreadable."""
-    path = sidecar_path(artifact)
-    if not os.path.isfile(path):
-        raise ScriptError(f"{path} not found: it is written by export.py next to {artifact} and holds its "
-                          "preprocessing and labels")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise ScriptError(f"{path}: not a readable JSON sidecar ({exc})") from None
-    for key in ("image_size", "num_classes", "mean", "std", "crop_pct", "interpolation"):
-        if key not in meta:
-            raise ScriptError(f"{path}: key {key!r} is missing")
-    return meta
-
-
-def read_labels(path: str, num_classes: int | None = None) -> list[str]:
-    """One class name per line (blank lines ignored); the count must match ``num_classes`` if given."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"labels: {path!r} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        labels = [line.strip() for line in fh if line.strip()]
-    if num_classes is not None and len(labels) != num_classes:
-        raise ConfigError(f"labels: {path} has {len(labels)} names but the model has {num_classes} classes")
-    return labels
-
-
 @dataclass
 class ExportResult:
     """Where the artifact went and how closely it reproduces the checkpointed network."""
-
     path: str
     sidecar: str
     file_format: str
@@ -316,9 +223,6 @@ def export_segmentation(
     different interpolation). ``image_size`` is the side of the check inputs, not a fixed input size.
     """
     import mindspore as ms
-
-    from .data.ade20k import ade20k_classes, ade20k_palette
-    from .evaluation.segmentation import load_segmentation_network
 
     if file_format == "ONNX":
         raise ScriptError(f"ONNX export of the segmentation model {model} is not supported; export MINDIR")
@@ -426,8 +330,6 @@ def export_model(
     """
     import mindspore as ms
 
-    from .models.registry import model_info
-
     file_format = file_format.upper()
     if file_format not in SUFFIXES:
         raise ConfigError(f"file_format: {file_format!r} is not one of {', '.join(SUFFIXES)}")
@@ -508,12 +410,6 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     import mindspore as ms
-
-    from ._runtime import configure_device
-    from ._script import run_script
-    from .config import parse_cli
-    from .evaluate import scan_image_folder
-    from .models.registry import model_info
 
     def _main(args: list[str]) -> int:
         first = parse_cli(args, prog="export.py", defaults={"batch_size": 1})

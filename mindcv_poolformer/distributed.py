@@ -19,9 +19,12 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from ..config import ConfigError
+import numpy as np
 
-__all__ = ["DistInfo", "detect_launcher", "mpi_env", "bootstrap_mpi_scheduler", "check_launcher", "init_distributed"]
+from .errors import ConfigError
+
+__all__ = ["DistInfo", "all_reduce_sum", "detect_launcher", "mpi_env", "bootstrap_mpi_scheduler", "check_launcher",
+           "init_distributed"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
@@ -36,7 +39,6 @@ _SCHEDULER_CODE = (
 @dataclass(frozen=True)
 class DistInfo:
     """Where this process sits: its rank, the world size and the launcher that started it."""
-
     rank: int = 0
     world: int = 1
     launcher: str = "none"
@@ -173,3 +175,14 @@ def init_distributed(distribute: bool, device_target: str) -> DistInfo:
     _LOG.info("distributed: rank %d of %d (launcher %s)", rank, world, launcher)
     _ACTIVE = DistInfo(rank, world, launcher)
     return _ACTIVE
+
+
+def all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """The sum of ``values`` over all ranks (``mindspore.communication`` must be initialised).
+    MindSpore's CPU AllReduce takes float16/float32 only: pass float32, which holds counts exactly
+    below 2**24.
+    """
+    import mindspore as ms
+    from mindspore import ops
+
+    return ops.AllReduce()(ms.Tensor(values)).asnumpy()

@@ -1,6 +1,6 @@
 """Print params and MACs of registered models next to the paper's numbers.
 
-    python -m mindcv_poolformer.models.summary [--models NAME ...] [--image-size 224]
+    python -m mindcv_poolformer.summary [--models NAME ...] [--image-size 224]
 
 MACs follow fvcore's conventions (see ``mindcv_poolformer.flops``), the convention of the paper's
 tables. "trainable" excludes frozen parameters (the random mixer's matrices). Paper columns are
@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..flops import count_macs, count_params
-from .registry import create_model, list_models, model_info
+from .flops import count_macs, count_params
+from .models.registry import create_model, list_models, model_info
 
 __all__ = ["SummaryRow", "summarize", "format_table", "main"]
 
@@ -23,7 +23,6 @@ __all__ = ["SummaryRow", "summarize", "format_table", "main"]
 @dataclass(frozen=True)
 class SummaryRow:
     """Measured and reported size of one model."""
-
     name: str
     params: int
     trainable: int
@@ -75,7 +74,7 @@ def format_table(rows: Sequence[SummaryRow]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mindcv_poolformer.models.summary", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mindcv_poolformer.summary", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, help="registered names (default: all)")
     parser.add_argument("--image-size", type=int, default=224, help="square input side (default 224)")

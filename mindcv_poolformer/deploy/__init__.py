@@ -1,0 +1,1 @@
+"""Deployment: loading trained artifacts (``artifacts``), MINDIR/ONNX/AIR export, prediction."""
