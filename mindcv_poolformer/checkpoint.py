@@ -29,13 +29,13 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from ._atomic import atomic_path
 from ._paths import weights_home
 from .errors import CheckpointError
 from .models.fpn import SEGMENTATION_VARIANTS
@@ -438,14 +438,6 @@ def check_checkpoint(path: str | os.PathLike, model: str) -> Architecture | None
     return check_architecture(state, model, str(path))
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_state_dict(state: Mapping[str, np.ndarray], dst: str | os.PathLike) -> str:
     """Write ``state`` as ``.ckpt`` or ``.safetensors`` (by suffix), atomically: temp file + rename.
 
@@ -458,19 +450,9 @@ def save_state_dict(state: Mapping[str, np.ndarray], dst: str | os.PathLike) -> 
     suffix = _suffix(dst)
     if suffix not in (".ckpt", ".safetensors"):
         raise CheckpointError(f"{dst}: output must end in .ckpt or .safetensors, got {suffix!r}")
-    directory = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        items = [{"name": k, "data": ms.Tensor(np.ascontiguousarray(v))} for k, v in state.items()]
+    items = [{"name": k, "data": ms.Tensor(np.ascontiguousarray(v))} for k, v in state.items()]
+    with atomic_path(dst, durable=True) as tmp:
         ms.save_checkpoint(items, tmp, format="safetensors" if suffix == ".safetensors" else "ckpt")
-        _fsync(tmp)
-        os.replace(tmp, dst)
-        _fsync(directory)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return dst
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ._atomic import atomic_write_text
 from .errors import ConfigError
 from .models.registry import list_models
 
@@ -278,10 +279,7 @@ class Config(dict):
 
     def dump(self, path: str | os.PathLike) -> None:
         """Write the effective configuration as YAML (atomically)."""
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(dict(self), fh, sort_keys=False)
-        os.replace(tmp, path)
+        atomic_write_text(path, yaml.safe_dump(dict(self), sort_keys=False))
 
 
 def _suggest(key: str, prefix: str = "") -> str:

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mindcv_poolformer"
 
 # Layer of each module (longest matching prefix wins); a module may import its own layer and those below.
 LAYERS = {
-    "errors": 0, "_paths": 0,
+    "errors": 0, "_paths": 0, "_atomic": 0,
     "models": 1,
     "kernels": 2,
     "backends": 3,

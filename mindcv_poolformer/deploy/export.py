@@ -19,7 +19,6 @@ first call's output shape for every later shape.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
+from .._atomic import atomic_write_json
 from .._runtime import configure_device
 from .._script import run_script
 from ..backends import apply_backend
@@ -174,14 +174,6 @@ def _check_backend(file_format: str) -> None:
                               f"{target}. Export MINDIR or ONNX here, or run with --device_target Ascend on Ascend")
 
 
-def _write_json(path: str, meta: dict) -> None:
-    """Atomically: a reader never sees half a sidecar."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2)
-    os.replace(tmp, path)
-
-
 def _prepare_paths(file_name: str, model: str, file_format: str, overwrite: bool) -> tuple[str, str]:
     """The artifact and sidecar paths, refused if they exist (unless ``overwrite``); their folder is created."""
     path = _output_path(file_name, model, file_format)
@@ -296,7 +288,7 @@ def export_segmentation(
         "tolerance": tolerance if math.isfinite(tolerance) else None,
         "note": note,
     }
-    _write_json(meta_path, meta)
+    atomic_write_json(meta_path, meta)
     if diff is not None and not diff <= tolerance:
         raise ScriptError(f"{path}: outputs differ from the checkpointed network by {diff:.3g} "
                           f"(tolerance {tolerance:g})")
@@ -398,7 +390,7 @@ def export_model(
         "tolerance": tolerance if math.isfinite(tolerance) else None,
         "note": note,
     }
-    _write_json(meta_path, meta)
+    atomic_write_json(meta_path, meta)
     if diff is not None and not diff <= tolerance:
         raise ScriptError(f"{path}: outputs differ from the checkpointed network by {diff:.3g} "
                           f"(tolerance {tolerance:g})")

@@ -16,7 +16,6 @@ then 1. Usage errors exit with 2.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .._atomic import atomic_path, atomic_write_json
 from .._runtime import configure_device
 from .._script import run_script
 from ..config import SCHEMA, parse_cli
@@ -210,8 +210,10 @@ def predict_segmentation(predictor: SegPredictor, files: Sequence[str], output_d
         stem = os.path.splitext(os.path.basename(path))[0]
         class_png = os.path.join(output_dir, f"{stem}_classes.png")
         overlay_png = os.path.join(output_dir, f"{stem}_overlay.png")
-        Image.fromarray(classes, mode="L").save(class_png)
-        Image.fromarray(overlay_classes(image, classes, predictor.palette)).save(overlay_png)
+        with atomic_path(class_png) as tmp:
+            Image.fromarray(classes, mode="L").save(tmp, format="PNG")
+        with atomic_path(overlay_png) as tmp:
+            Image.fromarray(overlay_classes(image, classes, predictor.palette)).save(tmp, format="PNG")
         counts = np.bincount(classes.ravel(), minlength=len(predictor.labels))
         order = np.argsort(-counts, kind="stable")[:topk]
         areas = [{"index": int(i), "label": predictor.labels[i], "share": float(counts[i] / classes.size)}
@@ -291,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             for rank, entry in enumerate(item["topk"], 1):
                 print(f"  {rank}. {entry['prob']:.4f}  {entry['label']}")
         if cfg.json:
-            with open(cfg.json, "w", encoding="utf-8") as fh:
-                json.dump({"source": predictor.source, "predictions": results, "errors": errors}, fh, indent=2)
+            atomic_write_json(cfg.json, {"source": predictor.source, "predictions": results, "errors": errors})
         return 1 if errors else 0
 
     def _main_segmentation(cfg, files: list[str]) -> int:
@@ -305,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             for rank, entry in enumerate(item["areas"], 1):
                 print(f"  {rank}. {100 * entry['share']:6.2f}%  {entry['label']}")
         if cfg.json:
-            with open(cfg.json, "w", encoding="utf-8") as fh:
-                json.dump({"source": predictor.source, "predictions": results, "errors": errors}, fh, indent=2)
+            atomic_write_json(cfg.json, {"source": predictor.source, "predictions": results, "errors": errors})
         return 1 if errors else 0
 
     return run_script(_main, "predict", sys.argv[1:] if argv is None else argv)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
+from .._atomic import atomic_write_json
 from .._runtime import configure_device
 from .._script import run_script
 from ..amp import apply_amp
@@ -117,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.distribute or _rank() == 0:
             print(format_table(record))
             if cfg.json:
-                tmp = f"{cfg.json}.tmp-{os.getpid()}"
-                with open(tmp, "w", encoding="utf-8") as fh:
-                    json.dump(record, fh, indent=2)
-                os.replace(tmp, cfg.json)
+                atomic_write_json(cfg.json, record)
                 print(f"wrote {cfg.json}")
         return 0
 
