@@ -21,7 +21,9 @@ RGB->HSV, float32 for HSV->RGB) written in numpy for the same reason: MindSpore'
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,13 +40,18 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def _resize(array: np.ndarray, width: int, height: int, nearest: bool) -> np.ndarray:
+@functools.lru_cache(maxsize=512)
+def _resize_op(width: int, height: int, nearest: bool) -> Any:
+    """One C++ ``Resize`` per output size: building one (argument checks) costs more than a small resize."""
     import mindspore.dataset.vision as vision
 
+    return vision.Resize((height, width), vision.Inter.NEAREST if nearest else vision.Inter.LINEAR)
+
+
+def _resize(array: np.ndarray, width: int, height: int, nearest: bool) -> np.ndarray:
     if array.shape[:2] == (height, width):
         return array
-    mode = vision.Inter.NEAREST if nearest else vision.Inter.LINEAR
-    return np.ascontiguousarray(vision.Resize((height, width), mode)(array))
+    return np.ascontiguousarray(_resize_op(width, height, nearest)(array))
 
 
 def rescale_to(image: np.ndarray, label: np.ndarray, scale: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -91,8 +98,15 @@ def crop_bbox(label: np.ndarray, rng: np.random.Generator, crop_size: int | Sequ
     if cat_max_ratio < 1.0:
         for _ in range(10):
             y1, y2, x1, x2 = box
-            values, counts = np.unique(label[y1:y2, x1:x2], return_counts=True)
-            counts = counts[values != ignore_index]
+            crop = label[y1:y2, x1:x2]
+            if crop.dtype == np.uint8:  # np.unique's counts, without its sort
+                counts = np.bincount(crop.ravel(), minlength=256)
+                if 0 <= ignore_index < 256:
+                    counts[ignore_index] = 0
+                counts = counts[counts > 0]
+            else:
+                values, counts = np.unique(crop, return_counts=True)
+                counts = counts[values != ignore_index]
             if len(counts) > 1 and np.max(counts) / np.sum(counts) < cat_max_ratio:
                 break
             box = draw()
