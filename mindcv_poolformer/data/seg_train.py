@@ -1,7 +1,7 @@
 """The segmentation training batches: mmseg's train pipeline over an ADE20K-layout listing, one rank, one epoch.
 
 Order and augmentation depend only on ``(seed, rank, epoch)``: the epoch's order is
-``train.data.epoch_order`` (the same on every rank) cut by ``shard_indices``, and sample ``i`` of
+``data.listing.epoch_order`` (the same on every rank) cut by ``shard_indices``, and sample ``i`` of
 a rank's epoch draws all its augmentation from ``np.random.default_rng([augmentation_seed(seed,
 rank, epoch), i])``. No draw depends on another sample or on MindSpore's unrestorable kernel RNG,
 so map workers may run in any order and a resumed run sees the same batches.
@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .ade20k import ADE20K_MEAN, ADE20K_STD, IGNORE_INDEX, CorruptFileError, SegmentationList, load_sample
+from .listing import augmentation_seed, epoch_order, shard_indices
 from .seg_transforms import SegTrainTransform
 
 __all__ = ["SegTrainSource", "build_segmentation_train_dataset", "num_train_batches"]
@@ -81,9 +82,6 @@ def build_segmentation_train_dataset(listing: SegmentationList, *, batch_size: i
     so every rank runs as many steps). A rank with fewer samples than ``batch_size`` is an error.
     """
     import mindspore.dataset as ds
-
-    # imported here: ``train/__init__`` imports the trainer, which imports this module
-    from ..train.data import augmentation_seed, epoch_order, shard_indices
 
     order = epoch_order(len(listing.images), seed, epoch, shuffle)
     mine = shard_indices(order, rank, world)
