@@ -152,6 +152,11 @@ SCHEMA: dict[str, Option] = {
     "in_channels": _o(int, 3, "input image channels", _MODEL, low=1),
     "drop_rate": _o(float, 0.0, "dropout rate", _MODEL, low=0, high=1),
     "drop_path_rate": _o(float, 0.0, "stochastic depth of the last block", _MODEL, low=0, high=1),
+    "head_dropout": _o(float, 0.1, "segmentation: Dropout2d rate before the FPN head's classifier (mmseg's "
+                       "dropout_ratio); it draws from MindSpore's kernel RNG, so a resumed run's masks differ", _MODEL,
+                       low=0, high=1),
+    "sync_bn": _o(bool, False, "segmentation: the head's BatchNorm as SyncBatchNorm across the data-parallel ranks "
+                  "(mmseg's SyncBN; MindSpore's is Ascend-only)", _MODEL),
     "pretrained": _o(bool, False, "load <model> weights from the local weights cache", _MODEL),
     "ckpt_path": _o(str, "", "initialise from this checkpoint (any format the converter reads)", _MODEL),
     "amp_level": _o(str, "O0", "mixed precision: O0 fp32, O2 fp16 except norms/loss, O3 all fp16", _MODEL,
@@ -523,6 +528,14 @@ def _resolve_task(cfg: Config, explicit: set[str]) -> None:
         raise ConfigError(f"task: {cfg['task']} does not fit model {cfg.model}, a {model_task} model; use a "
                           f"{'fpn_poolformer_*' if cfg['task'] == 'segmentation' else 'poolformer_*'} model or "
                           f"task: {model_task}")
+    if cfg["task"] != "segmentation":
+        for key, default in (("sync_bn", False), ("head_dropout", 0.1)):
+            if key in explicit and cfg[key] != default:
+                raise ConfigError(f"{key}: {cfg[key]} applies to segmentation models only (model {cfg.model} "
+                                  "classifies); remove it")
+    elif cfg["sync_bn"] and cfg["device_target"] not in ("Ascend", "auto"):
+        raise ConfigError(f"sync_bn: True needs device_target Ascend (MindSpore's SyncBatchNorm is Ascend-only), got "
+                          f"{cfg['device_target']}; use sync_bn False")
     if cfg["task"] == "segmentation":
         if "dataset" not in explicit:
             cfg["dataset"] = "ade20k"

@@ -132,8 +132,8 @@ class SegmentationTask:
         if cfg["dataset"] == "texture_mosaics":
             from ..data.texture_mosaics import ensure_texture_mosaics
 
-            ensure_texture_mosaics(cfg["data_dir"], size=int(cfg["seg_crop_size"][0]), num_train=256, num_val=64,
-                                   seed=int(cfg["seed"]))
+            # the generator's own set size (1000 training, 200 validation mosaics) at the crop size
+            ensure_texture_mosaics(cfg["data_dir"], size=int(cfg["seg_crop_size"][0]), seed=int(cfg["seed"]))
         self.train_pairs = list_ade20k(cfg["data_dir"], cfg["train_split"])
         self.val_pairs = list_ade20k(cfg["data_dir"], cfg["val_split"]) if cfg["val_while_train"] else None
         if not cfg["num_classes"]:
@@ -238,7 +238,7 @@ def _segmentation_train_dataset(cfg: Mapping[str, Any], pairs, n_train: int, epo
                                 num_classes: int):
     """The rank's training batches of one data epoch: (image float32 NCHW, label int32 NHW, 255 ignored)."""
     from ..data.ade20k import SegmentationList
-    from .seg_data import build_segmentation_train_dataset
+    from ..data.seg_train import build_segmentation_train_dataset
 
     if n_train < len(pairs.images):  # num_samples: the first n pairs of the sorted listing
         pairs = SegmentationList(pairs.root, pairs.images[:n_train], pairs.labels[:n_train])
@@ -248,7 +248,8 @@ def _segmentation_train_dataset(cfg: Mapping[str, Any], pairs, n_train: int, epo
         cat_max_ratio=float(cfg["cat_max_ratio"]), flip_prob=float(cfg["hflip"]),
         photometric=bool(cfg["seg_photometric"]), mean=cfg["mean"], std=cfg["std"],
         reduce_zero_label=bool(cfg["reduce_zero_label"]), ignore_index=255, num_classes=num_classes,
-        seed=int(cfg["seed"]), rank=rank, world=world, epoch=epoch, num_workers=int(cfg["num_parallel_workers"]))
+        seed=int(cfg["seed"]), rank=rank, world=world, epoch=epoch, num_workers=int(cfg["num_parallel_workers"]),
+        shuffle=bool(cfg["shuffle"]), strict=bool(cfg["strict_data"]))
 
 
 def make_task(cfg: Mapping[str, Any]) -> ClassificationTask | SegmentationTask:

@@ -266,9 +266,11 @@ class Trainer:
 
         ms.set_seed(int(cfg["seed"]))  # identical initial weights on every rank
         ckpt = cfg["ckpt_path"] or None
+        head = {"dropout": float(cfg["head_dropout"]), "sync_bn": bool(cfg["sync_bn"])} \
+            if self.task.name == "segmentation" else {}
         self.net = create_model(cfg["model"], pretrained=cfg["pretrained"], num_classes=self.num_classes,
                                 in_channels=cfg["in_channels"], checkpoint_path=ckpt,
-                                drop_path_rate=cfg["drop_path_rate"], drop_rate=cfg["drop_rate"])
+                                drop_path_rate=cfg["drop_path_rate"], drop_rate=cfg["drop_rate"], **head)
         ms.set_seed(augmentation_seed(cfg["seed"], rank, 0))  # dropout differs per rank
         self.drop_path_noise = DropPathNoise(self.net, batch, int(cfg["seed"]), rank)
         self.optimizer = create_optimizer(self.net, cfg, self.lrs)
@@ -404,9 +406,10 @@ class Trainer:
         if int(state.get("world", self.dist.world)) != self.dist.world:
             _LOG.warning("resume: the checkpoint was written by %d ranks, this run has %d; the data order differs",
                          int(state["world"]), self.dist.world)
-        if float(self.cfg["drop_rate"]) > 0:
-            _LOG.warning("resume: dropout (drop_rate %s) draws from MindSpore's kernel RNG, which cannot be restored; "
-                         "its masks differ from the uninterrupted run (drop path masks do not)", self.cfg["drop_rate"])
+        if float(self.cfg["drop_rate"]) > 0 or (self.task.name == "segmentation" and self.cfg["head_dropout"] > 0):
+            _LOG.warning("resume: dropout (drop_rate %s, or the FPN head's head_dropout) draws from MindSpore's kernel "
+                         "RNG, which cannot be restored; its masks differ from the uninterrupted run (drop path masks "
+                         "do not)", self.cfg["drop_rate"])
         _LOG.info("resumed from %s: epoch %d, step %d", path, self.start_epoch + (1 if self.skip_micro else 0),
                   self.global_step)
 
