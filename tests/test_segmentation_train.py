@@ -159,3 +159,46 @@ def test_bad_input_is_one_line_exit2_nothing_written(ade, tmp_path, case):
     error = _bad_run(args, tmp_path / "run")
     for text in expect:
         assert text in error, error
+
+
+DIST_WORKER = str(Path(__file__).resolve().parent / "seg_train_dist_worker.py")
+
+
+@pytest.mark.slow  # three FPN-S12 processes (one alone, two under msrun), each compiling one step: ~1-3 min
+def test_msrun_two_ranks_equal_one_process_on_the_concatenated_batch(ade, tmp_path):
+    """Weights after one unclipped SGD step: equal on both ranks and to one process on both ranks' images,
+    and the mIoU of the split validation set (histograms all-reduced) equals the single process's."""
+    import os
+    import socket
+    import sys
+
+    single = tmp_path / "single"
+    single.mkdir()
+    done = run_python([DIST_WORKER, str(ade), str(single), "8", "False"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    msrun = shutil.which("msrun", path=os.path.dirname(sys.executable)) or shutil.which("msrun")
+    assert msrun, "msrun not found"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    done = run_python([msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}",
+                       f"--log_dir={tmp_path / 'logs'}", "--join=True", DIST_WORKER, str(ade), str(dist), "4", "True"],
+                      env={"PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"})
+    logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert done.returncode == 0, done.stderr[-2000:] + logs
+    ref, init = dict(np.load(single / "rank0.npz")), dict(np.load(single / "init.npz"))
+    ranks = [dict(np.load(dist / f"rank{r}.npz")) for r in range(2)]
+    start = dict(np.load(dist / "init.npz"))
+    worst = update = 0.0
+    for name, value in ref.items():
+        assert np.array_equal(start[name], init[name]), f"{name}: the ranks started from other weights"
+        assert np.array_equal(ranks[0][name], ranks[1][name]), name
+        worst = max(worst, float(np.max(np.abs(ranks[0][name] - value))))
+        update = max(update, float(np.max(np.abs(value - init[name]))))
+    assert update > 1e-3, f"the step barely moved the weights ({update:.1e}): the comparison would prove nothing"
+    assert worst <= 1e-3 * update, f"2 ranks differ from 1 process by {worst:.3e} (largest update {update:.3e})"
+    texts = [(d / f"rank{r}.txt").read_text().split() for d, r in ((single, 0), (dist, 0), (dist, 1))]
+    assert [t[0] for t in texts] == ["1", "2", "2"]
+    assert float(texts[1][2]) == float(texts[2][2]) == pytest.approx(float(texts[0][2]), abs=0.2)
