@@ -91,8 +91,9 @@ def test_short_run_learns_and_resumes_exactly(ade, tmp_path):
     run stopped at step 7 (mid data epoch, between validations) and resumed gives the same losses and weights."""
     from mindcv_poolformer.train.trainer import Trainer
 
+    # head_dropout 0: the head's Dropout2d draws from MindSpore's kernel RNG, which a resume cannot restore
     extra = {"max_iters": 12, "val_interval": 6, "ckpt_save_interval": 3, "seg_ratio_range": [0.75, 1.5],
-             "hflip": 0.5, "seg_photometric": True}
+             "hflip": 0.5, "seg_photometric": True, "head_dropout": 0.0}
     full_dir = tmp_path / "full"
     full = Trainer(load_config(overrides=seg_overrides(ade, full_dir, **extra))).fit()
     rows = list(csv.DictReader(open(full_dir / "metrics.csv")))
@@ -174,7 +175,7 @@ def test_msrun_two_ranks_equal_one_process_on_the_concatenated_batch(ade, tmp_pa
 
     single = tmp_path / "single"
     single.mkdir()
-    done = run_python([DIST_WORKER, str(ade), str(single), "8", "False"])
+    done = run_python([DIST_WORKER, str(ade), str(single), "8", "False"], timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     msrun = shutil.which("msrun", path=os.path.dirname(sys.executable)) or shutil.which("msrun")
     assert msrun, "msrun not found"
@@ -185,7 +186,7 @@ def test_msrun_two_ranks_equal_one_process_on_the_concatenated_batch(ade, tmp_pa
     dist.mkdir()
     done = run_python([msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}",
                        f"--log_dir={tmp_path / 'logs'}", "--join=True", DIST_WORKER, str(ade), str(dist), "4", "True"],
-                      env={"PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"})
+                      env={"PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}, timeout=1500)
     logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
     assert done.returncode == 0, done.stderr[-2000:] + logs
     ref, init = dict(np.load(single / "rank0.npz")), dict(np.load(single / "init.npz"))
