@@ -1,8 +1,13 @@
-"""Train or fine-tune a PoolFormer on an ImageFolder (or the built-in digits demo).
+"""Train or fine-tune a PoolFormer on an ImageFolder (or the built-in digits demo), or a Semantic FPN.
 
     python train.py --config configs/demo/digits_cpu.yaml
     mpirun -n 8 python train.py --config configs/poolformer/poolformer_s12_ascend.yaml --data_dir /path/to/imagenet
     msrun --worker_num=8 --local_worker_num=8 train.py --config configs/poolformer/poolformer_s12_ascend.yaml ...
+
+Semantic FPN segmentation on ADE20K (the same trainer; iteration-based, mIoU validation), and its CPU demo:
+    mpirun -n 8 python train.py --config configs/segmentation/fpn_poolformer_s12_ade20k_ascend.yaml \
+        --data_dir /data/ADEChallengeData2016 --ckpt_path poolformer_s12.safetensors
+    python train.py --config configs/demo/texture_mosaics_cpu.yaml
 """
 
 import sys

@@ -1,6 +1,8 @@
-"""Evaluate a checkpoint (or an exported MINDIR) on an ImageFolder: top-1, top-5, loss, img/s.
+"""Evaluate a checkpoint (or an exported MINDIR) on an ImageFolder: top-1, top-5, loss, img/s; or a Semantic FPN
+checkpoint on an ADE20K-layout folder: mIoU, aAcc, mAcc, per-class IoU.
 
     python validate.py --config configs/poolformer_s12.yaml --data_dir DIR --ckpt_path CKPT [--json OUT]
+    python validate.py --config configs/demo/texture_mosaics_cpu.yaml --data_dir ADE20K_LAYOUT_DIR --ckpt_path CKPT
 """
 
 import sys

@@ -67,7 +67,9 @@ SCHEMA: dict[str, Option] = {
     "seed": _o(int, 42, "global seed; each rank derives its own augmentation seed from it", _SYS, low=0),
     "num_parallel_workers": _o(int, 8, "dataset workers per process", _SYS, low=1),
     "val_while_train": _o(bool, True, "validate after every val_interval epochs", _SYS),
-    "val_interval": _o(int, 1, "epochs between validations", _SYS, low=1),
+    "val_interval": _o(int, 1, "epochs between validations (iterations when max_iters is set)", _SYS, low=1),
+    "task": _o(str, "auto", "classification or segmentation: selects the dataset, loss, metric and schedule; auto: "
+               "the model's task (fpn_* models segment)", _SYS, choices=("auto", "classification", "segmentation")),
     "log_interval": _o(int, 100, "steps between log lines", _SYS, low=1),
     "debug": _o(bool, False, "show full tracebacks on errors", _SYS),
     "recipe_defaults": _o(str, "auto", "defaults of the keys a recipe leaves out: mindcv (MindCV 0.3.0's), ours, "
@@ -79,8 +81,10 @@ SCHEMA: dict[str, Option] = {
     "ckpt_url": _o(str, "", "MindCV ModelArts path", _SYS, inert=True),
     "train_url": _o(str, "", "MindCV ModelArts path", _SYS, inert=True),
     # dataset
-    "dataset": _o(str, "imagenet", "imagenet-style ImageFolder, or 'digits' (built offline from scikit-learn)",
-                  _DATA, choices=("imagenet", "digits")),
+    "dataset": _o(str, "imagenet", "imagenet-style ImageFolder, 'digits' (built offline from scikit-learn), 'ade20k' "
+                  "(the ADEChallengeData2016 layout) or 'texture_mosaics' (an ADE20K-layout demo set, written offline "
+                  "into data_dir where none exists)", _DATA,
+                  choices=("imagenet", "digits", "ade20k", "texture_mosaics")),
     "data_dir": _o(str, "", "dataset root holding train/ and val/", _DATA),
     "train_split": _o(str, "train", "training sub-folder of data_dir", _DATA),
     "val_split": _o(str, "val", "validation sub-folder of data_dir", _DATA),
@@ -94,6 +98,14 @@ SCHEMA: dict[str, Option] = {
                     "(mmseg's Resize scale)", _DATA, length=2),
     "seg_size_divisor": _o(int, 32, "segmentation test resize: then resize each side up to a multiple of this "
                            "(mmseg's ResizeToMultiple; 1 = off)", _DATA, low=1),
+    "seg_crop_size": _o(list, [512, 512], "segmentation training: random crop (height, width) after the random "
+                        "resize (mmseg's RandomCrop crop_size)", _DATA, length=2),
+    "seg_ratio_range": _o(list, [0.5, 2.0], "segmentation training: random resize of seg_scale by a factor in this "
+                          "range (mmseg's RandomResize ratio_range)", _DATA, length=2),
+    "cat_max_ratio": _o(float, 0.75, "segmentation training: retry a crop (up to 10 times) where one class covers more "
+                        "than this share (mmseg's RandomCrop cat_max_ratio; 1 = off)", _DATA, low=0, high=1,
+                        low_open=True),
+    "seg_photometric": _o(bool, True, "segmentation training: mmseg's PhotoMetricDistortion", _DATA),
     "drop_remainder": _o(bool, True, "drop the last incomplete training batch (validation never drops)", _DATA),
     "aug_repeats": _o(int, 0, "repeated augmentation count (0 = off)", _DATA, low=0),
     "aug_splits": _o(int, 0, "MindCV's augmentation splits; only 0 (one augmented view per image) here", _DATA,
@@ -139,6 +151,11 @@ SCHEMA: dict[str, Option] = {
     "in_channels": _o(int, 3, "input image channels", _MODEL, low=1),
     "drop_rate": _o(float, 0.0, "dropout rate", _MODEL, low=0, high=1),
     "drop_path_rate": _o(float, 0.0, "stochastic depth of the last block", _MODEL, low=0, high=1),
+    "head_dropout": _o(float, 0.1, "segmentation: Dropout2d rate before the FPN head's classifier (mmseg's "
+                       "dropout_ratio); it draws from MindSpore's kernel RNG, so a resumed run's masks differ", _MODEL,
+                       low=0, high=1),
+    "sync_bn": _o(bool, False, "segmentation: the head's BatchNorm as SyncBatchNorm across the data-parallel ranks "
+                  "(mmseg's SyncBN; MindSpore's is Ascend-only)", _MODEL),
     "pretrained": _o(bool, False, "load <model> weights from the local weights cache", _MODEL),
     "ckpt_path": _o(str, "", "initialise from this checkpoint (any format the converter reads)", _MODEL),
     "amp_level": _o(str, "O0", "mixed precision: O0 fp32, O2 fp16 except norms/loss, O3 all fp16", _MODEL,
@@ -185,7 +202,9 @@ SCHEMA: dict[str, Option] = {
     "gradient_accumulation_steps": _o(int, 1, "micro-batches per optimizer step", _OPT, low=1),
     # scheduler
     "scheduler": _o(str, "cosine_decay", "learning-rate schedule (per step)", _SCHED,
-                    choices=("cosine_decay", "constant", "step_decay", "multi_step_decay")),
+                    choices=("cosine_decay", "constant", "step_decay", "multi_step_decay", "poly")),
+    "lr_power": _o(float, 0.9, "poly schedule: lr = (peak - min_lr) * (1 - t / T) ** lr_power + min_lr (mmseg's "
+                   "PolyLR power)", _SCHED, low=0, low_open=True),
     "min_lr": _o(float, 1e-5, "final learning rate of the cosine", _SCHED, low=0),
     "warmup_epochs": _o(int, 5, "linear warmup epochs", _SCHED, low=0),
     "warmup_factor": _o(float, 0.0, "MindCV's warmup start as a factor of lr: sets warmup_lr = lr * warmup_factor "
@@ -199,11 +218,14 @@ SCHEMA: dict[str, Option] = {
     "num_cycles": _o(int, 1, "cosine cycles", _SCHED, low=1),
     "cycle_decay": _o(float, 1.0, "peak decay per cosine cycle", _SCHED, low=0, high=1),
     "epoch_size": _o(int, 300, "training epochs (excluding cooldown)", _SCHED, low=1),
+    "max_iters": _o(int, None, "an iteration-based run: this many optimizer steps (epoch_size and cooldown_epochs "
+                    "are then unused; val_interval and ckpt_save_interval count iterations; the data restarts a new "
+                    "shuffled epoch when exhausted)", _SCHED, nullable=True, low=1),
     # checkpoints
     "ckpt_save_dir": _o(str, "./ckpt", "directory for checkpoints, metrics.csv, curves.png, config.yaml", _CKPT),
     "ckpt_save_policy": _o(str, "latest_k", "which checkpoints to keep (the best-top-1 one is always kept)",
                            _CKPT, choices=("latest_k", "top_k")),
-    "ckpt_save_interval": _o(int, 1, "epochs between checkpoints", _CKPT, low=1),
+    "ckpt_save_interval": _o(int, 1, "epochs between checkpoints (iterations when max_iters is set)", _CKPT, low=1),
     "ckpt_save_steps": _o(int, 0, "also checkpoint every N steps (0 = off)", _CKPT, low=0),
     "keep_checkpoint_max": _o(int, 10, "checkpoints kept", _CKPT, low=1),
     "ckpt_format": _o(str, "safetensors", "checkpoint file format", _CKPT, choices=("safetensors", "ckpt")),
@@ -486,6 +508,39 @@ def _validate_model(cfg: Config) -> None:
         raise ConfigError(f"model: unknown model {cfg.model!r}{hint} (available: {', '.join(list_models())})")
 
 
+_SEGMENTATION_DATASETS = ("ade20k", "texture_mosaics")
+
+
+def _resolve_task(cfg: Config, explicit: set[str]) -> None:
+    """``task: auto`` becomes the model's task; a segmentation run defaults to ADE20K data; mismatches are refused."""
+    from .models.registry import model_info
+
+    model_task = model_info(cfg.model).task
+    if cfg["task"] == "auto":
+        cfg["task"] = model_task
+    elif cfg["task"] != model_task:
+        raise ConfigError(f"task: {cfg['task']} does not fit model {cfg.model}, a {model_task} model; use a "
+                          f"{'fpn_poolformer_*' if cfg['task'] == 'segmentation' else 'poolformer_*'} model or "
+                          f"task: {model_task}")
+    if cfg["task"] != "segmentation":
+        for key, default in (("sync_bn", False), ("head_dropout", 0.1)):
+            if key in explicit and cfg[key] != default:
+                raise ConfigError(f"{key}: {cfg[key]} applies to segmentation models only (model {cfg.model} "
+                                  "classifies); remove it")
+    elif cfg["sync_bn"] and cfg["device_target"] not in ("Ascend", "auto"):
+        raise ConfigError(f"sync_bn: True needs device_target Ascend (MindSpore's SyncBatchNorm is Ascend-only), got "
+                          f"{cfg['device_target']}; use sync_bn False")
+    if cfg["task"] == "segmentation":
+        if "dataset" not in explicit:
+            cfg["dataset"] = "ade20k"
+        elif cfg["dataset"] not in _SEGMENTATION_DATASETS:
+            raise ConfigError(f"dataset: {cfg['dataset']} is a classification dataset; a segmentation run takes "
+                              f"{' or '.join(_SEGMENTATION_DATASETS)}")
+    elif cfg["dataset"] in _SEGMENTATION_DATASETS:
+        raise ConfigError(f"dataset: {cfg['dataset']} is a segmentation dataset; model {cfg.model} classifies (use "
+                          "an fpn_poolformer_* model)")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
                 cli_overrides: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None) -> Config:
     """Schema defaults <- ``defaults`` <- YAML recipe at ``path`` <- ``overrides`` <- ``cli_overrides`` (strings).
@@ -513,6 +568,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         explicit.add(key)
     cfg["recipe_defaults"] = style
     _validate_model(cfg)
+    _resolve_task(cfg, explicit)
     _resolve(cfg, explicit, style == "mindcv")
     if style == "mindcv":
         why = f"{path} is a MindCV recipe" if is_mindcv_recipe(recipe) else "recipe_defaults mindcv"

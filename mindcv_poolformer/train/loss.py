@@ -1,10 +1,11 @@
-"""Losses on soft targets: label smoothing and mixup/cutmix both arrive as probability vectors."""
+"""Losses: on soft targets for classification (label smoothing and mixup/cutmix both arrive as probability
+vectors), and per-pixel cross-entropy for segmentation."""
 
 from __future__ import annotations
 
 from mindspore import Tensor, nn, ops
 
-__all__ = ["SoftTargetCrossEntropy", "SoftTargetBCE", "create_loss"]
+__all__ = ["SoftTargetCrossEntropy", "SoftTargetBCE", "SegmentationCrossEntropy", "create_loss"]
 
 
 class SoftTargetCrossEntropy(nn.Cell):
@@ -24,6 +25,30 @@ class SoftTargetBCE(nn.Cell):
     def construct(self, logits: Tensor, targets: Tensor) -> Tensor:
         logits = logits.astype("float32")
         return ops.binary_cross_entropy_with_logits(logits, targets.astype("float32"), reduction="mean")
+
+
+class SegmentationCrossEntropy(nn.Cell):
+    """mmseg's decode-head loss: logits resized bilinearly to the label size, cross-entropy without ``ignore_index``.
+
+    mmseg's ``CrossEntropyLoss(avg_non_ignore=False)`` (its default, and the PoolFormer recipe's) divides
+    the sum over the non-ignored pixels by *all* pixels of the batch, ignored ones included; so does this.
+    Written from MindSpore ops rather than ``ops.cross_entropy``, whose ``ignore_index`` mean divides by
+    the non-ignored pixels only. Computed in float32.
+    """
+
+    def __init__(self, ignore_index: int = 255) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def construct(self, logits: Tensor, labels: Tensor) -> Tensor:
+        logits = ops.interpolate(logits.astype("float32"), size=labels.shape[-2:], mode="bilinear",
+                                 align_corners=False)
+        labels = labels.astype("int32")
+        keep = labels != self.ignore_index
+        safe = ops.where(keep, labels, ops.zeros_like(labels))
+        log_p = ops.log_softmax(logits, axis=1)
+        picked = ops.gather_elements(log_p, 1, safe.expand_dims(1)).squeeze(1)
+        return -(picked * keep.astype("float32")).mean()  # the mean over every pixel: avg_non_ignore=False
 
 
 def create_loss(name: str) -> nn.Cell:

@@ -20,13 +20,16 @@ import numpy as np
 from ..checkpoint import CheckpointError, save_state_dict
 from ..config import ConfigError
 
-__all__ = ["RUN_FILES", "check_run_dir", "CheckpointManager", "MetricsLog", "Progress", "read_training_state",
+__all__ = ["METRIC_FIELDS", "SEGMENTATION_METRIC_FIELDS", "RUN_FILES",
+           "check_run_dir", "CheckpointManager", "MetricsLog", "Progress", "read_training_state",
            "remove_stale_temp_files"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
 METRIC_FIELDS = ("epoch", "step", "train_loss", "lr", "val_top1", "val_top5", "img_per_s", "epoch_time")
-RUN_FILES = ("metrics.csv", "curves.png", "checkpoints.json", "config.yaml")
+SEGMENTATION_METRIC_FIELDS = ("epoch", "step", "train_loss", "lr", "val_miou", "val_aacc", "val_macc", "img_per_s",
+                              "epoch_time")
+RUN_FILES = ("metrics.csv", "curves.png", "checkpoints.json", "config.yaml", "predictions.png")
 _CKPT_NAME = re.compile(r"^(?P<model>.+)-e(?P<epoch>\d+)-s(?P<step>\d+)\.(?P<fmt>safetensors|ckpt)$")
 _TEMP_PREFIX = ".tmp-"  # save_state_dict's temp files: complete only once renamed
 STATE_PREFIX = "train_state."
@@ -189,22 +192,29 @@ def resolve_resume(resume: str) -> Path:
 
 
 class MetricsLog:
-    """``metrics.csv`` (appended one row per epoch, never rewritten) and ``curves.png`` beside it."""
+    """``metrics.csv`` (appended one row per epoch, or per validation of an iteration run, never rewritten) and
+    ``curves.png`` beside it. ``fields`` are the columns of a new file; an existing file keeps its header."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, fields: tuple[str, ...] = METRIC_FIELDS) -> None:
         self.csv_path = Path(directory) / "metrics.csv"
         self.png_path = Path(directory) / "curves.png"
+        self.fields = fields
 
-    def append(self, row: Mapping[str, Any]) -> None:
-        """Append one epoch's row; a row for an epoch already logged (replayed after a kill) is skipped."""
-        if any(r["epoch"] == str(row["epoch"]) for r in self.rows()):
+    def _header(self) -> list[str]:
+        with open(self.csv_path, encoding="utf-8", newline="") as fh:
+            return next(csv.reader(fh), []) or list(self.fields)
+
+    def append(self, row: Mapping[str, Any], key: str = "epoch") -> None:
+        """Append one row; a row whose ``key`` (epoch, or step) is already logged (replayed after a kill) is skipped."""
+        if any(r[key] == str(row[key]) for r in self.rows()):
             return
         new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+        fields = list(self.fields) if new else self._header()
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
         text = buffer.getvalue()
         if not new and not self._ends_with_newline():
             text = "\n" + text  # a row cut short by a kill stays behind as one unparsable line
@@ -226,11 +236,12 @@ class MetricsLog:
             return []
         with open(self.csv_path, encoding="utf-8", newline="") as fh:
             rows = list(csv.DictReader(fh))
-        return [r for r in rows if None not in r and all(r.get(k) is not None for k in METRIC_FIELDS)
-                and r["epoch"].isdigit()]
+        return [r for r in rows if None not in r and None not in r.values() and r["epoch"].isdigit()
+                and r["step"].isdigit()]
 
-    def plot(self) -> None:
-        """Loss and accuracy versus epoch (matplotlib, Agg backend); skipped with a note if unavailable."""
+    def plot(self, x: str = "epoch", columns: tuple[str, ...] = ("val_top1", "val_top5")) -> None:
+        """Loss and the validation ``columns`` (%) versus ``x`` (epoch or step; matplotlib, Agg backend);
+        skipped with a note if unavailable."""
         try:
             import matplotlib
 
@@ -240,20 +251,21 @@ class MetricsLog:
             _LOG.info("matplotlib is not installed: curves.png not written")
             return
         rows = self.rows()
-        epochs = [int(r["epoch"]) for r in rows]
+        xs = [int(r[x]) for r in rows]
         loss = [float(r["train_loss"]) for r in rows]
-        val = [(int(r["epoch"]), float(r["val_top1"]), float(r["val_top5"])) for r in rows if r["val_top1"]]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        ax1.plot(epochs, loss, marker=".")
-        ax1.set_xlabel("epoch")
+        ax1.plot(xs, loss, marker=".")
+        ax1.set_xlabel(x)
         ax1.set_ylabel("train loss")
         ax1.grid(alpha=0.3)
-        if val:
-            ax2.plot([v[0] for v in val], [v[1] for v in val], marker=".", label="val top-1")
-            ax2.plot([v[0] for v in val], [v[2] for v in val], marker=".", label="val top-5")
+        for column in columns:
+            val = [(int(r[x]), float(r[column])) for r in rows if r.get(column)]
+            if val:
+                ax2.plot([v[0] for v in val], [v[1] for v in val], marker=".", label=column.replace("_", " "))
+        if ax2.get_legend_handles_labels()[0]:
             ax2.legend()
-        ax2.set_xlabel("epoch")
-        ax2.set_ylabel("accuracy (%)")
+        ax2.set_xlabel(x)
+        ax2.set_ylabel("%")
         ax2.grid(alpha=0.3)
         fig.tight_layout()
         tmp = self.png_path.with_name(".curves.tmp.png")

@@ -33,6 +33,11 @@ def _decay_value(kind: str, cfg: Mapping[str, Any], peak: float, t: float, lengt
     if kind == "multi_step_decay":
         passed = sum(1 for m in cfg["multi_step_decay_milestones"] if epoch >= m)
         return peak * float(cfg["decay_rate"]) ** passed
+    if kind == "poly":
+        # mmengine's PolyLR: eta_min + (base - eta_min) * (1 - t / T) ** power with T = end - begin - 1, so the
+        # last of the decay's steps runs at eta_min (mmseg's 40k-iteration recipe ends at 0)
+        span = max(length - 1, 1)
+        return min_lr + (peak - min_lr) * max(1.0 - t / span, 0.0) ** float(cfg["lr_power"])
     cycles = int(cfg["num_cycles"])
     cycle_len = length / cycles
     cycle = min(int(t // cycle_len), cycles - 1) if cycle_len > 0 else 0
@@ -47,7 +52,8 @@ def build_lr_schedule(cfg: Mapping[str, Any], steps_per_epoch: int, global_batch
     Warmup rises linearly from ``warmup_lr`` to the (scaled) peak over ``warmup_epochs``; cosine
     then decays from the peak to ``min_lr`` at the end of ``epoch_size`` (or over ``decay_epochs``
     if set), and ``cooldown_epochs`` more epochs run at ``min_lr``. ``lr_epoch_stair`` holds each
-    epoch's first value for the whole epoch.
+    epoch's first value for the whole epoch. ``poly`` decays as mmseg's PolyLR. An iteration-based
+    run (``max_iters``) has ``max_iters`` steps and no cooldown; its decay ends at the last step.
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
@@ -56,10 +62,13 @@ def build_lr_schedule(cfg: Mapping[str, Any], steps_per_epoch: int, global_batch
     cooldown = int(cfg["cooldown_epochs"])
     warmup_steps = int(cfg["warmup_epochs"]) * steps_per_epoch
     main_steps = epochs * steps_per_epoch
+    if cfg.get("max_iters"):
+        main_steps, cooldown = int(cfg["max_iters"]), 0
+        epochs = main_steps / steps_per_epoch
     kind = cfg["scheduler"]
     decay_epochs = int(cfg["decay_epochs"]) if kind == "cosine_decay" and cfg["decay_epochs"] else 0
     decay_len = decay_epochs * steps_per_epoch if decay_epochs else max(main_steps - warmup_steps, 1)
-    total = (epochs + cooldown) * steps_per_epoch
+    total = main_steps + cooldown * steps_per_epoch
     warmup_lr = float(cfg["warmup_lr"])
     min_lr = float(cfg["min_lr"])
     out = np.empty(total, dtype=np.float64)

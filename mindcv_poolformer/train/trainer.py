@@ -2,12 +2,19 @@
 
 Exact resume: a checkpoint holds the weights, the optimizer moments and ``global_step`` (which is
 also the position in the precomputed learning-rate array), the EMA weights, the loss-scale state
-and ``train_state.*`` (epoch, micro-batch within the epoch, best top-1). The data order and
+and ``train_state.*`` (epoch, micro-batch within the epoch, the best validation score: top-1 or
+mIoU). The data order and
 augmentation RNG of every epoch depend only on (seed, rank, epoch) (see ``data.py``), so epoch
 k+1 after a resume sees the same batches as without the interruption. Stochastic depth masks are
 keyed by (seed, rank, global_step, micro-batch) (``DropPathNoise``) for the same reason: MindSpore's
 kernel RNG state cannot be saved on CPU. Only dropout (``drop_rate > 0``, 0 in every recipe) still
 draws from the kernel RNG, so its masks after a resume differ.
+
+One loop for every task: ``tasks.py`` supplies the data, loss and validation of classification or
+segmentation. A run is epoch-based (``epoch_size``) or iteration-based (``max_iters``, mmseg's
+form): then the data restarts a new shuffled epoch when exhausted, ``val_interval`` and
+``ckpt_save_interval`` count optimizer steps, and ``metrics.csv`` gets one row per validation,
+keyed by step.
 """
 
 from __future__ import annotations
@@ -36,13 +43,13 @@ from ..backends import backend_all_finite
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
 from ..distributed import DistInfo, all_reduce_sum, init_distributed
-from ..evaluation.classification import evaluate
 from ..factory import create_model
 from ..models.layers import DropPathNoise
-from .data import DataError, augmentation_seed, build_train_dataset, build_val_dataset, prepare_data_dir
-from .loss import create_loss
+from .data import DataError, augmentation_seed
 from .optim import create_optimizer
 from .run_io import (
+    METRIC_FIELDS,
+    SEGMENTATION_METRIC_FIELDS,
     STATE_PREFIX,
     CheckpointManager,
     MetricsLog,
@@ -55,6 +62,7 @@ from .run_io import (
 )
 from .schedule import build_lr_schedule
 from .step import ApplyAccumulated, LossScaleState, TrainStep, WithLoss
+from .tasks import make_task
 
 __all__ = ["LossScalePlan", "plan_loss_scale", "validate_train_config", "has_training_state",
            "apply_mindcv_resume", "StopSignals", "TrainResult", "TrainingDiverged", "Trainer", "train"]
@@ -153,7 +161,8 @@ class TrainingDiverged(ScriptError):
 
 @dataclass
 class TrainResult:
-    """What a run did: per-step losses of this process, per-epoch records, the best top-1, files.
+    """What a run did: per-step losses of this process, per-epoch records (an iteration run: its metrics rows),
+    the best validation score (top-1 or mIoU), files.
 
     ``interrupted`` names the signal (``"SIGTERM"``) when the run stopped early on one, after
     writing ``last_checkpoint``; ``skipped_steps`` counts steps whose gradients were not finite.
@@ -223,7 +232,7 @@ class Trainer:
         apply_mindcv_resume(cfg)
         self.plan = validate_train_config(cfg)
         _setup_context(cfg)
-        self.listing = prepare_data_dir(cfg)  # listed once: every epoch and validation use it
+        self.task = make_task(cfg)  # lists (and checks) the data once: every epoch and validation use it
         check_run_dir(cfg)
         self.dist = dist or init_distributed(cfg["distribute"], cfg["device_target"])
         rank, world = self.dist.rank, self.dist.world
@@ -234,10 +243,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.dump(self.run_dir / "config.yaml")
 
-        classes, n_train = self.listing.train.classes, len(self.listing.train.files)
-        self.num_classes = cfg["num_classes"] or len(classes)
-        if cfg["num_samples"]:
-            n_train = min(n_train, int(cfg["num_samples"]))
+        self.num_classes = self.task.num_classes()
+        n_train = self.task.num_train()
         self.accum = int(cfg["gradient_accumulation_steps"])
         batch = int(cfg["batch_size"])
         micro = (n_train // world) // batch
@@ -245,15 +252,21 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise DataError(f"{cfg['data_dir']}: {n_train} training images give no full optimizer step of "
                             f"{batch} x {world} ranks x {self.accum} accumulation steps")
-        self.total_epochs = int(cfg["epoch_size"]) + int(cfg["cooldown_epochs"])
+        self.max_iters = int(cfg["max_iters"] or 0)
+        if self.max_iters:
+            self.total_epochs = -(-self.max_iters // self.steps_per_epoch)
+        else:
+            self.total_epochs = int(cfg["epoch_size"]) + int(cfg["cooldown_epochs"])
         self.global_batch = batch * world * self.accum
         self.lrs = build_lr_schedule(cfg, self.steps_per_epoch, self.global_batch)
 
         ms.set_seed(int(cfg["seed"]))  # identical initial weights on every rank
         ckpt = cfg["ckpt_path"] or None
+        head = {"dropout": float(cfg["head_dropout"]), "sync_bn": bool(cfg["sync_bn"])} \
+            if self.task.name == "segmentation" else {}
         self.net = create_model(cfg["model"], pretrained=cfg["pretrained"], num_classes=self.num_classes,
                                 in_channels=cfg["in_channels"], checkpoint_path=ckpt,
-                                drop_path_rate=cfg["drop_path_rate"], drop_rate=cfg["drop_rate"])
+                                drop_path_rate=cfg["drop_path_rate"], drop_rate=cfg["drop_rate"], **head)
         ms.set_seed(augmentation_seed(cfg["seed"], rank, 0))  # dropout differs per rank
         self.drop_path_noise = DropPathNoise(self.net, batch, int(cfg["seed"]), rank)
         self.optimizer = create_optimizer(self.net, cfg, self.lrs)
@@ -267,22 +280,23 @@ class Trainer:
             # same order as optimizer.parameters (grouped by weight decay), which the step zips them with
             self.ema = ParameterTuple(self.optimizer.parameters).clone(prefix="ema", init="same")
         clip = float(cfg["clip_value"]) if cfg["clip_grad"] else 0.0
-        self.step = TrainStep(WithLoss(self.net, create_loss(cfg["loss"])), self.optimizer, self.scaler,
+        self.step = TrainStep(WithLoss(self.net, self.task.loss()), self.optimizer, self.scaler,
                               reducer, clip, self.accum, self.ema, float(cfg["ema_decay"]),
                               all_finite=backend_all_finite())
         self.apply_accumulated = ApplyAccumulated(self.step) if self.accum > 1 else None
 
-        self.eval_data = None
-        if cfg["val_while_train"]:
-            self.eval_data = build_val_dataset(cfg, self.listing.val, rank, world)  # labels: training classes
+        self.task.prepare_validation(rank, world)
         self.manager = CheckpointManager(self.run_dir, cfg["model"], cfg["ckpt_format"],
                                          int(cfg["keep_checkpoint_max"]), cfg["ckpt_save_policy"])
-        self.metrics = MetricsLog(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir, SEGMENTATION_METRIC_FIELDS if self.task.name == "segmentation"
+                                  else METRIC_FIELDS)
         self.global_step = 0
         self.start_epoch = 0
         self.skip_micro = 0
-        self.best_top1 = -1.0
+        self.best_top1 = -1.0  # the best validation score (top-1 or mIoU, %): the name checkpoints carry
         self.epoch_loss = self.resumed_epoch_loss = (0.0, 0)
+        # iteration runs: loss sum, loss count, images and start time since the last metrics row
+        self.window = [0.0, 0, 0, time.perf_counter()]
         self.saved_step = -1
         self.resumed_from: str | None = None
         self.nonfinite_streak = 0
@@ -316,8 +330,10 @@ class Trainer:
         state[STATE_PREFIX + "global_step"] = np.array([self.global_step], np.int64)
         state[STATE_PREFIX + "best_top1"] = np.array([self.best_top1], np.float32)
         # a mid-epoch checkpoint carries the loss sum so far, so the resumed epoch's mean loss is the same
-        state[STATE_PREFIX + "epoch_loss_sum"] = np.array([self.epoch_loss[0] if micro_in_epoch else 0.0], np.float64)
-        state[STATE_PREFIX + "epoch_loss_count"] = np.array([self.epoch_loss[1] if micro_in_epoch else 0], np.int64)
+        # (an iteration run: the loss since the last metrics row, which may span epochs)
+        kept = self.window[:2] if self.max_iters else (self.epoch_loss if micro_in_epoch else (0.0, 0))
+        state[STATE_PREFIX + "epoch_loss_sum"] = np.array([kept[0]], np.float64)
+        state[STATE_PREFIX + "epoch_loss_count"] = np.array([kept[1]], np.int64)
         state[STATE_PREFIX + "world"] = np.array([self.dist.world], np.int64)
         return state
 
@@ -378,13 +394,17 @@ class Trainer:
         self.global_step = self.saved_step = int(state["global_step"])
         self.best_top1 = float(state["best_top1"])
         self.resumed_epoch_loss = (float(state.get("epoch_loss_sum", 0.0)), int(state.get("epoch_loss_count", 0)))
+        if self.max_iters:
+            self.window = [*self.resumed_epoch_loss, 0, time.perf_counter()]
+            self.resumed_epoch_loss = (0.0, 0)
         self.resumed_from = str(path)
         if int(state.get("world", self.dist.world)) != self.dist.world:
             _LOG.warning("resume: the checkpoint was written by %d ranks, this run has %d; the data order differs",
                          int(state["world"]), self.dist.world)
-        if float(self.cfg["drop_rate"]) > 0:
-            _LOG.warning("resume: dropout (drop_rate %s) draws from MindSpore's kernel RNG, which cannot be restored; "
-                         "its masks differ from the uninterrupted run (drop path masks do not)", self.cfg["drop_rate"])
+        if float(self.cfg["drop_rate"]) > 0 or (self.task.name == "segmentation" and self.cfg["head_dropout"] > 0):
+            _LOG.warning("resume: dropout (drop_rate %s, or the FPN head's head_dropout) draws from MindSpore's kernel "
+                         "RNG, which cannot be restored; its masks differ from the uninterrupted run (drop path masks "
+                         "do not)", self.cfg["drop_rate"])
         _LOG.info("resumed from %s: epoch %d, step %d", path, self.start_epoch + (1 if self.skip_micro else 0),
                   self.global_step)
 
@@ -405,31 +425,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def validate(self) -> tuple[float, float, float | None]:
-        """(top1, top5, ema top1 or None) over the whole validation split, all-reduced over ranks."""
-        if self.eval_data is None and not self.dist.world > 1:
-            return float("nan"), float("nan"), None
-        metrics = evaluate(self.net, self.eval_data, distributed=self.dist.world > 1)
-        if metrics.skipped and self.dist.is_main:
-            _LOG.warning("validation: %d unreadable image(s) left out of top-1/top-5 (strict_data stops instead)",
-                         metrics.skipped)
-        ema_top1 = None
+    def validate(self) -> tuple[dict[str, float | None], float | None, float | None]:
+        """(the task's metric columns, score, EMA score or None) over the whole validation split, all ranks.
+
+        The score (top-1 or mIoU, %) picks the best checkpoint; None when there is nothing to validate.
+        """
+        distributed = self.dist.world > 1
+        found = self.task.evaluate(self.net, distributed)
+        if found is None:
+            return {k: float("nan") for k in self.task.metric_columns}, None, None
+        columns, score = found
+        ema_score = None
         if self.ema is not None:
+            import mindspore as ms
+
             weights = list(self.optimizer.parameters)
             backup = [w.asnumpy().copy() for w in weights]
             for w, e in zip(weights, self.ema):
                 w.set_data(e.data.copy())
-            ema_top1 = evaluate(self.net, self.eval_data, distributed=self.dist.world > 1).top1
-            import mindspore as ms
-
+            ema_score = self.task.evaluate(self.net, distributed)[1]
             for w, b in zip(weights, backup):
                 w.set_data(ms.Tensor(b))
-        return metrics.top1, metrics.top5, ema_top1
+        self.net.set_train(True)
+        return columns, score, ema_score
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, stop_after_epoch: int | None = None) -> TrainResult:
-        """Train from the current position to the last epoch (or to ``stop_after_epoch``, for tests).
+    def fit(self, stop_after_epoch: int | None = None, stop_after_step: int | None = None) -> TrainResult:
+        """Train from the current position to the end (or to ``stop_after_epoch``/``stop_after_step``, for tests).
+
+        ``stop_after_step`` stops (with a checkpoint) once ``global_step`` reaches it, like a signal would.
 
         SIGINT/SIGTERM stop the run at the next optimizer-step boundary with a checkpoint
         (``result.interrupted``); ``max_nonfinite_steps`` consecutive skipped steps raise
@@ -439,22 +464,30 @@ class Trainer:
         self.result = TrainResult(rank=self.dist.rank, world=self.dist.world)
         self.nonfinite_streak = 0
         self.checkpoint_before_streak = self.result.last_checkpoint = self.resumed_from
+        self.stop_after_step = stop_after_step
         if self.dist.is_main:
-            _LOG.info("training %s: %d epochs x %d steps, global batch %d, peak lr %.3e, %d rank(s)",
-                      cfg["model"], self.total_epochs, self.steps_per_epoch, self.global_batch,
-                      float(self.lrs.max()), self.dist.world)
+            length = (f"{self.max_iters} iterations ({self.steps_per_epoch} a data epoch)" if self.max_iters else
+                      f"{self.total_epochs} epochs x {self.steps_per_epoch} steps")
+            _LOG.info("training %s (%s): %s, global batch %d, peak lr %.3e, %d rank(s)", cfg["model"],
+                      self.task.name, length, self.global_batch, float(self.lrs.max()), self.dist.world)
+        self.window[3] = time.perf_counter()
         with StopSignals() as self.signals:
             for epoch in range(self.start_epoch, self.total_epochs):
                 record = self._train_epoch(epoch)
                 if record is None:  # stopped by a signal; the checkpoint is written
                     break
-                self.result.epochs.append(record)
+                if self.max_iters and self.global_step >= self.max_iters:
+                    break
+                if not self.max_iters:  # an iteration run's records are its metrics rows (_log_row)
+                    self.result.epochs.append(record)
                 if self._stop_requested():
                     self._save(epoch + 1, 0, None, False, only_if_new=True)
                     self.result.interrupted = self.signals.received or "a signal on another rank"
                     break
                 if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                     break
+        if self.result.interrupted is None and (not self.max_iters or self.global_step >= self.max_iters):
+            self.task.finish(self.net, self.run_dir)
         self.result.best_top1 = self.best_top1
         return self.result
 
@@ -473,7 +506,7 @@ class Trainer:
         micro_per_epoch = self.steps_per_epoch * self.accum
         batch = int(cfg["batch_size"])
         sink = cfg["device_target"] == "Ascend" and cfg["dataset_sink_mode"] and cfg["mode"] == 0
-        data = build_train_dataset(cfg, epoch, self.dist.rank, self.dist.world, self.num_classes, self.listing)
+        data = self.task.train_dataset(epoch, self.dist.rank, self.dist.world, self.num_classes)
         self.net.set_train(True)
         self.step.set_train(True)
         progress = Progress(self.steps_per_epoch, epoch + 1, self.total_epochs, int(cfg["log_interval"]),
@@ -484,11 +517,11 @@ class Trainer:
         self.resumed_epoch_loss = (0.0, 0)
         # Sink mode (Ascend) feeds the step from the device queue; a mid-epoch resume replays that epoch
         # through the host iterator so the skipped batches are consumed in order.
-        run_step = ms.data_sink(self.step, data.dataset, sink_size=1) if sink and not self.skip_micro else None
+        run_step = ms.data_sink(self.step, data, sink_size=1) if sink and not self.skip_micro else None
         if run_step is not None:
             batches = ((None, None) for _ in range(micro_per_epoch))
         else:
-            batches = data.dataset.create_tuple_iterator(num_epochs=1)
+            batches = data.create_tuple_iterator(num_epochs=1)
         images_seen = 0
         for micro, (images, targets) in enumerate(batches):
             if micro >= micro_per_epoch:
@@ -511,6 +544,15 @@ class Trainer:
             self._check_finite(bool(applied.asnumpy()), value, epoch)
             lr = float(self.lrs[min(self.global_step - 1, len(self.lrs) - 1)])
             progress.update((micro + 1) // self.accum, value, lr, batch * self.accum * self.dist.world)
+            if self.max_iters:
+                self.window[0] += value if math.isfinite(value) else 0.0
+                self.window[1] += 1 if math.isfinite(value) else 0
+                self.window[2] += batch * self.accum * self.dist.world
+                if self._iteration_boundary(epoch, micro + 1):
+                    return None
+                if self.global_step >= self.max_iters or micro + 1 == micro_per_epoch:
+                    break
+                continue  # signals and checkpoints of an iteration run: _iteration_boundary
             if micro + 1 == micro_per_epoch:
                 break
             self.epoch_loss = (loss_sum, loss_count)
@@ -525,6 +567,62 @@ class Trainer:
         self.epoch_loss = (0.0, 0)
         return self._end_epoch(epoch, loss_sum / loss_count if loss_count else float("nan"), images_seen,
                                time.perf_counter() - start)
+
+    def _iteration_boundary(self, epoch: int, micro_done: int) -> bool:
+        """An iteration run after an optimizer step: validate and checkpoint on their intervals, stop on a signal.
+
+        Returns True when the run stops here (a signal, or ``stop_after_step``), its checkpoint written.
+        """
+        cfg, step = self.cfg, self.global_step
+        at_end = micro_done == self.steps_per_epoch * self.accum  # the position is then the next epoch's start
+        position = (epoch + 1, 0) if at_end else (epoch, micro_done)
+        last = step >= self.max_iters
+        score, is_best = None, False
+        if cfg["val_while_train"] and (step % int(cfg["val_interval"]) == 0 or last):
+            columns, score, ema_score = self.validate()
+            is_best = self._log_row(epoch, columns, score, ema_score)
+        elif last:
+            self._log_row(epoch, {}, None, None)
+        saved = False
+        if step % int(cfg["ckpt_save_interval"]) == 0 or last or is_best:
+            self._save(*position, score, is_best)
+            saved = True
+        stop = self._stop_requested() or (self.stop_after_step is not None and step >= self.stop_after_step)
+        if stop and not last:
+            if not saved:
+                self._save(*position, None, False)
+            self.result.interrupted = self.signals.received or ("stop_after_step" if self.stop_after_step
+                                                                 is not None and step >= self.stop_after_step
+                                                                 else "a signal on another rank")
+            return True
+        return False
+
+    def _log_row(self, epoch: int, columns: dict, score: float | None, ema_score: float | None) -> bool:
+        """One metrics.csv row of an iteration run (keyed by step): the loss and speed since the previous row.
+
+        Returns whether the score is the best so far.
+        """
+        loss_sum, loss_count, images, start = self.window
+        seconds = time.perf_counter() - start
+        best = max(v for v in (score, ema_score, -1.0) if v is not None)
+        is_best = score is not None and best > self.best_top1
+        if is_best:
+            self.best_top1 = best
+        lr = float(self.lrs[min(max(self.global_step - 1, 0), len(self.lrs) - 1)])
+        record = {"epoch": epoch + 1, "step": self.global_step,
+                  "train_loss": round(loss_sum / loss_count, 6) if loss_count else float("nan"),
+                  "lr": float(f"{lr:.6g}"), "img_per_s": round(images / seconds, 2) if seconds > 0 else 0.0,
+                  "epoch_time": round(seconds, 3)}
+        record.update({k: None if v is None else round(v, 4) for k, v in columns.items()})
+        if self.dist.is_main:
+            self.metrics.append(record, key="step")
+            self.metrics.plot(x="step", columns=self.task.metric_columns)
+            val = ", ".join(f"{k} {v:.2f}" for k, v in columns.items() if v is not None)
+            _LOG.info("step %d/%d: loss %.4f, lr %.3e%s, %.1f img/s", self.global_step, self.max_iters,
+                      record["train_loss"], lr, f", {val}" if val else "", record["img_per_s"])
+        self.result.epochs.append(record)
+        self.window = [0.0, 0, 0, time.perf_counter()]
+        return is_best
 
     def _check_finite(self, applied: bool, loss: float, epoch: int) -> None:
         """Count consecutive skipped steps; stop the run after ``max_nonfinite_steps`` of them.
@@ -556,30 +654,33 @@ class Trainer:
     def _end_epoch(self, epoch: int, train_loss: float, images: int, epoch_time: float) -> dict:
         cfg = self.cfg
         last = epoch + 1 == self.total_epochs
-        top1 = top5 = ema_top1 = None
+        lr = float(self.lrs[min(max(self.global_step - 1, 0), len(self.lrs) - 1)])
+        record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": round(train_loss, 6),
+                  "lr": float(f"{lr:.6g}"), "img_per_s": round(images / epoch_time, 2) if epoch_time > 0 else 0.0,
+                  "epoch_time": round(epoch_time, 3)}
+        if self.max_iters:  # rows, validation and checkpoints of an iteration run are at step boundaries
+            return record
+        columns: dict = dict.fromkeys(self.task.metric_columns)
+        top1 = ema_top1 = None
         if cfg["val_while_train"] and ((epoch + 1) % int(cfg["val_interval"]) == 0 or last):
-            top1, top5, ema_top1 = self.validate()
+            columns, top1, ema_top1 = self.validate()
         best_candidate = max(v for v in (top1, ema_top1, -1.0) if v is not None)
         is_best = top1 is not None and best_candidate > self.best_top1
         if is_best:
             self.best_top1 = best_candidate
-        lr = float(self.lrs[min(max(self.global_step - 1, 0), len(self.lrs) - 1)])
-        record = {"epoch": epoch + 1, "step": self.global_step,
-                  "train_loss": round(train_loss, 6),
-                  "lr": float(f"{lr:.6g}"), "val_top1": None if top1 is None else round(top1, 4),
-                  "val_top5": None if top5 is None else round(top5, 4),
-                  "img_per_s": round(images / epoch_time, 2) if epoch_time > 0 else 0.0,
-                  "epoch_time": round(epoch_time, 3)}
+        record.update({k: None if v is None else round(v, 4) for k, v in columns.items()})
         if self.dist.is_main:
             # the row goes first: a run killed before its checkpoint replays this epoch on resume, and
             # MetricsLog skips the replayed row instead of losing it
             self.metrics.append(record)
-            self.metrics.plot()
+            self.metrics.plot(columns=self.task.metric_columns)
         if (epoch + 1) % int(cfg["ckpt_save_interval"]) == 0 or last or is_best:
             self._save(epoch + 1, 0, top1, is_best)
         if self.dist.is_main:
-            ema = f", ema top-1 {ema_top1:.2f}%" if ema_top1 is not None else ""
-            val = f", val top-1 {top1:.2f}% top-5 {top5:.2f}%{ema}" if top1 is not None else ""
+            name = self.task.score_name
+            ema = f", ema {name} {ema_top1:.2f}%" if ema_top1 is not None else ""
+            val = ", val " + ", ".join(f"{k[4:]} {v:.2f}%" for k, v in columns.items()) + ema if top1 is not None \
+                else ""
             _LOG.info("epoch %d/%d: loss %.4f, lr %.3e%s, %.1f img/s, %.1f s", epoch + 1, self.total_epochs,
                       record["train_loss"], lr, val, record["img_per_s"], epoch_time)
         return record

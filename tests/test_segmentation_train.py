@@ -1,0 +1,205 @@
+"""Segmentation training in the one trainer (issue 17): poly schedule and loss against mmengine/mmseg, a short
+run whose mIoU rises above chance, exact resume mid-run, and bad input through the real train.py CLI."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from seg_train_helpers import make_tiny_ade, seg_overrides
+from train_helpers import run_python
+
+from mindcv_poolformer.config import ConfigError, load_config
+
+
+def test_poly_schedule_is_mmengine_poly_lr():
+    """Every step's learning rate equals mmengine's PolyLR (power 0.9, eta_min, by iteration) driving torch AdamW."""
+    torch = pytest.importorskip("torch")
+    from mmengine.optim.scheduler import PolyLR
+
+    from mindcv_poolformer.train.schedule import build_lr_schedule
+
+    total, peak = 50, 2e-4
+    for eta_min in (0.0, 1e-6):
+        cfg = load_config(overrides={"model": "fpn_poolformer_s12", "scheduler": "poly", "lr": peak, "min_lr": eta_min,
+                                     "warmup_epochs": 0, "max_iters": total, "lr_power": 0.9})
+        ours = build_lr_schedule(cfg, steps_per_epoch=7, global_batch=32)
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+        sched = PolyLR(opt, power=0.9, eta_min=eta_min, begin=0, end=total, by_epoch=False)
+        reference = []
+        for _ in range(total):
+            reference.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert len(ours) == total
+        np.testing.assert_allclose(ours, reference, rtol=2e-6, atol=1e-12)
+    assert ours[0] == np.float32(peak) and ours[-1] == np.float32(eta_min)
+
+
+def test_loss_is_mmseg_decode_head_loss():
+    """Bilinear resize to the label size + cross-entropy with ignore 255, averaged over all pixels (mmseg's default)."""
+    torch = pytest.importorskip("torch")
+    import mindspore as ms
+    from mmseg_reference import _import_mmseg
+
+    from mindcv_poolformer.train.loss import SegmentationCrossEntropy
+
+    _import_mmseg()
+    from mmseg.models.losses import CrossEntropyLoss
+    from mmseg.models.utils import resize
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (2, 5, 8, 8)).astype(np.float32)
+    labels = rng.integers(0, 5, (2, 32, 32)).astype(np.int64)
+    labels[rng.random(labels.shape) < 0.3] = 255
+    up = resize(torch.from_numpy(logits), size=(32, 32), mode="bilinear", align_corners=False)
+    expected = CrossEntropyLoss(avg_non_ignore=False)(up, torch.from_numpy(labels), ignore_index=255).item()
+    ours = SegmentationCrossEntropy(255)(ms.Tensor(logits), ms.Tensor(labels.astype(np.int32))).asnumpy()
+    assert float(ours) == pytest.approx(expected, rel=1e-5)
+    non_ignore = CrossEntropyLoss(avg_non_ignore=True)(up, torch.from_numpy(labels), ignore_index=255).item()
+    assert abs(non_ignore - expected) > 1e-2  # the two averages differ here, so the check above tells them apart
+
+
+def test_config_selects_the_task():
+    cfg = load_config(overrides={"model": "fpn_poolformer_s12"})
+    assert (cfg.task, cfg.dataset) == ("segmentation", "ade20k")
+    assert load_config(overrides={"model": "poolformer_s12"}).task == "classification"
+    with pytest.raises(ConfigError, match="task: segmentation does not fit model poolformer_s12"):
+        load_config(overrides={"model": "poolformer_s12", "task": "segmentation"})
+    with pytest.raises(ConfigError, match="dataset: digits is a classification dataset"):
+        load_config(overrides={"model": "fpn_poolformer_s12", "dataset": "digits"})
+
+
+@pytest.fixture(scope="module")
+def ade(tmp_path_factory) -> Path:
+    return make_tiny_ade(tmp_path_factory.mktemp("ade") / "ADEChallengeData2016")
+
+
+def _weights(run: Path) -> dict:
+    from mindcv_poolformer.checkpoint import read_state_dict
+
+    final = sorted(run.glob("fpn_poolformer_s12-e*-s*.safetensors"))[-1]
+    return {k: np.asarray(v) for k, v in read_state_dict(str(final)).items() if not k.startswith("train_state.")}
+
+
+@pytest.mark.slow  # three short FPN-S12 runs, each compiling the step (about 1-3 min each on 2 busy cores)
+def test_short_run_learns_and_resumes_exactly(ade, tmp_path):
+    """12 iterations: mIoU above what any constant prediction reaches, rows per validation, the PNG grid; then a
+    run stopped at step 7 (mid data epoch, between validations) and resumed gives the same losses and weights."""
+    from mindcv_poolformer.train.trainer import Trainer
+
+    # head_dropout 0: the head's Dropout2d draws from MindSpore's kernel RNG, which a resume cannot restore
+    extra = {"max_iters": 12, "val_interval": 6, "ckpt_save_interval": 3, "seg_ratio_range": [0.75, 1.5],
+             "hflip": 0.5, "seg_photometric": True, "head_dropout": 0.0}
+    full_dir = tmp_path / "full"
+    full = Trainer(load_config(overrides=seg_overrides(ade, full_dir, **extra))).fit()
+    rows = list(csv.DictReader(open(full_dir / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [6, 12]
+    assert {"val_miou", "val_aacc", "val_macc"} <= set(rows[0])
+    # a constant prediction has IoU = its class share for one class and 0 for the others: mIoU <= 1/3
+    assert float(rows[-1]["val_miou"]) > 40.0, rows
+    assert (full_dir / "predictions.png").stat().st_size > 2000 and (full_dir / "curves.png").exists()
+    assert (full_dir / "fpn_poolformer_s12-best.safetensors").exists()
+
+    part_dir = tmp_path / "part"
+    first = Trainer(load_config(overrides=seg_overrides(ade, part_dir, **extra))).fit(stop_after_step=7)
+    assert first.interrupted and first.step_losses[-1][0] == 6  # 16 images / batch 4: step 7 is in data epoch 2
+    resumed = Trainer(load_config(overrides=seg_overrides(ade, part_dir, resume="auto", **extra)))
+    assert resumed.global_step == 7 and resumed.skip_micro == 3
+    second = resumed.fit()
+    losses = dict(full.step_losses)
+    assert dict(first.step_losses) | dict(second.step_losses) == pytest.approx(losses, rel=1e-5, abs=1e-6)
+    rows_part = list(csv.DictReader(open(part_dir / "metrics.csv")))
+    assert [r["train_loss"] for r in rows_part] == [r["train_loss"] for r in rows]
+    assert [r["val_miou"] for r in rows_part] == [r["val_miou"] for r in rows]
+    a, b = _weights(full_dir), _weights(part_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def _bad_run(args: list[str], run: Path) -> str:
+    proc = run_python(["train.py", *args, "--ckpt_save_dir", str(run)], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("train.py: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not run.exists() or not any(run.iterdir()), sorted(p.name for p in run.iterdir())
+    return errors[0]
+
+
+def _cli(data: Path) -> list[str]:
+    return ["--model", "fpn_poolformer_s12", "--device_target", "CPU", "--data_dir", str(data), "--train_split",
+            "training", "--val_split", "validation", "--num_classes", "3", "--max_iters", "2", "--batch_size", "2"]
+
+
+@pytest.mark.parametrize("case", ["no_annotations", "unpaired_image", "label_out_of_range", "num_classes"])
+def test_bad_input_is_one_line_exit2_nothing_written(ade, tmp_path, case):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(ade, data)
+    args = _cli(data)
+    if case == "no_annotations":
+        shutil.rmtree(data / "annotations" / "training")
+        expect = ["annotations/training is missing"]
+    elif case == "unpaired_image":
+        (data / "annotations" / "training" / "ADE_train_00000003.png").unlink()
+        expect = ["ADE_train_00000003.jpg has no annotation"]
+    elif case == "label_out_of_range":
+        bad = data / "annotations" / "validation" / "ADE_valid_00000001.png"
+        label = np.asarray(Image.open(bad)).copy()
+        label[5, 5] = 9
+        Image.fromarray(label).save(bad)
+        expect = ["ADE_valid_00000001.png has label value 9", "num_classes 3"]
+    else:
+        args[args.index("--num_classes") + 1] = "2"
+        expect = ["has label value 3", "out of range for num_classes 2"]
+    error = _bad_run(args, tmp_path / "run")
+    for text in expect:
+        assert text in error, error
+
+
+DIST_WORKER = str(Path(__file__).resolve().parent / "seg_train_dist_worker.py")
+
+
+@pytest.mark.slow  # three FPN-S12 processes (one alone, two under msrun), each compiling one step: ~1-3 min
+def test_msrun_two_ranks_equal_one_process_on_the_concatenated_batch(ade, tmp_path):
+    """Weights after one unclipped SGD step: equal on both ranks and to one process on both ranks' images,
+    and the mIoU of the split validation set (histograms all-reduced) equals the single process's."""
+    import os
+    import socket
+    import sys
+
+    single = tmp_path / "single"
+    single.mkdir()
+    done = run_python([DIST_WORKER, str(ade), str(single), "8", "False"], timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    msrun = shutil.which("msrun", path=os.path.dirname(sys.executable)) or shutil.which("msrun")
+    assert msrun, "msrun not found"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    done = run_python([msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}",
+                       f"--log_dir={tmp_path / 'logs'}", "--join=True", DIST_WORKER, str(ade), str(dist), "4", "True"],
+                      env={"PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}, timeout=1500)
+    logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert done.returncode == 0, done.stderr[-2000:] + logs
+    ref, init = dict(np.load(single / "rank0.npz")), dict(np.load(single / "init.npz"))
+    ranks = [dict(np.load(dist / f"rank{r}.npz")) for r in range(2)]
+    start = dict(np.load(dist / "init.npz"))
+    worst = update = 0.0
+    for name, value in ref.items():
+        assert np.array_equal(start[name], init[name]), f"{name}: the ranks started from other weights"
+        assert np.array_equal(ranks[0][name], ranks[1][name]), name
+        worst = max(worst, float(np.max(np.abs(ranks[0][name] - value))))
+        update = max(update, float(np.max(np.abs(value - init[name]))))
+    assert update > 1e-3, f"the step barely moved the weights ({update:.1e}): the comparison would prove nothing"
+    assert worst <= 1e-3 * update, f"2 ranks differ from 1 process by {worst:.3e} (largest update {update:.3e})"
+    texts = [(d / f"rank{r}.txt").read_text().split() for d, r in ((single, 0), (dist, 0), (dist, 1))]
+    assert [t[0] for t in texts] == ["1", "2", "2"]
+    assert float(texts[1][2]) == float(texts[2][2]) == pytest.approx(float(texts[0][2]), abs=0.2)
