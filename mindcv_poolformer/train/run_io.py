@@ -20,8 +20,8 @@ import numpy as np
 from ..checkpoint import CheckpointError, save_state_dict
 from ..config import ConfigError
 
-__all__ = ["METRIC_FIELDS", "SEGMENTATION_METRIC_FIELDS", "RUN_FILES",
-           "check_run_dir", "CheckpointManager", "MetricsLog", "Progress", "read_training_state",
+__all__ = ["METRIC_FIELDS", "SEGMENTATION_METRIC_FIELDS", "RUN_FILES", "STEP_LOG_ENV", "check_run_dir",
+           "CheckpointManager", "MetricsLog", "Progress", "read_training_state", "read_step_log",
            "remove_stale_temp_files"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
@@ -33,6 +33,10 @@ RUN_FILES = ("metrics.csv", "curves.png", "checkpoints.json", "config.yaml", "pr
 _CKPT_NAME = re.compile(r"^(?P<model>.+)-e(?P<epoch>\d+)-s(?P<step>\d+)\.(?P<fmt>safetensors|ckpt)$")
 _TEMP_PREFIX = ".tmp-"  # save_state_dict's temp files: complete only once renamed
 STATE_PREFIX = "train_state."
+# Debug/test switch: a path to append one JSON line per optimizer step to (tools/kill_soak.py reads it to
+# compare the loss of every step, replays included, with an uninterrupted run's, and to see where a
+# resumed process started). Off unless set.
+STEP_LOG_ENV = "MINDCV_POOLFORMER_STEP_LOG"
 
 
 def _checkpoints_in(directory: Path) -> list[Path]:
@@ -144,12 +148,18 @@ class CheckpointManager:
 
     def save(self, state: Mapping[str, np.ndarray], epoch: int, step: int, top1: float | None,
              is_best: bool) -> Path:
-        """Write one checkpoint (and ``best``); an OSError (disk full) leaves the earlier ones intact."""
+        """Write one checkpoint (and ``best``); an OSError (disk full) leaves the earlier ones intact.
+
+        ``best`` is written first: the step checkpoint records the new best top-1, so a process killed
+        between the two writes must not leave it behind without ``best``, or no later epoch would
+        rewrite ``best``. Killed after ``best`` instead, the resume replays from the previous
+        checkpoint and writes the same ``best`` again.
+        """
         path = self.directory / f"{self.model}-e{epoch:04d}-s{step:08d}.{self.fmt}"
         try:
-            save_state_dict(state, path)
             if is_best:
                 save_state_dict(state, self.best_path)
+            save_state_dict(state, path)
         except Exception as exc:  # OSError, MindSpore's RuntimeError, SafetensorError: all "not written"
             previous = self.latest()
             kept = f"the newest complete checkpoint {previous} is intact" if previous else "no checkpoint was written"
@@ -275,20 +285,28 @@ class MetricsLog:
 
 
 class Progress:
-    """A progress bar (loss, lr, img/s, ETA) on a TTY; one line every ``interval`` steps otherwise."""
+    """A progress bar (loss, lr, img/s, ETA) on a TTY; one line every ``interval`` steps otherwise.
+
+    With ``$MINDCV_POOLFORMER_STEP_LOG`` set, every step is also appended to that file as one JSON
+    line (``pid``, ``epoch``, global ``step`` counted from 1, ``loss`` as an exact float, ``lr``).
+    """
 
     def __init__(self, total: int, epoch: int, epochs: int, interval: int, enabled: bool = True) -> None:
         self.total = total
+        self.epoch = epoch
         self.prefix = f"epoch {epoch}/{epochs}"
         self.interval = interval
         self.enabled = enabled
         self.tty = sys.stdout.isatty()
         self.start = time.perf_counter()
         self.done = 0
+        self.step_log = os.environ.get(STEP_LOG_ENV) if enabled else None
 
     def update(self, step: int, loss: float, lr: float, images: int) -> None:
         if not self.enabled:
             return
+        if self.step_log:
+            self._log_step(step, loss, lr)
         self.done += images
         elapsed = time.perf_counter() - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
@@ -304,3 +322,25 @@ class Progress:
             sys.stdout.flush()
         elif step % self.interval == 0 or step == self.total:
             print(text, flush=True)
+
+    def _log_step(self, step: int, loss: float, lr: float) -> None:
+        record = {"pid": os.getpid(), "epoch": self.epoch, "step": (self.epoch - 1) * self.total + step,
+                  "loss": float(loss), "lr": float(lr)}
+        # one write() on an O_APPEND descriptor, as MetricsLog: a kill leaves whole lines (or one cut-off last line)
+        fd = os.open(self.step_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))
+        finally:
+            os.close(fd)
+
+
+def read_step_log(path: str | os.PathLike) -> list[dict]:
+    """The complete records of a ``$MINDCV_POOLFORMER_STEP_LOG`` file, in order (a cut-off line is dropped)."""
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
