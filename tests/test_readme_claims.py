@@ -14,6 +14,7 @@ The loss under O2 and the Trainer-level claims (EMA/loss-scale resume, corrupt i
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -22,13 +23,14 @@ import textwrap
 import mindspore as ms
 import numpy as np
 import pytest
-from conftest import require_kernel_library
 from mindspore import ParameterTuple, Tensor, nn
 
 from mindcv_poolformer.config import load_config
 from mindcv_poolformer.train import step as step_mod
 from mindcv_poolformer.train.optim import create_optimizer
 from mindcv_poolformer.train.run_io import METRIC_FIELDS, MetricsLog
+
+from conftest import require_kernel_library
 
 BATCH, FEATURES, CLASSES = 4, 8, 4
 
@@ -144,8 +146,6 @@ def test_metrics_csv_line_cut_short_is_ignored_and_the_next_row_starts_fresh(tmp
     assert [r["epoch"] for r in log.rows()] == ["1", "2", "3"]
     lines = log.csv_path.read_text().splitlines()
     # csv.reader is the independent reference: every line but the cut one is a full row of the header's width
-    import csv
-
     parsed = list(csv.reader(lines))
     assert parsed[0] == list(METRIC_FIELDS)
     assert [len(r) for r in parsed] == [len(METRIC_FIELDS)] * 2 + [3] + [len(METRIC_FIELDS)] * 2, lines
