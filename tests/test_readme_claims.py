@@ -209,3 +209,38 @@ def test_kernel_threads_env_sets_the_threads_the_kernels_start():
     if len(cpus) >= 2:
         assert _extra_threads(library, None, f"{cpus[0]},{cpus[1]}") == 1
         assert _extra_threads(library, "1", f"{cpus[0]},{cpus[1]}") == 0, "the variable must win over the CPU count"
+
+
+# ---------------------------------------------------------------- the loss in fp32 under O2, compiled
+
+@pytest.mark.parametrize("policy", ["CPU", "Ascend"])
+def test_o2_loss_inside_the_compiled_train_step_is_float32(policy):
+    """GRAPH: the step's loss equals float64 cross entropy of the O2 network's logits, which sit at ~1000.
+
+    There float16's spacing is 0.5, so a float16 ``log_softmax``/mean is off by ~1e-3 of the loss; float32
+    by ~1e-6. (PYNATIVE, where each op's input dtype can be seen, is in test_readme_claims_train.py.)
+    """
+    from mindcv_poolformer.amp import apply_amp
+    from mindcv_poolformer.models.metaformer import MetaFormer
+    from mindcv_poolformer.train.loss import create_loss
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_seed(0)
+    net = MetaFormer((1, 1, 1, 1), (16, 16, 16, 16), num_classes=10)
+    rng = np.random.default_rng(0)
+    net.head.bias.set_data(Tensor((1000.0 + 3 * rng.standard_normal(10)).astype(np.float32)))
+    amp_net = apply_amp(net, "O2", device_target=policy)
+    x = Tensor(rng.standard_normal((4, 3, 32, 32)).astype(np.float32))
+    targets = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 4)] * 0.9 + 0.01
+    amp_net.set_train(True)
+    logits = amp_net(x).asnumpy().astype(np.float64)
+    cfg = load_config(overrides={"opt": "momentum", "momentum": 0.0, "weight_decay": 0.0})
+    optimizer = create_optimizer(net, cfg, 1e-3)
+    step = step_mod.TrainStep(step_mod.WithLoss(amp_net, create_loss("CE")), optimizer,
+                              step_mod.LossScaleState(2.0 ** 10, dynamic=True))
+    step.set_train(True)
+    loss, applied = step(x, Tensor(targets))
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    ref = float(-(targets * (shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True)))).sum(axis=1).mean())
+    assert loss.dtype == ms.float32 and bool(applied.asnumpy())
+    assert abs(float(loss.asnumpy()) - ref) <= 1e-5 * max(1.0, abs(ref)), (float(loss.asnumpy()), ref)
