@@ -244,3 +244,37 @@ def test_o2_loss_inside_the_compiled_train_step_is_float32(policy):
     ref = float(-(targets * (shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True)))).sum(axis=1).mean())
     assert loss.dtype == ms.float32 and bool(applied.asnumpy())
     assert abs(float(loss.asnumpy()) - ref) <= 1e-5 * max(1.0, abs(ref)), (float(loss.asnumpy()), ref)
+
+
+# ---------------------------------------------------------------- two signals within one compiled step
+
+_TWO_SIGNALS = textwrap.dedent("""
+    import os, signal, threading, time
+    import numpy as np
+    from mindcv_poolformer.train.trainer import StopSignals
+
+    data = np.random.default_rng(0).random(15_000_000)
+    sorting = threading.Event()
+
+    def two_signals():  # back to back (microseconds apart) while the main thread is inside np.sort
+        sorting.wait()
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with StopSignals() as signals:
+        sender = threading.Thread(target=two_signals)
+        sender.start()
+        sorting.set()
+        np.sort(data)  # releases the GIL and does not return to the interpreter for ~1 s, as a compiled step
+        sender.join()
+        print("received", signals.received, flush=True)
+""")
+
+
+def test_two_signals_within_one_step_count_as_one():
+    """The README's wording: handlers run between steps, so two signals during one step are one stop request."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    done = subprocess.run([sys.executable, "-c", _TWO_SIGNALS], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "received SIGTERM" in done.stdout, (done.returncode, done.stderr[-2000:])
+    assert "second SIGTERM" not in done.stderr
