@@ -181,7 +181,7 @@ _THREAD_PROBE = textwrap.dedent("""
     sampler = threading.Thread(target=sample)
     sampler.start()
     ready.wait()
-    for _ in range(60):  # ctypes releases the GIL: the sampler runs while the kernel's threads live
+    for _ in range(150):  # ctypes releases the GIL: the sampler runs while the kernel's threads live
         assert lib.AllFinite(2, params, ndims, shapes, dtypes, None, None) == 0 and out[0]
     done.set()
     sampler.join()
@@ -213,8 +213,7 @@ def test_kernel_threads_env_sets_the_threads_the_kernels_start():
 
 # ---------------------------------------------------------------- the loss in fp32 under O2, compiled
 
-@pytest.mark.parametrize("policy", ["CPU", "Ascend"])
-def test_o2_loss_inside_the_compiled_train_step_is_float32(policy):
+def test_o2_loss_inside_the_compiled_train_step_is_float32():
     """GRAPH: the step's loss equals float64 cross entropy of the O2 network's logits, which sit at ~1000.
 
     There float16's spacing is 0.5, so a float16 ``log_softmax``/mean is off by ~1e-3 of the loss; float32
@@ -229,7 +228,7 @@ def test_o2_loss_inside_the_compiled_train_step_is_float32(policy):
     net = MetaFormer((1, 1, 1, 1), (16, 16, 16, 16), num_classes=10)
     rng = np.random.default_rng(0)
     net.head.bias.set_data(Tensor((1000.0 + 3 * rng.standard_normal(10)).astype(np.float32)))
-    amp_net = apply_amp(net, "O2", device_target=policy)
+    amp_net = apply_amp(net, "O2", device_target="CPU")  # the loss is outside the network under either policy
     x = Tensor(rng.standard_normal((4, 3, 32, 32)).astype(np.float32))
     targets = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 4)] * 0.9 + 0.01
     amp_net.set_train(True)
