@@ -24,7 +24,7 @@ import yaml
 
 from ._atomic import atomic_write_text
 from .errors import ConfigError
-from .models.registry import list_models
+from .models.registry import list_models, model_info
 
 __all__ = ["ConfigError", "Option", "SCHEMA", "INERT_KEYS", "MINDCV_KEYS", "MINDCV_DEFAULTS", "Config",
            "is_mindcv_recipe", "load_config", "parse_cli", "format_help"]
@@ -513,7 +513,6 @@ _SEGMENTATION_DATASETS = ("ade20k", "texture_mosaics")
 
 def _resolve_task(cfg: Config, explicit: set[str]) -> None:
     """``task: auto`` becomes the model's task; a segmentation run defaults to ADE20K data; mismatches are refused."""
-    from .models.registry import model_info
 
     model_task = model_info(cfg.model).task
     if cfg["task"] == "auto":

@@ -21,8 +21,7 @@ from train_helpers import make_tiny_folder, tiny_overrides
 
 from mindcv_poolformer import transforms
 from mindcv_poolformer.config import load_config
-from mindcv_poolformer.evaluate import list_image_folder
-from mindcv_poolformer.train.data import epoch_order
+from mindcv_poolformer.data.listing import epoch_order, list_image_folder
 from mindcv_poolformer.train.trainer import Trainer
 
 # two S12 training runs and two more Trainer start-ups: ~40 s of CPU, 2-4 min on the shared 2-core host

@@ -41,7 +41,7 @@ def _install(hook: str) -> None:
 
         ms.save_checkpoint = save_half
     elif kind == "validate":
-        import mindcv_poolformer.train.trainer as evaluate_module  # the name the trainer calls
+        import mindcv_poolformer.train.tasks as evaluate_module  # the name the classification task calls
 
         real_evaluate = evaluate_module.evaluate
 

@@ -66,7 +66,7 @@ def _worker(argv: list[str]) -> int:
     """``train.py`` with the tiny model registered and phase markers (and slowed writes) installed."""
     sys.path.insert(0, str(REPO))
     import mindcv_poolformer  # noqa: F401  (the oneDNN setting, as train.py)
-    import mindcv_poolformer.evaluate as evaluate_module
+    import mindcv_poolformer.train.tasks as evaluate_module  # the name the classification task calls
     from mindcv_poolformer.models.metaformer import MetaFormer
     from mindcv_poolformer.models.registry import register_model
 
