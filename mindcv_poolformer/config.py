@@ -26,8 +26,8 @@ from ._atomic import atomic_write_text
 from .errors import ConfigError
 from .models.registry import list_models, model_info
 
-__all__ = ["ConfigError", "Option", "SCHEMA", "INERT_KEYS", "MINDCV_KEYS", "MINDCV_DEFAULTS", "Config",
-           "is_mindcv_recipe", "load_config", "parse_cli", "format_help"]
+__all__ = ["ConfigError", "Option", "SCHEMA", "SECTIONS", "INERT_KEYS", "MINDCV_KEYS", "MINDCV_DEFAULTS", "Config",
+           "is_mindcv_recipe", "load_config", "parse_cli", "format_help", "script_accepts"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
@@ -578,12 +578,60 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     return cfg
 
 
+# The schema is one, in sections: a recipe holds keys of every script and loads in each of them (MindCV
+# recipes serve train.py and validate.py alike), but a command-line flag must belong to the script it is
+# given to, so `train.py --onnx x` is an error instead of a silently ignored option. A key outside the
+# sections below is shared by every script.
+_TRAIN_GROUPS = frozenset({"loss", "optimizer", "scheduler", "checkpoint"})
+_EVAL_PREPROCESSING = frozenset({"image_resize", "interpolation", "crop_pct", "mean", "std"})
+SECTIONS: dict[str, frozenset[str]] = {
+    "train": frozenset({"seed", "val_while_train", "val_interval", "log_interval", "train_split", "shuffle",
+                        "num_samples", "drop_remainder", "aug_repeats", "aug_splits", "deterministic_augment",
+                        "drop_rate", "drop_path_rate", "ema", "ema_decay", "val_amp_level"}),
+    "eval": frozenset({"val_amp_level", "json", "eval_shuffle"}),
+    "export": frozenset({"file_format", "file_name", "labels", "overwrite"}),
+    "predict": frozenset({"labels", "topk", "mindir", "onnx", "output_dir", "json"}),
+}
+SCRIPT_SECTIONS = {"train.py": ("train",), "validate.py": ("eval",), "export.py": ("export",),
+                   "predict": ("predict",)}
+_MINDCV_SCRIPTS = ("train.py", "validate.py")
+
+
+def _key_sections(key: str) -> frozenset[str]:
+    """The sections ``key`` belongs to; empty for a shared key."""
+    opt = SCHEMA[key]
+    own = {name for name, keys in SECTIONS.items() if key in keys}
+    if opt.group in _TRAIN_GROUPS or (opt.group == "augmentation" and key not in _EVAL_PREPROCESSING):
+        own.add("train")
+    return frozenset(own)
+
+
+def script_accepts(prog: str, key: str) -> bool:
+    """Whether ``key`` is a command-line option of script ``prog`` (any key for a script not listed).
+
+    MindCV's train.py and validate.py share one parser, so every MindCV key stays a flag of both.
+    """
+    own = SCRIPT_SECTIONS.get(prog)
+    if own is None or (prog in _MINDCV_SCRIPTS and key in MINDCV_KEYS):
+        return True
+    sections = _key_sections(key)
+    return not sections or bool(sections.intersection(own))
+
+
+def _check_script_keys(prog: str, keys: Sequence[str]) -> None:
+    for key in keys:
+        if not script_accepts(prog, key):
+            owners = sorted(script for script, own in SCRIPT_SECTIONS.items() if script_accepts(script, key))
+            raise ConfigError(f"--{key} is an option of {' and '.join(owners)}, not of {prog} "
+                              f"(see {prog} --help; in a recipe file it is fine)")
+
+
 def format_help(prog: str, description: str) -> str:
-    """Grouped ``--key`` help for every schema key."""
+    """Grouped ``--key`` help for every key ``prog`` takes on its command line."""
     lines = [f"usage: {prog} [-c|--config RECIPE.yaml] [--key value ...]", "", description, ""]
     group = None
     for key, opt in SCHEMA.items():
-        if opt.inert:
+        if opt.inert or not script_accepts(prog, key):
             continue
         if opt.group != group:
             group = opt.group
@@ -633,4 +681,5 @@ def parse_cli(argv: Sequence[str] | None = None, prog: str | None = None, descri
         else:
             cli[key] = value
         i += 1
+    _check_script_keys(prog, list(cli))
     return load_config(config_path, cli_overrides=cli, defaults=defaults)

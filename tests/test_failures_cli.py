@@ -148,6 +148,11 @@ CASES = [
     case("train.py", ["--config", "{ws}/typo.yaml"],
          "unknown config key 'lr_scale_bacth' in {ws}/typo.yaml; did you mean lr_scale_batch?"),
     case("validate.py", ["--bogus", "1"], "unknown option --bogus; --help lists every valid key"),
+    # each script takes only its own flags (a recipe may hold every script's keys)
+    case("train.py", ["--onnx", "{out}/x.onnx"], "--onnx is an option of predict, not of train.py"),
+    case("validate.py", ["--max_nonfinite_steps", "3"], "--max_nonfinite_steps is an option of train.py, not of "
+         "validate.py"),
+    case("export.py", ["--topk", "3"], "--topk is an option of predict, not of export.py"),
     case("train.py", ["--batch_size", "four"], "batch_size: expected an integer, got 'four'"),
     case("train.py", ["--config", "{ws}/wrong_type.yaml"], "epoch_size: expected an integer, got [3]"),
     case("train.py", ["--lr", "-0.001"], "lr: -0.001 is out of range (must be > 0)"),

@@ -111,3 +111,38 @@ def test_saved_config_roundtrip(tmp_path):
     assert load_config(tmp_path / "mindcv.yaml") == mindcv
     assert load_config(overrides={"auto_augment": None}).auto_augment is None
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"] == "poolformer_s12"
+
+
+def test_each_script_takes_its_own_flags_and_every_recipe():
+    """Sections of the one schema: flags belong to scripts, recipe files load everywhere."""
+    from mindcv_poolformer.config import SCHEMA, SCRIPT_SECTIONS, parse_cli, script_accepts
+
+    assert all(any(script_accepts(p, k) for p in SCRIPT_SECTIONS) for k in SCHEMA)
+    assert script_accepts("train.py", "lr") and not script_accepts("export.py", "lr")
+    assert script_accepts("validate.py", "lr")  # a MindCV key: MindCV's scripts share one parser
+    assert not script_accepts("validate.py", "max_nonfinite_steps") and not script_accepts("train.py", "onnx")
+    assert script_accepts("export.py", "overwrite") and script_accepts("train.py", "overwrite")
+    assert script_accepts("validate.py", "crop_pct") and script_accepts("predict", "model")
+    with pytest.raises(ConfigError, match=r"^--onnx is an option of predict, not of train.py"):
+        parse_cli(["--onnx", "x.onnx"], prog="train.py")
+    with pytest.raises(ConfigError, match=r"^--cooldown_epochs is an option of train.py, not of validate.py"):
+        parse_cli(["--cooldown_epochs", "3"], prog="validate.py")
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "poolformer" / "poolformer_s12_ascend.yaml")
+    cfg = parse_cli(["--config", recipe, "--ckpt_path", "w.ckpt"], prog="validate.py")  # holds train keys
+    assert cfg.epoch_size == load_config(recipe).epoch_size
+
+
+@pytest.mark.parametrize("model,drop_path,crop", [("poolformer_s36", 0.2, 0.9), ("poolformer_m48", 0.4, 0.95),
+                                                  ("fpn_poolformer_s12", 0.0, 0.9)])
+def test_train_defaults_come_from_the_model_record(monkeypatch, model, drop_path, crop):
+    """train.py without a recipe trains at the paper's drop path (and validates at its crop); flags win."""
+    import mindcv_poolformer.train.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "configure_device", lambda cfg: "device: test")
+    monkeypatch.setattr(cli, "init_distributed", lambda *a: None)
+    monkeypatch.setattr(cli, "preflight", lambda cfg: None)
+    monkeypatch.setattr(cli, "train", seen.append)
+    assert cli.main(["--model", model]) == 0
+    assert cli.main(["--model", model, "--drop_path_rate", "0.05", "--crop_pct", "1.0"]) == 0
+    assert [(c.drop_path_rate, c.crop_pct) for c in seen] == [(drop_path, crop), (0.05, 1.0)]

@@ -11,9 +11,10 @@ from .._script import run_script
 from ..checkpoint import check_checkpoint, resolve_pretrained
 from ..config import Config, ConfigError, parse_cli
 from ..distributed import init_distributed
+from ..models.registry import model_info
 from .trainer import apply_mindcv_resume, train
 
-__all__ = ["main", "preflight"]
+__all__ = ["main", "model_defaults", "preflight"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
@@ -41,9 +42,19 @@ def preflight(cfg: Config) -> None:
         check_checkpoint(source, cfg["model"])
 
 
-def _main(argv: list[str]) -> int:
+def model_defaults(model: str) -> dict:
+    """The registry's facts that a recipe or flag may override: drop path rate and eval crop_pct.
 
-    cfg = parse_cli(argv, prog="train.py", description=DESCRIPTION)
+    Without them ``train.py --model poolformer_s36`` would train at the schema's drop path 0.0
+    instead of the paper's 0.2 and validate at another crop than validate.py does.
+    """
+    info = model_info(model)
+    return {"drop_path_rate": info.drop_path_rate, "crop_pct": info.crop_pct}
+
+
+def _main(argv: list[str]) -> int:
+    first = parse_cli(argv, prog="train.py", description=DESCRIPTION)
+    cfg = parse_cli(argv, prog="train.py", defaults=model_defaults(first.model))
     _LOG.info("%s", configure_device(cfg))
     # communication before the first Tensor/Parameter (MindSpore's rule on Ascend); the trainer reuses it
     init_distributed(cfg["distribute"], cfg["device_target"])
