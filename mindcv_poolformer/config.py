@@ -587,7 +587,8 @@ _EVAL_PREPROCESSING = frozenset({"image_resize", "interpolation", "crop_pct", "m
 SECTIONS: dict[str, frozenset[str]] = {
     "train": frozenset({"seed", "val_while_train", "val_interval", "log_interval", "train_split", "shuffle",
                         "num_samples", "drop_remainder", "aug_repeats", "aug_splits", "deterministic_augment",
-                        "drop_rate", "drop_path_rate", "ema", "ema_decay", "val_amp_level"}),
+                        "drop_rate", "drop_path_rate", "ema", "ema_decay", "val_amp_level", "seg_crop_size",
+                        "seg_ratio_range", "cat_max_ratio", "seg_photometric", "head_dropout", "sync_bn"}),
     "eval": frozenset({"val_amp_level", "json", "eval_shuffle"}),
     "export": frozenset({"file_format", "file_name", "labels", "overwrite"}),
     "predict": frozenset({"labels", "topk", "mindir", "onnx", "output_dir", "json"}),
