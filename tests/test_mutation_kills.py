@@ -98,9 +98,11 @@ class TestConfig:
         assert load_config(overrides={"epoch_size": 4.0}).epoch_size == 4
         lr = load_config(overrides={"lr": 2, "shuffle": 0, "ema": 1})
         assert type(lr.lr) is float and lr.lr == 2.0 and (lr.shuffle, lr.ema) == (False, True)
-        for key, bad in (("epoch_size", 2.5), ("epoch_size", True), ("lr", "fast"), ("shuffle", 2),
-                         ("shuffle", "maybe"), ("lr", [1.0]), ("epoch_size", "3.0")):
-            with pytest.raises(ConfigError, match=rf"^{key}: expected"):
+        for key, bad, what in (("epoch_size", 2.5, "an integer"), ("epoch_size", True, "an integer"),
+                               ("lr", "fast", "a number"), ("shuffle", 2, "true/false"),
+                               ("shuffle", "maybe", "true/false"), ("lr", [1.0], "a number"),
+                               ("epoch_size", "3.0", "an integer")):
+            with pytest.raises(ConfigError, match=rf"^{key}: expected {what}, got {re.escape(repr(bad))}$"):
                 load_config(overrides={key: bad})
 
     def test_none_means_null_empty_or_an_error(self):
@@ -120,7 +122,7 @@ class TestConfig:
         assert load_config(overrides={"color_jitter": 0.4, "ratio": (1, 2)}).color_jitter == [0.4]
         with pytest.raises(ConfigError, match=r"^scale: expected 2 numbers, got 3 \('0.1,0.2,0.3'\)$"):
             load_config(cli_overrides={"scale": "0.1,0.2,0.3"})
-        for bad in ("a,b", {"x": 1}, True):
+        for bad in ("a,b", {"x": 1}, True, "X0.1,0.5"):
             with pytest.raises(ConfigError, match=r"^color_jitter: expected a list of numbers"):
                 load_config(overrides={"color_jitter": bad})
 
@@ -148,8 +150,9 @@ class TestConfig:
         assert (cfg.opt, cfg.device_target, cfg.file_format, cfg.mode) == ("adamw", "CPU", "ONNX", 0)
         with pytest.raises(ConfigError, match=r"^mode: 2 is not one of 0, 1$"):
             load_config(overrides={"mode": 2})
-        with pytest.raises(ConfigError, match=r"^loss: 'focal' is not one of CE, BCE$"):
-            load_config(overrides={"loss": "focal"})
+        for bad in ("focal", "XX"):
+            with pytest.raises(ConfigError, match=rf"^loss: '{bad}' is not one of CE, BCE$"):
+                load_config(overrides={"loss": bad})
 
     def test_unknown_keys_name_the_closest(self):
         with pytest.raises(ConfigError, match=r"^unknown config key 'lr_scale_bacth' in overrides; "
@@ -163,8 +166,19 @@ class TestConfig:
         with pytest.raises(ConfigError, match=r"^model: unknown model 'zzzzzz' \(available: "):
             load_config(overrides={"model": "zzzzzz"})
 
-    def test_re_value_random_is_pixel_mode(self):
-        cfg = load_config(overrides={"re_mode": "const", "re_value": "Random"})
+    def test_each_layer_is_named_and_only_the_command_line_spells_null(self, tmp_path):
+        for layer, where in (("defaults", "script defaults"), ("cli_overrides", "command line")):
+            with pytest.raises(ConfigError, match=rf"^unknown config key 'nope' in {where}; --help lists"):
+                load_config(**{layer: {"nope": "1"}})
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("data_dir: 'none'\n")
+        assert load_config(recipe).data_dir == "none" and load_config(defaults={"data_dir": "null"}).data_dir == "null"
+        assert load_config(recipe, cli_overrides={"data_dir": "none"}).data_dir == ""
+
+    def test_re_value_random_is_pixel_mode(self, tmp_path):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("re_mode: const\nre_value: 3.0\n")
+        cfg = load_config(recipe, overrides={"re_value": "Random"})
         assert (cfg.re_mode, cfg.re_value) == ("pixel", 0.0)
 
     def test_layers_and_recipe_styles(self, tmp_path):
@@ -200,6 +214,10 @@ class TestConfig:
         listed.write_text("- lr\n")
         with pytest.raises(ConfigError, match=r"expected a mapping of key: value, got list$"):
             load_config(listed)
+        control = tmp_path / "control.yaml"
+        control.write_text("lr: 1\x07\n")  # a reader error: YAML gives no line
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(control))}: is not valid YAML \(unacceptable char"):
+            load_config(control)
         empty = tmp_path / "empty.yaml"
         empty.write_text("")
         assert load_config(empty).recipe_defaults == "ours"
@@ -250,19 +268,20 @@ class TestConfig:
 
     def test_log_lines(self, tmp_path, caplog):
         mindcv = tmp_path / "m.yaml"
-        mindcv.write_text("lr: 0.1\nopt: adamw\nepoch_size: 300\n")
+        mindcv.write_text("lr: 0.1\nopt: adamw\nepoch_size: 300\nweight_decay: 0.01\n")
         with caplog.at_level("INFO", logger="mindcv_poolformer"):
             load_config(mindcv, overrides={"enable_modelarts": True, "data_url": ""})
         text = caplog.text
         assert f"{mindcv} is a MindCV recipe: the keys it leaves out take MindCV 0.3.0's defaults: " in text
         assert "val_while_train False (ours True)" in text and "warmup_lr 0.0 (ours 1e-06)" in text
-        assert "epoch_size" not in text.split("defaults:")[1].splitlines()[0]  # given, so not MindCV's default
+        listed = text.split("defaults:")[1].splitlines()[0]
+        assert "epoch_size" not in listed and "weight_decay 0.01" not in listed  # given: not MindCV's defaults
         assert "opt adamw: MindCV's AdamW corrects the moments" in text and "loss_scale_type auto" not in text
         assert "ignoring MindCV keys with no effect here: enable_modelarts\n" in text
         caplog.clear()
         with caplog.at_level("INFO", logger="mindcv_poolformer"):
             load_config(overrides={"recipe_defaults": "mindcv", "loss_scale_type": "auto", "opt": "sgd"})
-        assert "recipe_defaults mindcv: the keys it leaves out" in caplog.text
+        assert any(m.startswith("recipe_defaults mindcv: the keys it leaves out") for m in caplog.messages)
         assert "loss_scale_type auto: MindCV leaves it" in caplog.text and "opt adamw" not in caplog.text
         caplog.clear()
         with caplog.at_level("INFO", logger="mindcv_poolformer"):
@@ -295,6 +314,28 @@ class TestConfig:
         assert out.startswith("usage: train.py [-c|--config RECIPE.yaml] [--key value ...]\n\nTrain it.\n")
         assert "  --opt {adamw,adam,sgd,momentum}  optimizer (default: 'adamw')" in out
         assert "scheduler:\n" in out and "--enable_modelarts" not in out
+
+    def test_saved_config_keeps_the_schema_order(self, tmp_path):
+        import yaml
+
+        from mindcv_poolformer.config import SCHEMA
+
+        load_config(overrides={"lr": 0.5}).dump(tmp_path / "c.yaml")
+        saved = yaml.safe_load((tmp_path / "c.yaml").read_text())
+        assert list(saved) == list(SCHEMA) and saved["lr"] == 0.5  # readable: grouped as --help groups them
+        assert not list(tmp_path.glob("*.tmp-*"))
+
+    def test_parse_cli_reads_sys_argv(self, monkeypatch, capsys):
+        from mindcv_poolformer.config import parse_cli
+
+        monkeypatch.setattr("sys.argv", ["/somewhere/validate.py", "--lr", "0.5", "--ema"])
+        cfg = parse_cli()
+        assert (cfg.lr, cfg.ema) == (0.5, True)
+        monkeypatch.setattr("sys.argv", ["/somewhere/validate.py", "--help"])
+        with pytest.raises(SystemExit):
+            parse_cli()
+        usage = "usage: validate.py [-c|--config RECIPE.yaml] [--key value ...]"
+        assert capsys.readouterr().out.startswith(f"{usage}\n\n\n")  # no description: an empty line
 
     def test_config_attributes(self):
         cfg = load_config()
@@ -350,6 +391,15 @@ class TestCheckpointKeys:
         out, layout = to_canonical(official)
         assert layout == "official" and list(out) == canonical
         assert all(out[c] is official[o] for c, o in zip(canonical, official))
+
+    def test_ours_is_kept_as_it_is(self):
+        from mindcv_poolformer.checkpoint import to_canonical
+
+        canonical = _canonical_s12_names()
+        state = _arrays(canonical)
+        for given in (state, {"backbone." + k: v for k, v in state.items() if not k.startswith(("norm.", "head."))}):
+            out, layout = to_canonical(given)
+            assert layout == "mindspore" and out == given and out is not given  # a new dict, the same arrays
 
     def test_hf_to_canonical_follows_hf_names(self):
         from mindcv_poolformer.checkpoint import to_canonical
@@ -751,7 +801,12 @@ class TestTopK:
         one = ev.evaluate(_FakeNet(logits), three[:1])  # one batch: the whole loop is timed
         assert (one.seconds, one.img_per_s) == (4.0, 0.5)
         empty = ev.evaluate(_FakeNet(logits), None)
-        assert (empty.num_samples, empty.top1, empty.img_per_s) == (0, 0.0, 0.0) and math.isnan(empty.loss)
+        assert (empty.num_samples, empty.top1, empty.top5, empty.img_per_s) == (0, 0.0, 0.0, 0.0)
+        assert math.isnan(empty.loss)
+        ticks = itertools.count(0.0, 0.25)
+        assert ev.evaluate(_FakeNet(logits), three).img_per_s == 16.0  # 4 samples in 0.25 s
+        monkeypatch.setattr(ev.time, "perf_counter", lambda: 7.0)  # a clock that did not move: no rate, no error
+        assert ev.evaluate(_FakeNet(logits), three).img_per_s == 0.0
         skipped = ev.evaluate(_FakeNet(logits), [(images[:2], np.array([-1, -1]))])
         assert (skipped.num_samples, skipped.skipped) == (0, 2) and math.isnan(skipped.loss)
 

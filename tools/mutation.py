@@ -111,6 +111,9 @@ _DEAD_ELSE = ("dead branch: `_decay_value` always gets `length` = decay_len >= 1
               "steps_per_epoch with decay_epochs >= 1), so `cycle_len > 0` always holds")
 _MIOU_SLICE = ("the values binned are already masked to [0, num_classes), so np.bincount(minlength=num_classes) "
                "has exactly num_classes bins and the slice is a no-op either way")
+_WHOLE_MATCH = "the pattern is `^(...)$`, so the whole match m[0] is the one group m[1]"
+_FROM_CLI = ("from_cli only turns 'none'/'null' text into no value; recipe_defaults has choices, so either way "
+             "that text is refused with the same message ('none' is not one of auto, mindcv, ours)")
 _NONNEG_FLOOR = "t, epoch >= 0 and period, cycle_len > 0: int(a / b) == a // b for non-negative a, positive b"
 _SEED_CONTRACT = ("the contract is 'distinct per rank and per epoch' (tested over 16 ranks x 300 epochs) and a "
                   "positive int32; any other such constant or sign keeps it; pinning the value would test our own "
@@ -162,6 +165,27 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
                             "stay below 2**24",
     ("miou", 99, "1 -> 2"): "reshape(-2): numpy 1.x (pinned < 2) takes any negative size as the one inferred "
                             "dimension, so it is reshape(-1)",
+    ("checkpoint", 254, "1 -> 0"): _WHOLE_MATCH,
+    ("checkpoint", 264, "1 -> 0"): _WHOLE_MATCH,
+    ("checkpoint", 265, "1 -> 0"): _WHOLE_MATCH,
+    ("checkpoint", 266, "1 -> 0"): _WHOLE_MATCH,
+    ("config", 291, "1 -> 2"): "get_close_matches(n=2)[0] is the same closest match as n=1",
+    ("config", 321, "or -> and"): "in the schema every key with default None is nullable and every nullable key "
+                                  "defaults to None (checked), so `nullable or default is None` == `... and ...`",
+    ("config", 368, "and -> or"): "only int/float keys have low/high in the schema (checked), so range-checking "
+                                  "bools, strings and lists as well changes nothing",
+    ("config", 431, "True -> False"): _FROM_CLI,
+    ("config", 431, "False -> True"): _FROM_CLI,
+    ("config", 434, "'recipe_defaults' -> 'XX' + 'recipe_defaults'"): "the `source` argument of `_set` (its 4th; "
+                                                                     "the key mutant is killed): it is named only in "
+                                                                     "the unknown-key error, and this key is known",
+    ("config", 455, "> -> >="): "differs only when |warmup_lr - lr * warmup_factor| is exactly 1e-12",
+    ("config", 509, "'MindCV defaults' -> 'XX' + 'MindCV defaults'"): "the source named by an unknown-key error; "
+                                                                      "every MINDCV_DEFAULTS key is a schema key",
+    ("config", 509, "False -> True"): "from_cli only turns 'none'/'null' text into no value; no MINDCV_DEFAULTS value "
+                                      "is such text",
+    ("evaluate", 222, "True -> False"): "flush of the progress line: buffering only, the text is the same",
+    ("config", 490, "1 -> 2"): "get_close_matches(n=2)[0] is the same closest match as n=1",
     ("data", 75, "1 -> 0"): "world < 0 instead of < 1: world == 0 still raises, as no rank satisfies 0 <= rank < 0",
 }
 
