@@ -54,6 +54,11 @@ class TestSchedule:
         np.testing.assert_allclose(lrs, want, rtol=1e-6)
         assert lrs.dtype == np.float32 and len(lrs) == 14
 
+    def test_cooldown_starts_at_epoch_size_even_mid_cosine(self):
+        # decay_epochs longer than the run: the cosine is cut at epoch_size, the cooldown runs at min_lr
+        lrs = build_lr_schedule(_sched(decay_epochs=6, min_lr=0.25, epoch_size=3, cooldown_epochs=2), 1, 1)
+        np.testing.assert_allclose(lrs, [_cosine(t, 6, 1.0, 0.25) for t in range(3)] + [0.25, 0.25], rtol=1e-6)
+
     def test_mindcv_decay_epochs_length(self):
         # MindCV's cosine_decay: decay_epochs fixes the cosine's length; after it, min_lr
         lrs = build_lr_schedule(_sched(warmup_epochs=1, decay_epochs=3, min_lr=0.25, epoch_size=6), 1, 1)
@@ -401,6 +406,7 @@ class TestCheckpointKeys:
             out, layout = to_canonical(given)
             assert layout == "mindspore" and out == given and out is not given  # a new dict, the same arrays
 
+    @pytest.mark.slow  # importing transformers' PoolFormer: 61 s measured on the shared 2-core machine
     def test_hf_to_canonical_follows_hf_names(self):
         from mindcv_poolformer.checkpoint import to_canonical
 
@@ -646,6 +652,27 @@ class TestData:
         want, want_targets = _timm_cutmix(ref, images, _smoothed(labels, 4, 0.1), 1.0)
         np.testing.assert_array_equal(out, want)
         np.testing.assert_allclose(targets, want_targets, rtol=1e-6)
+
+    def test_cutmix_box_is_timms_rand_bbox(self):
+        from mindcv_poolformer.train.data import SoftTargetMixer
+
+        class Fixed:  # the box centre timm would draw, given
+            def __init__(self, *values):
+                self.values = list(values)
+
+            def integers(self, low, high):
+                assert low == 0
+                return self.values.pop(0)
+
+        for lam in (0.99, 0.9, 0.7, 0.5, 0.31, 0.05):
+            for cy, cx in ((0, 0), (3, 7), (6, 10), (11, 19), (5, 0)):
+                height, width = 12, 20
+                cut = np.sqrt(1.0 - lam)  # timm's rand_bbox
+                cut_h, cut_w = int(height * cut), int(width * cut)
+                want = (np.clip(cy - cut_h // 2, 0, height), np.clip(cy + cut_h // 2, 0, height),
+                        np.clip(cx - cut_w // 2, 0, width), np.clip(cx + cut_w // 2, 0, width))
+                got = SoftTargetMixer._cutmix_box(Fixed(cy, cx), lam, height, width)
+                assert got == tuple(int(v) for v in want) and all(type(v) is int for v in got), (lam, cy, cx)
 
     def test_switch_and_prob(self):
         from mindcv_poolformer.train.data import SoftTargetMixer

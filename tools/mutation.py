@@ -114,6 +114,8 @@ _MIOU_SLICE = ("the values binned are already masked to [0, num_classes), so np.
 _WHOLE_MATCH = "the pattern is `^(...)$`, so the whole match m[0] is the one group m[1]"
 _FROM_CLI = ("from_cli only turns 'none'/'null' text into no value; recipe_defaults has choices, so either way "
              "that text is refused with the same message ('none' is not one of auto, mindcv, ours)")
+_BOX_UPPER = ("the box's upper edge (the lower edge's mutant is killed): cy + ch / 2 >= 0, so int() of it, "
+              "taken on return, is cy + ch // 2")
 _NONNEG_FLOOR = "t, epoch >= 0 and period, cycle_len > 0: int(a / b) == a // b for non-negative a, positive b"
 _SEED_CONTRACT = ("the contract is 'distinct per rank and per epoch' (tested over 16 ranks x 300 epochs) and a "
                   "positive int32; any other such constant or sign keeps it; pinning the value would test our own "
@@ -186,6 +188,11 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
                                       "is such text",
     ("evaluate", 222, "True -> False"): "flush of the progress line: buffering only, the text is the same",
     ("config", 490, "1 -> 2"): "get_close_matches(n=2)[0] is the same closest match as n=1",
+    ("schedule", 72, "'cosine_decay' -> 'XX' + 'cosine_decay'"): "the cooldown's shortcut: `_decay_value` of the "
+                                                                  "cosine at t = length is min_lr too (local = 1, "
+                                                                  "cos(pi) = -1), for any number of cycles",
+    ("data", 206, "// -> /"): _BOX_UPPER,
+    ("data", 207, "// -> /"): _BOX_UPPER,
     ("data", 75, "1 -> 0"): "world < 0 instead of < 1: world == 0 still raises, as no rank satisfies 0 <= rank < 0",
 }
 
