@@ -664,7 +664,7 @@ class TestData:
                 assert low == 0
                 return self.values.pop(0)
 
-        for lam in (0.99, 0.9, 0.7, 0.5, 0.31, 0.05):
+        for lam in (0.999, 0.99, 0.9, 0.7, 0.5, 0.31, 0.05):  # 0.999: an empty box at the corner
             for cy, cx in ((0, 0), (3, 7), (6, 10), (11, 19), (5, 0)):
                 height, width = 12, 20
                 cut = np.sqrt(1.0 - lam)  # timm's rand_bbox
