@@ -576,7 +576,7 @@ def _smoothed(labels, classes: int, smoothing: float) -> np.ndarray:
 
 class TestData:
     def test_shards_are_strided_and_trimmed(self):
-        from mindcv_poolformer.train.data import shard_indices
+        from mindcv_poolformer.data.listing import shard_indices
 
         order = np.arange(10, 20)
         assert shard_indices(order, 1, 3).tolist() == [11, 14, 17]  # 10 items -> 9 kept, rank 1 of 3
@@ -590,7 +590,7 @@ class TestData:
                 shard_indices(order, rank, world)
 
     def test_epoch_order(self):
-        from mindcv_poolformer.train.data import epoch_order
+        from mindcv_poolformer.data.listing import epoch_order
 
         assert epoch_order(5, 1, 2, shuffle=False).tolist() == [0, 1, 2, 3, 4]
         order = epoch_order(50, 7, 2)
@@ -600,7 +600,7 @@ class TestData:
         assert not np.array_equal(epoch_order(50, 2, 7), order)  # seed and epoch are not interchangeable
 
     def test_augmentation_seeds(self):
-        from mindcv_poolformer.train.data import augmentation_seed
+        from mindcv_poolformer.data.listing import augmentation_seed
 
         seeds = [augmentation_seed(42, rank, epoch) for rank in range(16) for epoch in range(300)]
         assert len(set(seeds)) == len(seeds) and all(type(s) is int for s in seeds)
@@ -761,7 +761,7 @@ def _reference(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float, fl
 
 class TestTopK:
     def test_batch_metrics_equal_argsort_and_torch(self):
-        from mindcv_poolformer.evaluate import _batch_metrics
+        from mindcv_poolformer.evaluation.classification import _batch_metrics
 
         rng = np.random.default_rng(0)
         logits = (rng.normal(size=(40, 9)) * 30 + 500).astype(np.float32)  # large: softmax must shift
@@ -773,7 +773,7 @@ class TestTopK:
         assert loss == pytest.approx(want_loss * 40, rel=1e-12)
 
     def test_ties_and_few_classes(self):
-        from mindcv_poolformer.evaluate import _batch_metrics
+        from mindcv_poolformer.evaluation.classification import _batch_metrics
 
         # ties count for the true class (fewer than k classes score strictly higher); 3 classes: top-5 is top-3
         logits = np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
@@ -786,7 +786,7 @@ class TestTopK:
         assert _batch_metrics(six, np.array([4, 5]))[:2] == (0, 1)  # rank 5 is in the top 5, rank 6 is not
 
     def test_evaluate_pads_skips_and_averages(self, capsys):
-        from mindcv_poolformer.evaluate import evaluate
+        from mindcv_poolformer.evaluation.classification import evaluate
 
         rng = np.random.default_rng(1)
         logits = rng.normal(size=(11, 7))
@@ -815,7 +815,7 @@ class TestTopK:
     def test_evaluate_throughput_excludes_the_first_batch(self, monkeypatch):
         import itertools
 
-        import mindcv_poolformer.evaluate as ev
+        import mindcv_poolformer.evaluation.classification as ev
 
         ticks = itertools.count(0.0, 2.0)
         monkeypatch.setattr(ev.time, "perf_counter", lambda: next(ticks))
@@ -840,7 +840,7 @@ class TestTopK:
     def test_evaluate_distributed_sums(self, monkeypatch):
         import itertools
 
-        import mindcv_poolformer.evaluate as ev
+        import mindcv_poolformer.evaluation.classification as ev
 
         calls = []
 
@@ -851,7 +851,7 @@ class TestTopK:
                 other[2] += 1.0
             return values + other
 
-        monkeypatch.setattr(ev, "_all_reduce", two_ranks)
+        monkeypatch.setattr(ev, "all_reduce_sum", two_ranks)
         logits = np.eye(3) * 5
         images = np.arange(3, dtype=np.float32)[:, None, None, None] * np.ones((1, 1, 2, 2), np.float32)
         ticks = itertools.count(0.0, 2.0)
@@ -867,7 +867,7 @@ class TestTopK:
         assert (both.img_per_s, both.seconds) == (1.5, 4.5)  # throughput adds up, seconds is the mean
 
     def test_evaluate_reads_a_mindspore_dataset_once(self):
-        from mindcv_poolformer.evaluate import evaluate
+        from mindcv_poolformer.evaluation.classification import evaluate
 
         class Dataset:
             def create_tuple_iterator(self, output_numpy, num_epochs):
