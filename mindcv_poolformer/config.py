@@ -435,10 +435,15 @@ def _read_recipe(path: str | os.PathLike) -> Mapping[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
             recipe = yaml.safe_load(fh) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); save the recipe as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        # a scanner error has a `problem`, a reader error (e.g. a control character) a `reason`
+        detail = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where} is not valid YAML ({detail})") from None
     if not isinstance(recipe, Mapping):
         raise ConfigError(f"{path}: expected a mapping of key: value, got {type(recipe).__name__}")
     return recipe

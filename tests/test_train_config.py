@@ -146,3 +146,17 @@ def test_train_defaults_come_from_the_model_record(monkeypatch, model, drop_path
     assert cli.main(["--model", model]) == 0
     assert cli.main(["--model", model, "--drop_path_rate", "0.05", "--crop_pct", "1.0"]) == 0
     assert [(c.drop_path_rate, c.crop_pct) for c in seen] == [(drop_path, crop), (0.05, 1.0)]
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"lr: 0.1\nmodel: poolformer_s12\xff\n", "not a UTF-8 text file (byte 0xff at offset 29)"),
+    (b"lr: 0.1\nmodel: \x07\n", "is not valid YAML (special characters are not allowed)"),
+    (b"lr: [0.1\n", "line 2 is not valid YAML"),
+])
+def test_unreadable_recipes_are_one_line_errors(tmp_path, content, needle):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(recipe))
+    message = str(err.value)
+    assert needle in message and "\n" not in message
