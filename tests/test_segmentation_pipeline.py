@@ -12,6 +12,7 @@ import functools
 import numpy as np
 import pytest
 
+from mindcv_poolformer._script import user_error_message
 from mindcv_poolformer.config import ConfigError
 from mindcv_poolformer.data import seg_transforms as st
 from mindcv_poolformer.data.ade20k import list_ade20k
@@ -249,8 +250,11 @@ def test_dataset_errors(tmp_path):
     values = [int(v) // 8 for b in _batches(listing, **plain) for v in b[0][:, 0, 0, 0]]
     assert values == [0, 2, 2, 3]  # the corrupt file's slot takes the next readable pair
     bad = _write_ade(tmp_path / "b", 4, bad_label=9)
-    with pytest.raises(RuntimeError, match="label value 9"):
+    with pytest.raises(RuntimeError, match="label value 9") as err:
         _batches(bad, strict=False)
+    # the scripts' one-line error (exit code 2) finds it inside MindSpore's wrapping
+    message = user_error_message(err.value)
+    assert message.startswith("data: ") and "000.png has label value 9" in message and "\n" not in message
 
 
 def _flip_direction(replay: Replay) -> str | None:
