@@ -131,8 +131,8 @@ def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, 
 
 # OpenCV's 8-bit RGB2HSV tables (color_hsv.simd.hpp): 12-bit fixed point, rounded with cvRound
 _HSV_SHIFT = 12
-_SDIV = np.concatenate([[0], np.rint((255 << _HSV_SHIFT) / np.arange(1, 256, dtype=np.float64))]).astype(np.int64)
-_HDIV180 = np.concatenate([[0], np.rint((180 << _HSV_SHIFT) / (6.0 * np.arange(1, 256)))]).astype(np.int64)
+_SDIV = np.concatenate([[0], np.rint((255 << _HSV_SHIFT) / np.arange(1, 256, dtype=np.float64))]).astype(np.int32)
+_HDIV180 = np.concatenate([[0], np.rint((180 << _HSV_SHIFT) / (6.0 * np.arange(1, 256)))]).astype(np.int32)
 # sector -> which of (v, v(1-s), v(1-sh), v(1-s(1-h))) is (b, g, r), as OpenCV's sector_data
 _SECTORS = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])
 # OpenCV's 8-bit HSV2RGB runs each row in SIMD blocks of 4 float vectors (32 pixels with AVX2, the
@@ -143,15 +143,17 @@ _CV_SIMD_PIXELS = 32
 
 def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
     """OpenCV ``cvtColor(RGB2HSV)`` of uint8 (mmcv ``bgr2hsv`` of the BGR image): H in [0, 180), S and V in [0, 255]."""
-    rgb = image.astype(np.int64)
+    rgb = image.astype(np.int32)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     v = rgb.max(axis=-1)
     diff = v - rgb.min(axis=-1)
-    s = (diff * _SDIV[v] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
+    out = np.empty(image.shape, np.uint8)
+    out[..., 2] = v
+    out[..., 1] = (diff * _SDIV[v] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
     h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
     h = (h * _HDIV180[diff] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
-    h = np.where(h < 0, h + 180, h)
-    return np.stack([np.clip(h, 0, 255), s, v], axis=-1).astype(np.uint8)
+    out[..., 0] = np.where(h < 0, h + 180, h)
+    return out
 
 
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
