@@ -7,9 +7,12 @@ scale, box, coin flips and factors, and the outputs must then be equal (max diff
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
+from mindcv_poolformer._script import user_error_message
 from mindcv_poolformer.config import ConfigError
 from mindcv_poolformer.data import seg_transforms as st
 from mindcv_poolformer.data.ade20k import list_ade20k
@@ -247,5 +250,51 @@ def test_dataset_errors(tmp_path):
     values = [int(v) // 8 for b in _batches(listing, **plain) for v in b[0][:, 0, 0, 0]]
     assert values == [0, 2, 2, 3]  # the corrupt file's slot takes the next readable pair
     bad = _write_ade(tmp_path / "b", 4, bad_label=9)
-    with pytest.raises(RuntimeError, match="label value 9"):
+    with pytest.raises(RuntimeError, match="label value 9") as err:
         _batches(bad, strict=False)
+    # the scripts' one-line error (exit code 2) finds it inside MindSpore's wrapping
+    message = user_error_message(err.value)
+    assert message.startswith("data: ") and "000.png has label value 9" in message and "\n" not in message
+
+
+def _flip_direction(replay: Replay) -> str | None:
+    return "horizontal" if replay.random_sample() < 0.5 else None
+
+
+def test_whole_pipeline_equals_mmseg(monkeypatch, mmseg_transforms):
+    """mmseg's train pipeline + SegDataPreProcessor, all draws from one replayed stream, = ``SegTrainTransform``."""
+    torch = require("torch")
+    from mmcv.transforms import RandomResize
+    from mmengine.structures import PixelData
+    from mmseg.models.data_preprocessor import SegDataPreProcessor
+    from mmseg.structures import SegDataSample
+
+    from mindcv_poolformer.data.ade20k import ADE20K_MEAN, ADE20K_STD
+
+    image, label = _photo(), _blocks(200, 300, 5, block=12)
+    crop = (96, 128)
+    ours_t = st.SegTrainTransform(crop, scale=(400, 100), ratio_range=(0.5, 2.0), cat_max_ratio=0.75)
+    pre = SegDataPreProcessor(mean=list(ADE20K_MEAN), std=list(ADE20K_STD), bgr_to_rgb=True, size=crop, pad_val=0,
+                              seg_pad_val=255)
+    for seed in range(8):
+        ours_img, ours_lab = ours_t(image, label, np.random.default_rng(seed))
+        replay = Replay(seed)
+        monkeypatch.setattr(np.random, "random_sample", replay.random_sample)
+        monkeypatch.setattr(np.random, "randint", replay.randint)
+        monkeypatch.setattr(mmseg_transforms, "random", replay)
+        flip = mmseg_transforms.RandomFlip(prob=0.5)
+        flip._choose_direction = functools.partial(_flip_direction, replay)  # mmcv draws np.random.choice
+        results = {"img": image[..., ::-1].copy(), "gt_seg_map": label.copy(), "seg_fields": ["gt_seg_map"],
+                   "img_shape": image.shape[:2]}
+        for t in (RandomResize(scale=(400, 100), ratio_range=(0.5, 2.0), keep_ratio=True),
+                  mmseg_transforms.RandomCrop(crop, cat_max_ratio=0.75), flip,
+                  mmseg_transforms.PhotoMetricDistortion()):
+            results = t.transform(results)
+        seg = torch.from_numpy(results["gt_seg_map"][None].astype(np.int64))
+        sample = SegDataSample(gt_sem_seg=PixelData(data=seg))
+        out = pre({"inputs": [torch.from_numpy(results["img"].transpose(2, 0, 1).copy())], "data_samples": [sample]},
+                  training=True)
+        ref_img = out["inputs"][0].numpy()
+        ref_lab = out["data_samples"][0].gt_sem_seg.data[0].numpy()
+        assert np.array_equal(ours_lab, ref_lab), seed
+        assert np.abs(ours_img - ref_img).max() < 1e-5, seed

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError
-from ..train.data import augmentation_seed, epoch_order, shard_indices
 from .ade20k import ADE20K_MEAN, ADE20K_STD, IGNORE_INDEX, CorruptFileError, SegmentationList, load_sample
 from .seg_transforms import SegTrainTransform
 
@@ -82,6 +81,9 @@ def build_segmentation_train_dataset(listing: SegmentationList, *, batch_size: i
     so every rank runs as many steps). A rank with fewer samples than ``batch_size`` is an error.
     """
     import mindspore.dataset as ds
+
+    # imported here: ``train/__init__`` imports the trainer, which imports this module
+    from ..train.data import augmentation_seed, epoch_order, shard_indices
 
     order = epoch_order(len(listing.images), seed, epoch, shuffle)
     mine = shard_indices(order, rank, world)

@@ -21,7 +21,9 @@ RGB->HSV, float32 for HSV->RGB) written in numpy for the same reason: MindSpore'
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,13 +40,18 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def _resize(array: np.ndarray, width: int, height: int, nearest: bool) -> np.ndarray:
+@functools.lru_cache(maxsize=512)
+def _resize_op(width: int, height: int, nearest: bool) -> Any:
+    """One C++ ``Resize`` per output size: building one (argument checks) costs more than a small resize."""
     import mindspore.dataset.vision as vision
 
+    return vision.Resize((height, width), vision.Inter.NEAREST if nearest else vision.Inter.LINEAR)
+
+
+def _resize(array: np.ndarray, width: int, height: int, nearest: bool) -> np.ndarray:
     if array.shape[:2] == (height, width):
         return array
-    mode = vision.Inter.NEAREST if nearest else vision.Inter.LINEAR
-    return np.ascontiguousarray(vision.Resize((height, width), mode)(array))
+    return np.ascontiguousarray(_resize_op(width, height, nearest)(array))
 
 
 def rescale_to(image: np.ndarray, label: np.ndarray, scale: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -91,8 +98,15 @@ def crop_bbox(label: np.ndarray, rng: np.random.Generator, crop_size: int | Sequ
     if cat_max_ratio < 1.0:
         for _ in range(10):
             y1, y2, x1, x2 = box
-            values, counts = np.unique(label[y1:y2, x1:x2], return_counts=True)
-            counts = counts[values != ignore_index]
+            crop = label[y1:y2, x1:x2]
+            if crop.dtype == np.uint8:  # np.unique's counts, without its sort
+                counts = np.bincount(crop.ravel(), minlength=256)
+                if 0 <= ignore_index < 256:
+                    counts[ignore_index] = 0
+                counts = counts[counts > 0]
+            else:
+                values, counts = np.unique(crop, return_counts=True)
+                counts = counts[values != ignore_index]
             if len(counts) > 1 and np.max(counts) / np.sum(counts) < cat_max_ratio:
                 break
             box = draw()
@@ -117,8 +131,8 @@ def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, 
 
 # OpenCV's 8-bit RGB2HSV tables (color_hsv.simd.hpp): 12-bit fixed point, rounded with cvRound
 _HSV_SHIFT = 12
-_SDIV = np.concatenate([[0], np.rint((255 << _HSV_SHIFT) / np.arange(1, 256, dtype=np.float64))]).astype(np.int64)
-_HDIV180 = np.concatenate([[0], np.rint((180 << _HSV_SHIFT) / (6.0 * np.arange(1, 256)))]).astype(np.int64)
+_SDIV = np.concatenate([[0], np.rint((255 << _HSV_SHIFT) / np.arange(1, 256, dtype=np.float64))]).astype(np.int32)
+_HDIV180 = np.concatenate([[0], np.rint((180 << _HSV_SHIFT) / (6.0 * np.arange(1, 256)))]).astype(np.int32)
 # sector -> which of (v, v(1-s), v(1-sh), v(1-s(1-h))) is (b, g, r), as OpenCV's sector_data
 _SECTORS = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])
 # OpenCV's 8-bit HSV2RGB runs each row in SIMD blocks of 4 float vectors (32 pixels with AVX2, the
@@ -129,15 +143,17 @@ _CV_SIMD_PIXELS = 32
 
 def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
     """OpenCV ``cvtColor(RGB2HSV)`` of uint8 (mmcv ``bgr2hsv`` of the BGR image): H in [0, 180), S and V in [0, 255]."""
-    rgb = image.astype(np.int64)
+    rgb = image.astype(np.int32)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     v = rgb.max(axis=-1)
     diff = v - rgb.min(axis=-1)
-    s = (diff * _SDIV[v] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
+    out = np.empty(image.shape, np.uint8)
+    out[..., 2] = v
+    out[..., 1] = (diff * _SDIV[v] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
     h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
     h = (h * _HDIV180[diff] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
-    h = np.where(h < 0, h + 180, h)
-    return np.stack([np.clip(h, 0, 255), s, v], axis=-1).astype(np.uint8)
+    out[..., 0] = np.where(h < 0, h + 180, h)
+    return out
 
 
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
