@@ -73,6 +73,30 @@ def test_config_selects_the_task():
         load_config(overrides={"model": "fpn_poolformer_s12", "dataset": "digits"})
 
 
+def test_metrics_log_rows_by_step_and_old_files(tmp_path):
+    """Iteration rows are keyed by step (a replayed one is skipped); a file of the old header still reads and
+    appends in its own columns."""
+    from mindcv_poolformer.train.run_io import METRIC_FIELDS, SEGMENTATION_METRIC_FIELDS, MetricsLog
+
+    log = MetricsLog(tmp_path / "seg", SEGMENTATION_METRIC_FIELDS)
+    (tmp_path / "seg").mkdir()
+    row = {"epoch": 1, "step": 4, "train_loss": 0.5, "lr": 1e-3, "val_miou": 50.0, "val_aacc": 80.0,
+           "val_macc": 60.0, "img_per_s": 10.0, "epoch_time": 1.0}
+    log.append(row, key="step")
+    log.append(dict(row, step=8, val_miou=55.0), key="step")  # same data epoch, another row
+    log.append(dict(row, step=8, val_miou=99.0), key="step")  # replayed after a kill: skipped
+    assert [(r["step"], r["val_miou"]) for r in log.rows()] == [("4", "50.0"), ("8", "55.0")]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.csv").write_text(",".join(METRIC_FIELDS) + "\n1,10,2.0,0.001,50.0,90.0,12.0,3.0\n")
+    log = MetricsLog(old, SEGMENTATION_METRIC_FIELDS)
+    assert [r["val_top1"] for r in log.rows()] == ["50.0"]
+    log.append({"epoch": 2, "step": 20, "train_loss": 1.5, "lr": 1e-3, "val_top1": 60.0, "val_top5": 95.0,
+                "img_per_s": 12.0, "epoch_time": 3.0})
+    lines = (old / "metrics.csv").read_text().splitlines()
+    assert lines[0] == ",".join(METRIC_FIELDS) and len(lines) == 3 and [r["epoch"] for r in log.rows()] == ["1", "2"]
+
+
 @pytest.fixture(scope="module")
 def ade(tmp_path_factory) -> Path:
     return make_tiny_ade(tmp_path_factory.mktemp("ade") / "ADEChallengeData2016")
