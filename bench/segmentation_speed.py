@@ -178,6 +178,8 @@ def _run(what: str, args: argparse.Namespace, workdir: Path, env: dict) -> dict:
     except subprocess.TimeoutExpired:
         return {"status": f"timed out after {args.timeout}s"}
     lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    if proc.returncode < 0:  # e.g. SIGKILL from the kernel's OOM killer, which leaves no Python error
+        return {"status": f"failed: killed by signal {-proc.returncode}"}
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"status": f"failed: {tail[:160]}"}
