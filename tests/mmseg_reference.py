@@ -18,7 +18,10 @@ import types
 
 import numpy as np
 
-from conftest import require
+try:
+    from conftest import require
+except ImportError:  # loaded by bench/segmentation_speed.py, outside pytest: a missing package is an ImportError
+    require = importlib.import_module
 
 _STUBS = ("mmcv.ops", "mmcv.ops.multi_scale_deform_attn", "mmcv.ops.point_sample", "mmcv.ops.nms",
           "mmcv.ops.roi_align", "mmcv.ops.carafe", "torchvision", "torchvision.ops", "torchvision.ops.boxes",
