@@ -191,6 +191,21 @@ SEGMENTATION_OUTPUT = ("logits at stride 4, [N, classes, H/4, W/4] float32 for H
                        "to the original image size and take the argmax over classes, as mmseg does")
 
 
+def _finish(path: str, meta_path: str, meta: dict, ckpt_path: str, diff: float | None, tolerance: float,
+            note: str) -> ExportResult:
+    """Write the sidecar (with the reload check's outcome), then refuse an artifact that failed the check.
+
+    The sidecar is written first so that a failed check still leaves the numbers to look at.
+    """
+    meta.update({"checkpoint": os.path.abspath(ckpt_path), "max_abs_diff": diff,
+                 "tolerance": tolerance if math.isfinite(tolerance) else None, "note": note})
+    atomic_write_json(meta_path, meta)
+    if diff is not None and not diff <= tolerance:
+        raise ScriptError(f"{path}: outputs differ from the checkpointed network by {diff:.3g} "
+                          f"(tolerance {tolerance:g})")
+    return ExportResult(path, meta_path, meta["file_format"], meta["batch"], diff, note)
+
+
 def export_segmentation(
     model: str,
     ckpt_path: str,
@@ -283,16 +298,8 @@ def export_segmentation(
         "file_format": file_format,
         "batch": batch,
         "checked_shapes": [list(s) for s in shapes] if diff is not None else None,
-        "checkpoint": os.path.abspath(ckpt_path),
-        "max_abs_diff": diff,
-        "tolerance": tolerance if math.isfinite(tolerance) else None,
-        "note": note,
     }
-    atomic_write_json(meta_path, meta)
-    if diff is not None and not diff <= tolerance:
-        raise ScriptError(f"{path}: outputs differ from the checkpointed network by {diff:.3g} "
-                          f"(tolerance {tolerance:g})")
-    return ExportResult(path, meta_path, file_format, batch, diff, note)
+    return _finish(path, meta_path, meta, ckpt_path, diff, tolerance, note)
 
 
 def export_model(
@@ -385,16 +392,8 @@ def export_model(
         "labels": labels,
         "file_format": file_format,
         "batch": batch,
-        "checkpoint": os.path.abspath(ckpt_path),
-        "max_abs_diff": diff,
-        "tolerance": tolerance if math.isfinite(tolerance) else None,
-        "note": note,
     }
-    atomic_write_json(meta_path, meta)
-    if diff is not None and not diff <= tolerance:
-        raise ScriptError(f"{path}: outputs differ from the checkpointed network by {diff:.3g} "
-                          f"(tolerance {tolerance:g})")
-    return ExportResult(path, meta_path, file_format, batch, diff, note)
+    return _finish(path, meta_path, meta, ckpt_path, diff, tolerance, note)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,16 +85,21 @@ def _ms_runner(net) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: net(ms.Tensor(x)).asnumpy()
 
 
+def _one_source(cfg, allowed: Sequence[str], usage: str, why: str = "") -> tuple[str, str]:
+    """The one model source given (``ckpt_path``, ``mindir`` or ``onnx``) and its path, which must exist."""
+    given = [k for k in ("ckpt_path", "mindir", "onnx") if cfg[k]]
+    if len(given) != 1 or given[0] not in allowed:
+        raise ConfigError(f"{usage} (got {', '.join('--' + k for k in given) or 'none'}{why})")
+    kind = given[0]
+    if not os.path.isfile(cfg[kind]):
+        raise ConfigError(f"{kind}: {cfg[kind]!r} does not exist")
+    return kind, cfg[kind]
+
+
 def load_predictor(cfg) -> Predictor:
     """Pick the backend from ``cfg.onnx`` / ``cfg.mindir`` / ``cfg.ckpt_path`` (exactly one)."""
-    given = [k for k in ("ckpt_path", "mindir", "onnx") if cfg[k]]
-    if len(given) != 1:
-        raise ConfigError("give exactly one of --ckpt_path CKPT, --mindir FILE, --onnx FILE "
-                          f"(got {', '.join('--' + k for k in given) or 'none'})")
-    kind = given[0]
-    path = cfg[kind]
-    if not os.path.isfile(path):
-        raise ConfigError(f"{kind}: {path!r} does not exist")
+    kind, path = _one_source(cfg, ("ckpt_path", "mindir", "onnx"),
+                             "give exactly one of --ckpt_path CKPT, --mindir FILE, --onnx FILE")
     if kind == "onnx":
         print("device: CPU (onnxruntime; device_target is not used)", flush=True)
     else:
@@ -109,7 +114,6 @@ def load_predictor(cfg) -> Predictor:
     meta = read_sidecar(path)
     labels = read_labels(cfg.labels, meta["num_classes"]) if cfg.labels else meta.get("labels")
     if kind == "mindir":
-
         run = _ms_runner(load_mindir(path))
         batch = int(meta.get("batch") or cfg.batch_size)
     else:
@@ -163,18 +167,11 @@ def load_seg_predictor(cfg) -> SegPredictor:
     """A segmentation predictor from ``cfg.ckpt_path`` (with ``cfg.model``) or ``cfg.mindir`` (exactly one)."""
     import mindspore as ms
 
-    given = [k for k in ("ckpt_path", "mindir", "onnx") if cfg[k]]
-    if given != ["ckpt_path"] and given != ["mindir"]:
-        raise ConfigError("segmentation: give exactly one of --ckpt_path CKPT (with --model fpn_*) or --mindir FILE "
-                          f"(got {', '.join('--' + k for k in given) or 'none'}; ONNX export is MINDIR-only here)")
-    kind = given[0]
-    path = cfg[kind]
-    if not os.path.isfile(path):
-        raise ConfigError(f"{kind}: {path!r} does not exist")
+    kind, path = _one_source(cfg, ("ckpt_path", "mindir"), "segmentation: give exactly one of --ckpt_path CKPT "
+                             "(with --model fpn_*) or --mindir FILE", "; ONNX export is MINDIR-only here")
     meta = read_sidecar(path) if kind == "mindir" else {}
     print(configure_device(cfg, mode=cfg.mode if kind == "ckpt_path" else ms.GRAPH_MODE), flush=True)
     if kind == "ckpt_path":
-
         net, classes = load_segmentation_network(cfg.model, path, cfg.num_classes)
         run = lambda x: net(ms.Tensor(x))  # noqa: E731
         scale, divisor, mean, std = cfg.seg_scale, cfg.seg_size_divisor, cfg.mean, cfg.std
