@@ -68,6 +68,7 @@ TARGETS: dict[str, Target] = {
         ("tests/test_train_schedule_optim.py::test_linear_lr_scaling",
          "tests/test_train_schedule_optim.py::test_warmup_cosine_cooldown_values",
          "tests/test_train_schedule_optim.py::test_epoch_stair_and_step_decay",
+         "tests/test_segmentation_train.py::test_poly_schedule_is_mmengine_poly_lr",
          f"{KILLS}::TestSchedule"),
         ("mindcv_poolformer.train.optim",)),
     "config": Target(
