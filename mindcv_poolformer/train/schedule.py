@@ -64,7 +64,6 @@ def build_lr_schedule(cfg: Mapping[str, Any], steps_per_epoch: int, global_batch
     main_steps = epochs * steps_per_epoch
     if cfg.get("max_iters"):
         main_steps, cooldown = int(cfg["max_iters"]), 0
-        epochs = main_steps / steps_per_epoch
     kind = cfg["scheduler"]
     decay_epochs = int(cfg["decay_epochs"]) if kind == "cosine_decay" and cfg["decay_epochs"] else 0
     decay_len = decay_epochs * steps_per_epoch if decay_epochs else max(main_steps - warmup_steps, 1)
