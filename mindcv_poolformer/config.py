@@ -441,8 +441,8 @@ def _read_recipe(path: str | os.PathLike) -> Mapping[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        # a scanner error has a `problem`, a reader error (e.g. a control character) a `reason`
-        detail = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc).splitlines()[0]
+        # a scanner error has a `problem`; a reader error (e.g. a control character) says it in its first line
+        detail = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
         raise ConfigError(f"{path}:{where} is not valid YAML ({detail})") from None
     if not isinstance(recipe, Mapping):
         raise ConfigError(f"{path}: expected a mapping of key: value, got {type(recipe).__name__}")

@@ -150,7 +150,7 @@ def test_train_defaults_come_from_the_model_record(monkeypatch, model, drop_path
 
 @pytest.mark.parametrize("content,needle", [
     (b"lr: 0.1\nmodel: poolformer_s12\xff\n", "not a UTF-8 text file (byte 0xff at offset 29)"),
-    (b"lr: 0.1\nmodel: \x07\n", "is not valid YAML (special characters are not allowed)"),
+    (b"lr: 0.1\nmodel: \x07\n", "not valid YAML (unacceptable character #x0007: special characters are not allowed)"),
     (b"lr: [0.1\n", "line 2 is not valid YAML"),
 ])
 def test_unreadable_recipes_are_one_line_errors(tmp_path, content, needle):
