@@ -68,7 +68,7 @@ def test_resize_equals_mmcv_random_resize(monkeypatch):
     for seed, scale in [(0, (2048, 512)), (1, (2048, 512)), (2, (600, 150)), (3, (256, 64)), (4, (97, 1000))]:
         ours_img, ours_lab = st.random_resize(image, label, np.random.default_rng(seed), scale, (0.5, 2.0))
         monkeypatch.setattr(np.random, "random_sample", Replay(seed).random_sample)
-        ref = RandomResize(scale=scale, ratio_range=(0.5, 2.0), keep_ratio=True).transform(
+        ref = RandomResize(scale=scale, ratio_range=(0.5, 2.0), keep_ratio=True, resize_type="mmcv.Resize").transform(
             {"img": image.copy(), "gt_seg_map": label.copy(), "img_shape": image.shape[:2]})
         assert ours_img.shape == ref["img"].shape and ours_lab.shape == ref["gt_seg_map"].shape
         assert np.abs(ours_img.astype(int) - ref["img"]).max() == 0  # MindSpore LINEAR == cv2 INTER_LINEAR
