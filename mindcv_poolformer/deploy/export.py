@@ -34,12 +34,13 @@ from .._runtime import configure_device
 from .._script import run_script
 from ..backends import apply_backend
 from ..config import parse_cli
-from ..data.ade20k import ade20k_classes, ade20k_palette
+from ..data.ade20k import ADE20K_MEAN, ADE20K_STD, ade20k_classes, ade20k_palette
 from ..data.listing import scan_image_folder
 from ..errors import CheckpointError, ConfigError, ScriptError
 from ..models.fpn import Resize
 from ..models.layers import Pooling
 from ..models.registry import model_info
+from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 from .artifacts import load_mindir, load_network, load_segmentation_network, read_labels, sidecar_path
 
 __all__ = [
@@ -214,8 +215,8 @@ def export_segmentation(
     batch_size: int = 1,
     image_size: int = 224,
     num_classes: int | None = None,
-    mean: Sequence[float] = (123.675, 116.28, 103.53),
-    std: Sequence[float] = (58.395, 57.12, 57.375),
+    mean: Sequence[float] = ADE20K_MEAN,
+    std: Sequence[float] = ADE20K_STD,
     labels: list[str] | None = None,
     overwrite: bool = False,
     seed: int = 0,
@@ -312,8 +313,8 @@ def export_model(
     num_classes: int | None = None,
     crop_pct: float = 0.9,
     interpolation: str = "bicubic",
-    mean: Sequence[float] = (0.485 * 255, 0.456 * 255, 0.406 * 255),
-    std: Sequence[float] = (0.229 * 255, 0.224 * 255, 0.225 * 255),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     labels: list[str] | None = None,
     overwrite: bool = False,
     seed: int = 0,

@@ -42,10 +42,11 @@ from ..amp import apply_amp
 from ..backends import backend_all_finite
 from ..checkpoint import CheckpointError
 from ..config import Config, ConfigError
+from ..data.listing import augmentation_seed
 from ..distributed import DistInfo, all_reduce_sum, init_distributed
 from ..factory import create_model
 from ..models.layers import DropPathNoise
-from .data import DataError, augmentation_seed
+from .data import DataError
 from .optim import create_optimizer
 from .run_io import (
     METRIC_FIELDS,
