@@ -70,7 +70,11 @@ SCHEMA: dict[str, Option] = {
     "val_interval": _o(int, 1, "epochs between validations (iterations when max_iters is set)", _SYS, low=1),
     "task": _o(str, "auto", "classification or segmentation: selects the dataset, loss, metric and schedule; auto: "
                "the model's task (fpn_* models segment)", _SYS, choices=("auto", "classification", "segmentation")),
-    "log_interval": _o(int, 100, "steps between log lines", _SYS, low=1),
+    "log_interval": _o(int, 100, "steps between log lines; also how often the step losses and skip flags are fetched "
+                       "from the device (and at checkpoints, validation and epoch ends)", _SYS, low=1),
+    "stop_check_interval": _o(int, 50, "optimizer steps between the ranks' agreement on a stop signal (SIGINT/SIGTERM: "
+                              "an all-reduce); also at every checkpoint and epoch end. One process checks every step",
+                              _SYS, low=1),
     "debug": _o(bool, False, "show full tracebacks on errors", _SYS),
     "recipe_defaults": _o(str, "auto", "defaults of the keys a recipe leaves out: mindcv (MindCV 0.3.0's), ours, "
                           "or auto: MindCV's for a recipe whose every key is a MindCV key, ours otherwise", _SYS,
@@ -590,7 +594,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
 _TRAIN_GROUPS = frozenset({"loss", "optimizer", "scheduler", "checkpoint"})
 _EVAL_PREPROCESSING = frozenset({"image_resize", "interpolation", "crop_pct", "mean", "std"})
 SECTIONS: dict[str, frozenset[str]] = {
-    "train": frozenset({"seed", "val_while_train", "val_interval", "log_interval", "train_split", "shuffle",
+    "train": frozenset({"seed", "val_while_train", "val_interval", "log_interval", "stop_check_interval",
+                        "train_split", "shuffle",
                         "num_samples", "drop_remainder", "aug_repeats", "aug_splits", "deterministic_augment",
                         "drop_rate", "drop_path_rate", "ema", "ema_decay", "val_amp_level", "seg_crop_size",
                         "seg_ratio_range", "cat_max_ratio", "seg_photometric", "head_dropout", "sync_bn"}),

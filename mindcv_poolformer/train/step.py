@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable
 
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.ops.operations.math_ops import NPUClearFloatStatusV2
 
@@ -100,6 +101,22 @@ class LossScaleState(nn.Cell):
         shrunk = ops.maximum(self.scale / self.factor, ops.ones_like(self.scale))
         ops.assign(self.scale, ops.select(finite, grown, shrunk))
         return ops.assign(self.good_steps, ops.select(grow, ops.zeros_like(good), good))
+
+    def replay(self, scale: float, good_steps: int, finite: list[bool]) -> list[float]:
+        """The scale after each of a run of steps, from the state before them: ``update`` on the host.
+
+        The trainer fetches the steps' flags in batches (no per-step sync) and needs the scale each
+        step left behind; float32 like the Parameter, so every value is the device's exactly.
+        """
+        value, good, factor, out = np.float32(scale), int(good_steps), np.float32(self.factor), []
+        for ok in finite:
+            if self.dynamic:
+                good = good + 1 if ok else 0
+                grow = good >= self.window
+                value = (value * factor if grow else value) if ok else max(value / factor, np.float32(1.0))
+                good = 0 if grow else good
+            out.append(float(value))
+        return out
 
 
 class _Update(nn.Cell):

@@ -29,10 +29,11 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -221,6 +222,49 @@ def _setup_context(cfg: Config) -> None:
     configure_device(cfg)
 
 
+class _Pending(NamedTuple):
+    """A micro-step not yet fetched: ``step`` is ``global_step`` before it, ``applied`` None within an accumulation."""
+    step: int
+    epoch: int
+    step_in_epoch: int
+    loss: Any
+    applied: Any
+
+
+def _fetch(tensors: list) -> np.ndarray:
+    """The values of scalar device tensors as float32, in one device-to-host copy (after the last step is done)."""
+    import mindspore as ms
+    from mindspore import ops
+
+    if not tensors:
+        return np.zeros(0, np.float32)
+    return ops.cast(ops.stack(tensors), ms.float32).asnumpy()
+
+
+@contextmanager
+def epoch_sink(step: Any, data: Any, enabled: bool) -> Iterator[Any]:
+    """``ms.data_sink(step, data, sink_size=1)`` for one epoch, or None when not sinking; the transfer is closed after.
+
+    ``data_sink`` starts a transfer thread that sends ``data`` to the device queue without end
+    (``send(-1)``); left open, one epoch's thread would keep running beside the next. MindSpore's
+    ``Model.train`` ends its own with ``stop_send`` and ``release``, and so does this, also when the
+    epoch stops early (a signal, ``max_iters``, an error).
+    """
+    if not enabled:
+        yield None
+        return
+    import mindspore as ms
+
+    run_step = ms.data_sink(step, data, sink_size=1)
+    try:
+        yield run_step
+    finally:
+        transfer = getattr(data, "__transfer_dataset__", None)
+        if transfer is not None:
+            transfer.stop_send()
+            transfer.release()
+
+
 class Trainer:
     """Owns the network, the compiled step, the data and the run directory of one training run."""
 
@@ -301,6 +345,8 @@ class Trainer:
         self.saved_step = -1
         self.resumed_from: str | None = None
         self.nonfinite_streak = 0
+        self._pending: list[_Pending] = []  # steps run whose loss and flag are still on the device (_flush)
+        self.scale_before = (self.plan.value, 0)
         if cfg["resume"] == "auto":
             self._resume_auto()
         elif cfg["resume"]:
@@ -412,6 +458,7 @@ class Trainer:
     def _save(self, finished_epochs: int, micro_in_epoch: int, top1: float | None, is_best: bool,
               only_if_new: bool = False) -> None:
         """Checkpoint after ``finished_epochs`` epochs plus ``micro_in_epoch`` micro-batches of the next one."""
+        self._flush()  # the losses, streak and position the checkpoint records
         if only_if_new and self.saved_step == self.global_step:
             return
         self.saved_step = self.global_step
@@ -431,6 +478,7 @@ class Trainer:
 
         The score (top-1 or mIoU, %) picks the best checkpoint; None when there is nothing to validate.
         """
+        self._flush()  # a run that diverged stops before validating, as when each step was read at once
         distributed = self.dist.world > 1
         found = self.task.evaluate(self.net, distributed)
         if found is None:
@@ -472,6 +520,8 @@ class Trainer:
             _LOG.info("training %s (%s): %s, global batch %d, peak lr %.3e, %d rank(s)", cfg["model"],
                       self.task.name, length, self.global_batch, float(self.lrs.max()), self.dist.world)
         self.window[3] = time.perf_counter()
+        self._pending = []
+        self._read_scale()
         with StopSignals() as self.signals:
             for epoch in range(self.start_epoch, self.total_epochs):
                 record = self._train_epoch(epoch)
@@ -500,74 +550,123 @@ class Trainer:
         return bool(all_reduce_sum(np.array([1.0 if local else 0.0], np.float32))[0] > 0)
 
     def _train_epoch(self, epoch: int) -> dict | None:
-        """One epoch (from ``skip_micro`` on a mid-epoch resume); None when a signal stopped it."""
-        import mindspore as ms
+        """One epoch (from ``skip_micro`` on a mid-epoch resume); None when a signal stopped it.
 
+        No step waits for the host: each step's loss and applied flag stay device tensors in
+        ``_pending`` until ``_flush`` fetches them (every ``log_interval`` steps, before a checkpoint,
+        a validation or a metrics row, at the epoch's end), and the ranks agree on a stop signal every
+        ``stop_check_interval`` steps and at checkpoints (``_stop_check_due``).
+        """
         cfg = self.cfg
         micro_per_epoch = self.steps_per_epoch * self.accum
         batch = int(cfg["batch_size"])
+        log_every = int(cfg["log_interval"])
         sink = cfg["device_target"] == "Ascend" and cfg["dataset_sink_mode"] and cfg["mode"] == 0
         data = self.task.train_dataset(epoch, self.dist.rank, self.dist.world, self.num_classes)
         self.net.set_train(True)
         self.step.set_train(True)
-        progress = Progress(self.steps_per_epoch, epoch + 1, self.total_epochs, int(cfg["log_interval"]),
-                            self.dist.is_main)
+        self.progress = Progress(self.steps_per_epoch, epoch + 1, self.total_epochs, log_every, self.dist.is_main)
         start = time.perf_counter()
         # the steps before a mid-epoch resume count towards this epoch's mean loss (see state_dict)
-        loss_sum, loss_count = self.resumed_epoch_loss
+        self.epoch_loss = self.resumed_epoch_loss
         self.resumed_epoch_loss = (0.0, 0)
+        images_seen = 0
         # Sink mode (Ascend) feeds the step from the device queue; a mid-epoch resume replays that epoch
         # through the host iterator so the skipped batches are consumed in order.
-        run_step = ms.data_sink(self.step, data, sink_size=1) if sink and not self.skip_micro else None
-        if run_step is not None:
-            batches = ((None, None) for _ in range(micro_per_epoch))
-        else:
-            batches = data.create_tuple_iterator(num_epochs=1)
-        images_seen = 0
-        for micro, (images, targets) in enumerate(batches):
-            if micro >= micro_per_epoch:
-                break
-            if micro < self.skip_micro:
-                continue
-            self.drop_path_noise.refill(self.global_step, micro % self.accum)
-            loss, applied = run_step() if run_step is not None else self.step(images, targets)
-            if self.apply_accumulated is not None and (micro + 1) % self.accum == 0:
-                applied = self.apply_accumulated()
-            value = float(loss.asnumpy())
-            images_seen += batch * self.dist.world
-            if math.isfinite(value):
-                loss_sum += value
-                loss_count += 1
-            self.result.step_losses.append((self.global_step, value))
-            if (micro + 1) % self.accum:
-                continue
-            self.global_step += 1
-            self._check_finite(bool(applied.asnumpy()), value, epoch)
-            lr = float(self.lrs[min(self.global_step - 1, len(self.lrs) - 1)])
-            progress.update((micro + 1) // self.accum, value, lr, batch * self.accum * self.dist.world)
-            if self.max_iters:
-                self.window[0] += value if math.isfinite(value) else 0.0
-                self.window[1] += 1 if math.isfinite(value) else 0
-                self.window[2] += batch * self.accum * self.dist.world
-                if self._iteration_boundary(epoch, micro + 1):
-                    return None
-                if self.global_step >= self.max_iters or micro + 1 == micro_per_epoch:
+        with epoch_sink(self.step, data, sink and not self.skip_micro) as run_step:
+            batches = ((None, None) for _ in range(micro_per_epoch)) if run_step is not None \
+                else data.create_tuple_iterator(num_epochs=1)
+            for micro, (images, targets) in enumerate(batches):
+                if micro >= micro_per_epoch:
                     break
-                continue  # signals and checkpoints of an iteration run: _iteration_boundary
-            if micro + 1 == micro_per_epoch:
-                break
-            self.epoch_loss = (loss_sum, loss_count)
-            if self._stop_requested():
-                self._save(epoch, micro + 1, None, False)
-                self.result.interrupted = self.signals.received or "a signal on another rank"
-                return None
-            every = int(cfg["ckpt_save_steps"])
-            if every and self.global_step % every == 0:
-                self._save(epoch, micro + 1, None, False)
+                if micro < self.skip_micro:
+                    continue
+                self.drop_path_noise.refill(self.global_step, micro % self.accum)
+                loss, applied = run_step() if run_step is not None else self.step(images, targets)
+                boundary = (micro + 1) % self.accum == 0
+                if self.apply_accumulated is not None and boundary:
+                    applied = self.apply_accumulated()
+                images_seen += batch * self.dist.world
+                self._pending.append(_Pending(self.global_step, epoch, (micro + 1) // self.accum, loss,
+                                              applied if boundary else None))
+                if not boundary:
+                    continue
+                self.global_step += 1
+                if ((micro + 1) // self.accum) % log_every == 0:
+                    self._flush()
+                if self.max_iters:
+                    if self._iteration_boundary(epoch, micro + 1):
+                        return None
+                    if self.global_step >= self.max_iters or micro + 1 == micro_per_epoch:
+                        break
+                    continue  # signals and checkpoints of an iteration run: _iteration_boundary
+                if micro + 1 == micro_per_epoch:
+                    break
+                every = int(cfg["ckpt_save_steps"])
+                saving = bool(every) and self.global_step % every == 0
+                if self._stop_check_due(saving) and self._stop_requested():
+                    self._save(epoch, micro + 1, None, False)
+                    self.result.interrupted = self.signals.received or "a signal on another rank"
+                    return None
+                if saving:
+                    self._save(epoch, micro + 1, None, False)
+        self._flush()
+        loss_sum, loss_count = self.epoch_loss
         self.skip_micro = 0
         self.epoch_loss = (0.0, 0)
         return self._end_epoch(epoch, loss_sum / loss_count if loss_count else float("nan"), images_seen,
                                time.perf_counter() - start)
+
+    def _stop_check_due(self, checkpoint_step: bool) -> bool:
+        """Whether this optimizer step asks the ranks about a stop signal.
+
+        The same answer on every rank (a function of ``global_step`` and the config), so all of them
+        reach the all-reduce together; one process reads its own flag, which costs nothing, every step.
+        """
+        return (checkpoint_step or self.dist.world == 1
+                or self.global_step % int(self.cfg["stop_check_interval"]) == 0)
+
+    def _flush(self) -> None:
+        """Fetch the pending steps' losses and applied flags (one transfer each) and account them in order.
+
+        Exactly what reading them step by step did: ``step_losses``, the epoch's (or the metrics
+        window's) loss sums, the progress lines and step log, the non-finite streak. The scale each
+        step left is replayed on the host from the state at the previous flush (``LossScaleState.replay``).
+        """
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        losses = _fetch([p.loss for p in pending])
+        flags = [bool(f > 0.5) for f in _fetch([p.applied for p in pending if p.applied is not None])]
+        scales = self.scaler.replay(*self.scale_before, flags)
+        batch = int(self.cfg["batch_size"])
+        loss_sum, loss_count = self.epoch_loss
+        index = 0
+        for record, loss in zip(pending, losses):
+            value = float(loss)
+            if math.isfinite(value):
+                loss_sum += value
+                loss_count += 1
+            self.result.step_losses.append((record.step, value))
+            if record.applied is None:
+                continue
+            self._check_finite(flags[index], value, record.epoch, record.step + 1, scales[index])
+            index += 1
+            lr = float(self.lrs[min(record.step, len(self.lrs) - 1)])
+            self.progress.update(record.step_in_epoch, value, lr, batch * self.accum * self.dist.world)
+            if self.max_iters:
+                self.window[0] += value if math.isfinite(value) else 0.0
+                self.window[1] += 1 if math.isfinite(value) else 0
+                self.window[2] += batch * self.accum * self.dist.world
+        self.epoch_loss = (loss_sum, loss_count)
+        self._read_scale()
+
+    def _read_scale(self) -> None:
+        """The loss scale state on the host, where the next ``_flush`` replays from (no step pending here)."""
+        if self.plan.dynamic:
+            self.scale_before = (float(self.scaler.scale.asnumpy()), int(self.scaler.good_steps.asnumpy()))
+        else:
+            self.scale_before = (self.plan.value, 0)
 
     def _iteration_boundary(self, epoch: int, micro_done: int) -> bool:
         """An iteration run after an optimizer step: validate and checkpoint on their intervals, stop on a signal.
@@ -588,7 +687,8 @@ class Trainer:
         if step % int(cfg["ckpt_save_interval"]) == 0 or last or is_best:
             self._save(*position, score, is_best)
             saved = True
-        stop = self._stop_requested() or (self.stop_after_step is not None and step >= self.stop_after_step)
+        stop = (self._stop_check_due(saved) and self._stop_requested()) or (
+            self.stop_after_step is not None and step >= self.stop_after_step)
         if stop and not last:
             if not saved:
                 self._save(*position, None, False)
@@ -603,6 +703,7 @@ class Trainer:
 
         Returns whether the score is the best so far.
         """
+        self._flush()
         loss_sum, loss_count, images, start = self.window
         seconds = time.perf_counter() - start
         best = max(v for v in (score, ema_score, -1.0) if v is not None)
@@ -625,31 +726,32 @@ class Trainer:
         self.window = [0.0, 0, 0, time.perf_counter()]
         return is_best
 
-    def _check_finite(self, applied: bool, loss: float, epoch: int) -> None:
+    def _check_finite(self, applied: bool, loss: float, epoch: int, step: int, scale: float) -> None:
         """Count consecutive skipped steps; stop the run after ``max_nonfinite_steps`` of them.
 
-        A skip that a dynamic loss scale absorbs (its scale was still above 1) is routine overflow
-        handling under fp16 and does not count.
+        ``step`` is the optimizer step (from 1) and ``scale`` the loss scale it left. A skip that a
+        dynamic loss scale absorbs (its scale was still above 1) is routine overflow handling under
+        fp16 and does not count.
         """
         if applied and math.isfinite(loss):
             self.nonfinite_streak = 0
             return
         if not applied:
             self.result.skipped_steps += 1
-        absorbed = not applied and self.plan.dynamic and float(self.scaler.scale.asnumpy()) > 1.0
+        absorbed = not applied and self.plan.dynamic and scale > 1.0
         if absorbed:
             return
         self.nonfinite_streak += 1
         limit = int(self.cfg["max_nonfinite_steps"])
         if self.dist.is_main:
-            _LOG.warning("step %d: loss %s, %s (%d/%d in a row)", self.global_step, loss,
+            _LOG.warning("step %d: loss %s, %s (%d/%d in a row)", step, loss,
                          "update skipped" if not applied else "gradients finite, update applied",
                          self.nonfinite_streak, limit)
         if self.nonfinite_streak >= limit:
             last = self.checkpoint_before_streak or "none written yet"
             raise TrainingDiverged(
                 f"training diverged: loss or gradients not finite for {limit} consecutive steps (the last at "
-                f"epoch {epoch + 1}, step {self.global_step}); last good checkpoint: {last}; lower --lr, enable "
+                f"epoch {epoch + 1}, step {step}); last good checkpoint: {last}; lower --lr, enable "
                 "--clip_grad True, or use amp_level O0, then resume from that checkpoint")
 
     def _end_epoch(self, epoch: int, train_loss: float, images: int, epoch_time: float) -> dict:
