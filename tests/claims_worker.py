@@ -26,7 +26,8 @@ def main() -> None:
     data_dir, out_dir, distribute = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "True"
     signal_rank, signal_step, count = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
     cfg = load_config(overrides=tiny_overrides(data_dir, out_dir / "run", batch_size=4, epoch_size=1,
-                                               distribute=distribute, mode=int(os.environ.get("CLAIMS_MODE", "1"))))
+                                               distribute=distribute, mode=int(os.environ.get("CLAIMS_MODE", "1")),
+                                               stop_check_interval=int(os.environ.get("CLAIMS_STOP_CHECK", "50"))))
     trainer = Trainer(cfg)
     rank = trainer.dist.rank
     refill = trainer.drop_path_noise.refill

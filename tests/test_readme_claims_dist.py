@@ -1,5 +1,6 @@
-"""README: "Ctrl+C / SIGTERM stop at the next step boundary, write a checkpoint and exit 0 ... All ranks agree on
-the step. A second signal aborts at once."
+"""README: "Ctrl+C / SIGTERM stop at the next step boundary (on several ranks: at the next stop check, every
+stop_check_interval steps), write a checkpoint and exit 0 ... All ranks agree on the step. A second signal aborts
+at once."
 
 Two ranks under msrun on the CPU, SIGTERM to rank 1 only (the rank that writes no checkpoint, so rank 0 must
 learn of it through the all-reduce); then one process that gets SIGTERM twice. ``claims_worker.py`` sends
@@ -21,6 +22,7 @@ from train_helpers import REPO, make_tiny_folder, run_python
 pytestmark = pytest.mark.slow  # two Trainer start-ups under msrun: ~1 min on 2 shared cores
 WORKER = str(REPO / "tests" / "claims_worker.py")
 SIGNAL_STEP = 1  # before the second optimizer step of a 5-step epoch
+STOP_CHECK = 3  # the ranks agree on a signal after optimizer steps 3, 6, ...: the stop comes at step 3, before the end
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,8 @@ def _free_port() -> int:
 def test_ranks_agree_on_the_stop_step_when_one_rank_gets_the_signal(folder, tmp_path):
     msrun = shutil.which("msrun", path=os.path.dirname(sys.executable)) or shutil.which("msrun")
     assert msrun, "msrun not found"
-    env = {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"}
+    env = {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}",
+           "CLAIMS_STOP_CHECK": str(STOP_CHECK)}
     done = run_python([msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
                        f"--log_dir={tmp_path / 'logs'}", "--join=True", WORKER, str(folder), str(tmp_path), "True",
                        "1", str(SIGNAL_STEP), "1"], env=env)
@@ -45,13 +48,13 @@ def test_ranks_agree_on_the_stop_step_when_one_rank_gets_the_signal(folder, tmp_
     assert done.returncode == 0, done.stderr[-2000:] + logs
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
-    assert ranks[0]["steps_per_epoch"] > SIGNAL_STEP + 2, "the epoch would end by itself: nothing to agree on"
+    assert ranks[0]["steps_per_epoch"] > STOP_CHECK + 1, "the epoch would end by itself: nothing to agree on"
     assert ranks[1]["interrupted"] == "SIGTERM" and ranks[0]["interrupted"], ranks
-    # both ran exactly the step during which the signal arrived, then stopped at that boundary
-    assert ranks[0]["steps"] == ranks[1]["steps"] == list(range(SIGNAL_STEP + 1)), ranks
-    assert ranks[0]["global_step"] == ranks[1]["global_step"] == SIGNAL_STEP + 1
+    # both ran on to the first stop check after the signal (not the epoch's end), then stopped there together
+    assert ranks[0]["steps"] == ranks[1]["steps"] == list(range(STOP_CHECK)), ranks
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == STOP_CHECK
     ckpts = sorted(p.name for p in (tmp_path / "run").glob("poolformer_s12-e*.safetensors"))
-    assert ckpts == [f"poolformer_s12-e0001-s{SIGNAL_STEP + 1:08d}.safetensors"], ckpts
+    assert ckpts == [f"poolformer_s12-e0001-s{STOP_CHECK:08d}.safetensors"], ckpts
     assert ranks[0]["last_checkpoint"].endswith(ckpts[0])
 
 
