@@ -6,16 +6,17 @@ leaves the device idle for that long. The NPU is not here; the host side is, so 
 the CPU with a small run: PoolFormer-S12 at 32x32, batch 4, drop path 0.1 (24 DropPath layers),
 40 steps an epoch, GRAPH_MODE, log_interval 50 (so the new loop fetches once an epoch).
 
-Per tree (``before``: ``--before REF``, default ``main``, unpacked by ``git archive``; ``after``:
-this working tree) one process trains 1 + ``--epochs`` epochs through ``Trainer.fit`` and reads
-each epoch's loop time (``epoch_time`` of its record: from the first batch to the last step, no
-validation or checkpoint); then it runs the same compiled step over the same epochs' batches in a
-bare loop (iterator + step call, one sync at the end). Host overhead per step = (trainer loop -
-bare loop) / steps, the median of the measured epochs. Processes alternate before/after over
-``--rounds`` rounds; each cell is the median over rounds. CPU execution is synchronous, so a
-fetch's wait for the device is not what this shows; it shows the host work the loop adds per step.
+Per tree (``--before REF``, default ``main``, and ``--after REF``, default ``HEAD``, each unpacked
+by ``git archive``, so edits made while it runs do not enter) one process trains 1 + ``--epochs``
+epochs through ``Trainer.fit`` and reads each epoch's loop time (``epoch_time`` of its record: from
+the first batch to the last step, no validation or checkpoint); then it runs the same compiled step
+over the same epochs' batches in a bare loop (iterator + step call, one sync at the end). Host
+overhead per step = (trainer loop - bare loop) / steps, the median of the measured epochs. Processes
+alternate before/after over ``--rounds`` rounds; each cell is the median over rounds. CPU execution
+is synchronous, so a fetch's wait for the device is not what this shows; it shows the host work the
+loop adds per step.
 
-    .venv/bin/python bench/step_overhead.py [--before main] [--rounds 2] [--epochs 3]
+    .venv/bin/python bench/step_overhead.py [--before main] [--after HEAD] [--rounds 2] [--epochs 3]
 """
 
 from __future__ import annotations
@@ -82,12 +83,12 @@ def worker(data_dir: str, run_dir: str, epochs: int) -> dict:
 
 
 def unpack(ref: str, into: Path) -> Path:
-    """The package and entry files of ``ref`` (``git archive``), to import the code as it was there."""
-    archive = into / "before.tar"
+    """The package of ``ref`` (``git archive``) under ``into``, to import the code as it was there."""
+    archive = into.with_suffix(".tar")
     subprocess.run(["git", "-C", str(REPO), "archive", "-o", str(archive), ref, "mindcv_poolformer"], check=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(into / "before", filter="data")
-    return into / "before"
+        tar.extractall(into, filter="data")
+    return into
 
 
 def run_worker(tree: Path, data_dir: Path, run_dir: Path, epochs: int) -> dict:
@@ -105,6 +106,7 @@ def run_worker(tree: Path, data_dir: Path, run_dir: Path, epochs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", default="main", help="git ref of the loop before (default: main)")
+    parser.add_argument("--after", default="HEAD", help="git ref of the loop after (default: HEAD)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3, help="measured epochs per process (after a warm-up one)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "step-overhead.md"))
@@ -112,12 +114,12 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.before], capture_output=True,
                          text=True, check=True).stdout.strip()
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.after], capture_output=True,
+                          text=True, check=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         data_dir = make_folder(tmp_path / "data")
-        trees = {"before": unpack(args.before, tmp_path), "after": REPO}
+        trees = {"before": unpack(args.before, tmp_path / "before"), "after": unpack(args.after, tmp_path / "after")}
         cells: dict[str, list[dict]] = {"before": [], "after": []}
         order = ["before", "after"]
         for r in range(args.rounds):
@@ -131,15 +133,17 @@ def main() -> None:
         rows.append((name, loop, bare, loop - bare, 1e3 / loop))
     load = os.getloadavg()
     lines = [f"# Training-loop host overhead per step ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
-             f"`python bench/step_overhead.py --before {args.before} --rounds {args.rounds} --epochs {args.epochs}`: "
-             f"before = `{args.before}` ({rev}), after = this tree (HEAD {head}, with its uncommitted changes). "
+             f"`python bench/step_overhead.py --before {args.before} --after {args.after} --rounds {args.rounds} "
+             f"--epochs {args.epochs}`: "
+             f"before = `{args.before}` ({rev}), after = `{args.after}` ({head}). "
              f"PoolFormer-S12 32x32, batch {BATCH}, drop path 0.1, {STEPS} steps an epoch, CPU GRAPH_MODE, "
              f"log_interval 50; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} "
              "cores.", "",
              "| loop | trainer loop ms/step | bare step ms/step | host overhead ms/step | steps/s |",
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {n} | {loop:.2f} | {bare:.2f} | {over:.2f} | {sps:.1f} |" for n, loop, bare, over, sps in rows]
-    lines += ["", f"After / before, host overhead: {rows[1][3] / rows[0][3]:.2f}x; steps/s: "
+    lines += ["", "Host overhead = trainer loop - bare loop (iterator + compiled step, one sync at the end), "
+              "the same batches.", "", f"After / before, host overhead: {rows[1][3] / rows[0][3]:.2f}x; steps/s: "
               f"{rows[1][4] / rows[0][4]:.2f}x.", "",
               "Raw seconds per epoch (loop, bare), per process:", ""]
     for name in order:
