@@ -30,15 +30,22 @@ def main() -> None:
                                                stop_check_interval=int(os.environ.get("CLAIMS_STOP_CHECK", "50"))))
     trainer = Trainer(cfg)
     rank = trainer.dist.rank
-    refill = trainer.drop_path_noise.refill
+    train_dataset = trainer.task.train_dataset
 
-    def refill_then_signal(step: int, micro: int) -> None:
-        if rank == signal_rank and step == signal_step:
-            for _ in range(count):
-                os.kill(os.getpid(), signal.SIGTERM)
-        refill(step, micro)
+    class SignalBefore:
+        """The epoch's batches, with the signals sent just before batch ``signal_step`` goes to its step."""
 
-    trainer.drop_path_noise.refill = refill_then_signal
+        def __init__(self, data) -> None:
+            self.data = data
+
+        def create_tuple_iterator(self, num_epochs: int):
+            for index, batch in enumerate(self.data.create_tuple_iterator(num_epochs=num_epochs)):
+                if rank == signal_rank and index == signal_step:
+                    for _ in range(count):
+                        os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+    trainer.task.train_dataset = lambda *args: SignalBefore(train_dataset(*args))
     (out_dir / f"rank{rank}.started").write_text(str(trainer.steps_per_epoch))
     result = trainer.fit()
     (out_dir / f"rank{rank}.json").write_text(json.dumps({

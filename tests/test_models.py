@@ -9,7 +9,7 @@ from mindspore import nn
 
 from mindcv_poolformer import count_macs, count_params, create_model, list_models, model_info, models
 from mindcv_poolformer.backends import cpu as cpu_backend
-from mindcv_poolformer.models.layers import DropPath, DropPathNoise, GroupNorm1, Pooling
+from mindcv_poolformer.models.layers import DropPath, DropPathKey, GroupNorm1, Pooling, counter_uniform
 from mindcv_poolformer.models.metaformer import POOLFORMER_VARIANTS, MetaFormerBlock
 
 from conftest import require_kernel_library
@@ -178,30 +178,97 @@ def test_drop_path_drops_whole_samples_only_in_training():
     assert (layer(x).asnumpy() == 1).all()
 
 
-def test_drop_path_noise_is_keyed_and_reproducible():
-    """Exact resume needs masks that depend on (seed, rank, step, micro) only, not on the process history."""
+def _lowbias32(x: np.ndarray) -> np.ndarray:
+    """C. Wellons' lowbias32 in numpy uint32 (wrapping by definition): the reference of the graph's int32 form."""
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def _reference_uniform(key: int, counter: int, stream: int, count: int) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        base = _lowbias32(_lowbias32(_lowbias32(np.uint32(key)) ^ np.uint32(counter)) ^ np.uint32(stream))
+        words = _lowbias32(base ^ np.arange(count, dtype=np.uint32))
+    return (words >> np.uint32(8)).astype(np.float32) / np.float32(1 << 24)
+
+
+class _Uniform(ms.nn.Cell):
+    """counter_uniform in a compiled graph, the key and counter as inputs."""
+
+    def __init__(self, stream: int, count: int) -> None:
+        super().__init__()
+        self.stream, self.count = stream, count
+
+    def construct(self, key, counter):
+        return counter_uniform(key, counter, self.stream, self.count)
+
+
+def test_counter_uniform_is_lowbias32_bit_for_bit():
+    """The graph's int32 hash (wrapping products, masked arithmetic shifts) equals the uint32 reference exactly."""
+    for key, counter, stream in [(0, 0, 0), (-1, 7, 3), (0x12345678, 2**31 - 1, 21), (-(2**31), 123456, 0)]:
+        got = _Uniform(stream, 257)(ms.Tensor(key, ms.int32), ms.Tensor(counter, ms.int32)).asnumpy()
+        np.testing.assert_array_equal(got, _reference_uniform(key & 0xFFFFFFFF, counter, stream, 257))
+
+
+def test_counter_masks_keep_rate_and_independence():
+    """Over 20 counters x 2 streams x 4096 samples: keep rate 1 - p within 4 sigma, and no correlation between
+    streams (blocks) or between consecutive counters (steps) beyond 4 sigma."""
+    p, count = 0.3, 4096
+    draws = {(c, b): _Uniform(b, count)(ms.Tensor(99, ms.int32), ms.Tensor(c, ms.int32)).asnumpy()
+             for c in range(20) for b in (0, 1)}
+    kept = {k: (v >= p).astype(np.float64) for k, v in draws.items()}
+    all_kept = np.concatenate(list(kept.values()))
+    sigma = np.sqrt(p * (1 - p) / all_kept.size)
+    assert abs(all_kept.mean() - (1 - p)) < 4 * sigma, all_kept.mean()
+    pairs = {"blocks": [(kept[c, 0], kept[c, 1]) for c in range(20)],
+             "steps": [(kept[c, 0], kept[c + 1, 0]) for c in range(19)]}
+    for name, items in pairs.items():
+        a = np.concatenate([x for x, _ in items])
+        b = np.concatenate([y for _, y in items])
+        corr = np.corrcoef(a, b)[0, 1]
+        assert abs(corr) < 4 / np.sqrt(a.size), (name, corr)
+    uniform = np.concatenate(list(draws.values()))
+    assert 0.0 <= uniform.min() and uniform.max() < 1.0
+    counts = np.histogram(uniform, bins=16, range=(0, 1))[0]
+    expected = uniform.size / 16
+    assert ((counts - expected) ** 2 / expected).sum() < 50  # chi-square, 15 dof: p ~ 1e-5 above 50
+
+
+def test_drop_path_key_is_a_pure_function_of_seed_rank_counter():
+    """Exact resume needs masks that depend on (seed, rank, counter, layer, sample) only, not on the process history."""
     net = create_model("poolformer_s12", num_classes=10, drop_path_rate=0.5)
-    source = DropPathNoise(net, 4, seed=3, rank=0)
-    assert len(source.layers) == 22  # 11 blocks with rate > 0, two branches each
-    assert not any(DropPathNoise.is_noise_name(p.name) for p in net.trainable_params())
-    draws = {key: source.draw(*key) for key in [(0, 0), (0, 1), (1, 0)]}
-    assert not np.array_equal(draws[(0, 0)], draws[(0, 1)]) and not np.array_equal(draws[(0, 0)], draws[(1, 0)])
-    np.testing.assert_array_equal(DropPathNoise(create_model("poolformer_s12", drop_path_rate=0.5), 4, 3).draw(1, 0),
-                                  draws[(1, 0)])
-    assert not np.array_equal(DropPathNoise(net, 4, seed=3, rank=1).draw(0, 0), draws[(0, 0)])
-    net.set_train(True)
+    key = DropPathKey(net, seed=3, rank=0)
+    assert key.num_layers == 22  # 11 blocks with rate > 0, two branches each
+    assert not any(DropPathKey.is_key_name(p.name) for p in net.trainable_params())
+    twin = create_model("poolformer_s12", num_classes=10, drop_path_rate=0.5)
+    ms.load_param_into_net(twin, {n: p for n, p in net.parameters_dict().items() if not DropPathKey.is_key_name(n)})
+    twin_key = DropPathKey(twin, seed=3, rank=0)
+    other_rank = create_model("poolformer_s12", num_classes=10, drop_path_rate=0.5)
+    ms.load_param_into_net(other_rank, {n: p for n, p in net.parameters_dict().items()
+                                        if not DropPathKey.is_key_name(n)})
+    rank_key = DropPathKey(other_rank, seed=3, rank=1)
     x = ms.Tensor(np.random.default_rng(0).random((4, 3, 32, 32), np.float32))
-    outputs = []
-    for step in (5, 6, 5):
-        source.refill(step)
-        outputs.append(net(x).asnumpy())
-    np.testing.assert_array_equal(outputs[0], outputs[2])
-    assert np.abs(outputs[0] - outputs[1]).max() > 1e-6
-    # the masks are exactly floor(noise + keep): a branch whose noise is >= drop_prob is kept
-    layer = source.layers[-1]
-    layer.noise.set_data(ms.Tensor(np.array([0.49, 0.5, 0.0, 0.99], np.float32)))
-    branch = ms.Tensor(np.ones((4, 2, 1, 1), np.float32))
-    np.testing.assert_array_equal(layer(branch).asnumpy()[:, 0, 0, 0], [0.0, 2.0, 0.0, 2.0])
+    outputs = {}
+    for name, model, source in (("net", net, key), ("twin", twin, twin_key), ("rank1", other_rank, rank_key)):
+        model.set_train(True)
+        for counter in (5, 6, 5):
+            source.set_counter(counter)
+            outputs.setdefault(name, []).append(model(x).asnumpy())
+    np.testing.assert_array_equal(outputs["net"][0], outputs["net"][2])
+    np.testing.assert_array_equal(outputs["net"][0], outputs["twin"][0])  # another process, same key: same masks
+    assert np.abs(outputs["net"][0] - outputs["net"][1]).max() > 1e-6
+    assert np.abs(outputs["net"][0] - outputs["rank1"][0]).max() > 1e-6
+    # the masks are exactly floor(u + keep) of the reference uniforms: a branch whose u is >= drop_prob is kept
+    layer = [c for _, c in net.cells_and_names() if isinstance(c, DropPath)][-1]
+    key.set_counter(9)
+    branch = ms.Tensor(np.ones((64, 2, 1, 1), np.float32))
+    word = int(key.run_key.asnumpy()) & 0xFFFFFFFF
+    expected = np.where(_reference_uniform(word, 9, key.num_layers - 1, 64) >= 0.5, 2.0, 0.0)
+    np.testing.assert_array_equal(layer(branch).asnumpy()[:, 0, 0, 0], expected)
 
 
 @pytest.mark.parametrize("name", ["poolformer_s12", "poolformer_m36"])

@@ -1,5 +1,6 @@
 """The step loop without per-step host syncs: batched fetches account every step as reading it at once did,
-the loss-scale replay matches the device's, the stop check's schedule, the sink's transfer is closed."""
+the loss-scale replay matches the device's, the stop check's schedule, the sink's transfer is closed, the
+drop-path counter moves on inside the step's graph."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import csv
 import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import nn
 from train_helpers import make_tiny_folder, tiny_overrides
 
 from mindcv_poolformer.config import ConfigError, load_config
+from mindcv_poolformer.models.layers import DropPath, DropPathKey
 from mindcv_poolformer.train import trainer as trainer_mod
 from mindcv_poolformer.train.run_io import STEP_LOG_ENV, read_step_log
-from mindcv_poolformer.train.step import LossScaleState
+from mindcv_poolformer.train.step import LossScaleState, TrainStep, WithLoss
 from mindcv_poolformer.train.trainer import Trainer, TrainingDiverged
 
 
@@ -145,3 +148,40 @@ def test_epoch_sink_closes_its_transfer(monkeypatch):
     with trainer_mod.epoch_sink("step", _Data(), False) as run_step:
         assert run_step is None
     assert made == [first, second]
+
+
+class _Tiny(nn.Cell):
+    """Dense -> DropPath(0.5): a network whose loss shows which masks a step drew."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Dense(4, 3)
+        self.drop_path = DropPath(0.5)
+
+    def construct(self, x):
+        return self.drop_path(self.fc(x))
+
+
+def test_step_draws_the_counters_masks_then_advances_it():
+    """TrainStep's forward uses the masks of the counter it finds, and moves the counter on in its graph: the
+    step's loss equals the network's loss at that counter, and the counter is one further after it."""
+    rng = np.random.default_rng(1)
+    x = ms.Tensor(rng.normal(size=(16, 4)).astype(np.float32))
+    y = ms.Tensor(rng.normal(size=(16, 3)).astype(np.float32))
+    net = _Tiny()
+    key = DropPathKey(net, seed=5)
+    with_loss = WithLoss(net, nn.MSELoss())
+    step = TrainStep(with_loss, nn.SGD(net.trainable_params(), learning_rate=0.0), LossScaleState(1.0, False),
+                     drop_path_key=key)
+    net.set_train(True)
+    expected = {}
+    for counter in (5, 6, 7):
+        key.set_counter(counter)
+        expected[counter] = float(with_loss(x, y).asnumpy())
+    assert len(set(expected.values())) == 3, expected  # the masks differ from counter to counter
+    step.set_train(True)
+    key.set_counter(5)
+    for counter in (5, 6, 7):
+        loss, _ = step(x, y)
+        assert float(loss.asnumpy()) == expected[counter], counter
+        assert int(key.counter.asnumpy()) == counter + 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common import dtype as mstype
 from mindspore.common import initializer as init
 
 
@@ -105,12 +106,44 @@ class Pooling(nn.Cell):
         return f"pool_size={self.pool_size}"
 
 
+# lowbias32 (C. Wellons' integer hash) multipliers, as int32: the graph computes in int32 with wrapping products
+_HASH_MUL = (0x7FEB352D, 0x846CA68B - (1 << 32))
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int32 words (an arithmetic shift with the sign bits masked off)."""
+    return ops.bitwise_and(ops.bitwise_right_shift(x, Tensor(bits, mstype.int32)),
+                           Tensor((1 << (32 - bits)) - 1, mstype.int32))
+
+
+def hash32(x: Tensor) -> Tensor:
+    """lowbias32 on int32 words: a bijection of 32-bit words, each output bit flipping for ~1/2 of input changes."""
+    x = ops.bitwise_xor(x, _shift_right(x, 16))
+    x = x * Tensor(_HASH_MUL[0], mstype.int32)
+    x = ops.bitwise_xor(x, _shift_right(x, 15))
+    x = x * Tensor(_HASH_MUL[1], mstype.int32)
+    return ops.bitwise_xor(x, _shift_right(x, 16))
+
+
+def counter_uniform(key: Tensor, counter: Tensor, stream: int, count: int) -> Tensor:
+    """``count`` uniforms in [0, 1) (24 bits, float32): a pure function of (key, counter, stream, index).
+
+    A counter-based generator (as Philox is): nothing is carried from one call to the next, so the
+    values of any step can be drawn again from the checkpointed counter. Each word is the hash of a
+    chain of hashes; for fixed (key, counter, stream) the ``count`` words are distinct (a bijection).
+    """
+    base = hash32(ops.bitwise_xor(hash32(ops.bitwise_xor(hash32(key), counter)), Tensor(stream, mstype.int32)))
+    words = hash32(ops.bitwise_xor(base, ops.arange(0, count, 1, dtype=mstype.int32)))
+    return ops.cast(_shift_right(words, 8), mstype.float32) * (1.0 / (1 << 24))
+
+
 class DropPath(nn.Cell):
     """Stochastic depth: drop the whole residual branch per sample while training.
 
     By default the masks come from MindSpore's kernel RNG. That RNG's state cannot be saved or
-    restored on CPU, so a resumed run would draw different masks; ``DropPathNoise`` switches the
-    layer to a noise buffer that the caller refills before every step from a key it checkpoints.
+    restored on CPU, so a resumed run would draw different masks; ``DropPathKey`` gives the layer a
+    run key, a micro-step counter (device Parameters) and its own stream number instead, and the
+    mask of (counter, layer, sample) is drawn in the graph as a pure function of them (``counter_uniform``).
     """
 
     def __init__(self, drop_prob: float = 0.0) -> None:
@@ -119,7 +152,7 @@ class DropPath(nn.Cell):
             raise ValueError(f"drop path probability must be in [0, 1), got {drop_prob}")
         self.drop_prob = drop_prob
         self.keep_prob = 1.0 - drop_prob
-        self.external_noise = False  # a compile-time switch, set by DropPathNoise
+        self.keyed = False  # a compile-time switch, set by DropPathKey
 
     def construct(self, x: Tensor) -> Tensor:
         if not self.training or self.drop_prob == 0.0:
@@ -131,8 +164,8 @@ class DropPath(nn.Cell):
         """The per-sample factor ``mask / keep_prob``, shape (batch,); the fused CPU blocks take it as is."""
         if not self.training or self.drop_prob == 0.0:
             return ops.ones((batch,), dtype)
-        if self.external_noise:
-            noise = ops.cast(self.noise[:batch], dtype)
+        if self.keyed:
+            noise = ops.cast(counter_uniform(self.run_key, self.counter, self.stream, batch), dtype)
         else:
             noise = ops.rand((batch,), dtype=dtype)
         return ops.floor(noise + self.keep_prob) / self.keep_prob
@@ -141,38 +174,42 @@ class DropPath(nn.Cell):
         return f"drop_prob={self.drop_prob}"
 
 
-class DropPathNoise:
+class DropPathKey(nn.Cell):
     """Keyed, reproducible masks for every ``DropPath`` of a network (what exact resume needs).
 
-    Before each (micro-)step the trainer calls ``refill(step, micro)``: the uniform noise of all
-    layers is drawn on the host from ``SeedSequence((seed, rank, step, micro))``, so the masks are a
-    function of checkpointed counters, differ across ranks and do not depend on how many steps this
-    process has run. The buffers are non-trainable parameters named ``drop_path_noise.*``
-    (``is_noise_name``); they are scratch state and are left out of checkpoints.
+    The run key (from seed and rank) and the micro-step counter are int32 Parameters shared by all
+    layers; layer ``b`` draws stream ``b``. The training step calls ``advance`` in its graph after
+    each micro-batch, so no step needs the host; the trainer sets the counter once from its
+    checkpointed ``global_step`` (``set_counter``). The parameters are named ``drop_path_key.*``
+    (``is_key_name``) and are left out of checkpoints: the counter follows from ``global_step``.
     """
-    PREFIX = "drop_path_noise."
+    PREFIX = "drop_path_key."
 
-    def __init__(self, network: nn.Cell, batch_size: int, seed: int, rank: int = 0) -> None:
-        self.layers = [cell for _, cell in network.cells_and_names() if isinstance(cell, DropPath)]
-        self.batch_size = int(batch_size)
-        self.key = (int(seed), int(rank))
-        for index, layer in enumerate(self.layers):
-            layer.noise = Parameter(Tensor(np.zeros(self.batch_size, np.float32)), name=f"{self.PREFIX}{index}",
-                                    requires_grad=False)
-            layer.external_noise = True
+    def __init__(self, network: nn.Cell, seed: int, rank: int = 0) -> None:
+        super().__init__(auto_prefix=False)
+        layers = [cell for _, cell in network.cells_and_names() if isinstance(cell, DropPath)]
+        self.num_layers = len(layers)
+        word = int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1, np.uint32)[0])
+        self.run_key = Parameter(Tensor(np.array(word, np.uint32).view(np.int32), mstype.int32),
+                                 name=f"{self.PREFIX}run_key", requires_grad=False)
+        self.counter = Parameter(Tensor(0, mstype.int32), name=f"{self.PREFIX}counter", requires_grad=False)
+        for stream, layer in enumerate(layers):
+            layer.run_key = self.run_key
+            layer.counter = self.counter
+            layer.stream = stream
+            layer.keyed = True
 
     @classmethod
-    def is_noise_name(cls, name: str) -> bool:
+    def is_key_name(cls, name: str) -> bool:
         return name.startswith(cls.PREFIX)
 
-    def draw(self, step: int, micro: int = 0) -> np.ndarray:
-        """The noise of every layer for one micro-batch, shape (layers, batch), in [0, 1)."""
-        seq = np.random.SeedSequence([*self.key, int(step), int(micro)])
-        return np.random.Generator(np.random.PCG64(seq)).random((len(self.layers), self.batch_size), np.float32)
+    def set_counter(self, micro_steps: int) -> None:
+        """Position the masks at ``micro_steps`` micro-batches into the run (on a start or a resume)."""
+        self.counter.set_data(Tensor(int(micro_steps), mstype.int32))
 
-    def refill(self, step: int, micro: int = 0) -> None:
-        for layer, row in zip(self.layers, self.draw(step, micro)):
-            layer.noise.set_data(Tensor(row))
+    def advance(self) -> Tensor:
+        """Move on to the next micro-batch's masks (in the graph, after the step has drawn this one's)."""
+        return ops.assign_add(self.counter, Tensor(1, mstype.int32))
 
 
 def conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:

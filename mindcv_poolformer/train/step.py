@@ -222,15 +222,20 @@ class TrainStep(nn.Cell):
     into ``accum.overflow``, ``applied`` is True and ``ApplyAccumulated`` performs the step and
     returns its own flag. ``all_finite`` is a fused check over the gradient tuple returning a bool
     of one element (e.g. the CPU kernel); None means ``ms.amp.all_finite``. On a status-register
-    target it must read overflow the way ``ms.amp.all_finite`` does there.
+    target it must read overflow the way ``ms.amp.all_finite`` does there. ``drop_path_key`` (a
+    ``DropPathKey`` of the network) is advanced after each micro-batch, in the graph.
     """
 
     def __init__(self, net_with_loss: nn.Cell, optimizer: nn.Optimizer, scaler: LossScaleState,
                  reducer: nn.Cell | None = None, clip_value: float = 0.0, accumulation_steps: int = 1,
                  ema: ParameterTuple | None = None, ema_decay: float = 0.9999,
-                 all_finite: Callable | None = None) -> None:
+                 all_finite: Callable | None = None, drop_path_key: nn.Cell | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.net_with_loss = net_with_loss
+        # models.layers.DropPathKey: its counter moves on in this graph after each micro-batch's masks are drawn
+        self.keyed = drop_path_key is not None
+        if self.keyed:
+            self.drop_path_key = drop_path_key
         self.weights = optimizer.parameters
         self.scaler = scaler
         self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
@@ -251,6 +256,8 @@ class TrainStep(nn.Cell):
         if self.accumulate:
             sens = sens / self.accumulation_steps
         grads = self.grad(self.net_with_loss, self.weights)(images, targets, sens)
+        if self.keyed:
+            loss = ops.depend(loss, self.drop_path_key.advance())
         if self.accumulate:
             # the register is cleared before the next micro-batch: keep this one's overflow until the step
             flag = self.update._local_overflow(grads)

@@ -6,8 +6,9 @@ and ``train_state.*`` (epoch, micro-batch within the epoch, the best validation 
 mIoU). The data order and
 augmentation RNG of every epoch depend only on (seed, rank, epoch) (see ``data.py``), so epoch
 k+1 after a resume sees the same batches as without the interruption. Stochastic depth masks are
-keyed by (seed, rank, global_step, micro-batch) (``DropPathNoise``) for the same reason: MindSpore's
-kernel RNG state cannot be saved on CPU. Only dropout (``drop_rate > 0``, 0 in every recipe) still
+a pure function of (seed, rank, micro-step counter, layer, sample), drawn in the graph
+(``DropPathKey``; the counter is ``global_step`` x accumulation + micro-batch) for the same reason:
+MindSpore's kernel RNG state cannot be saved on CPU. Only dropout (``drop_rate > 0``, 0 in every recipe) still
 draws from the kernel RNG, so its masks after a resume differ.
 
 One loop for every task: ``tasks.py`` supplies the data, loss and validation of classification or
@@ -46,7 +47,7 @@ from ..config import Config, ConfigError
 from ..data.listing import augmentation_seed
 from ..distributed import DistInfo, all_reduce_sum, init_distributed
 from ..factory import create_model
-from ..models.layers import DropPathNoise
+from ..models.layers import DropPathKey
 from .data import DataError
 from .optim import create_optimizer
 from .run_io import (
@@ -313,7 +314,7 @@ class Trainer:
                                 in_channels=cfg["in_channels"], checkpoint_path=ckpt,
                                 drop_path_rate=cfg["drop_path_rate"], drop_rate=cfg["drop_rate"], **head)
         ms.set_seed(augmentation_seed(cfg["seed"], rank, 0))  # dropout differs per rank
-        self.drop_path_noise = DropPathNoise(self.net, batch, int(cfg["seed"]), rank)
+        self.drop_path_key = DropPathKey(self.net, int(cfg["seed"]), rank)
         self.optimizer = create_optimizer(self.net, cfg, self.lrs)
         self.net = apply_amp(self.net, cfg["amp_level"])
         self.scaler = LossScaleState(self.plan.value, self.plan.dynamic)
@@ -327,7 +328,8 @@ class Trainer:
         clip = float(cfg["clip_value"]) if cfg["clip_grad"] else 0.0
         self.step = TrainStep(WithLoss(self.net, self.task.loss()), self.optimizer, self.scaler,
                               reducer, clip, self.accum, self.ema, float(cfg["ema_decay"]),
-                              all_finite=backend_all_finite())
+                              all_finite=backend_all_finite(),
+                              drop_path_key=self.drop_path_key if self.drop_path_key.num_layers else None)
         self.apply_accumulated = ApplyAccumulated(self.step) if self.accum > 1 else None
 
         self.task.prepare_validation(rank, world)
@@ -359,7 +361,7 @@ class Trainer:
         params = {}
         for cell in (self.step,) + ((self.apply_accumulated,) if self.apply_accumulated else ()):
             for param in cell.get_parameters():
-                if not DropPathNoise.is_noise_name(param.name):  # per-step scratch, refilled from the step key
+                if not DropPathKey.is_key_name(param.name):  # the counter follows from global_step (fit)
                     params.setdefault(param.name, param)
         for param in self.optimizer.get_parameters():
             params.setdefault(param.name, param)
@@ -522,6 +524,7 @@ class Trainer:
         self.window[3] = time.perf_counter()
         self._pending = []
         self._read_scale()
+        self.drop_path_key.set_counter(self.global_step * self.accum)  # checkpoints are at optimizer steps
         with StopSignals() as self.signals:
             for epoch in range(self.start_epoch, self.total_epochs):
                 record = self._train_epoch(epoch)
@@ -581,7 +584,6 @@ class Trainer:
                     break
                 if micro < self.skip_micro:
                     continue
-                self.drop_path_noise.refill(self.global_step, micro % self.accum)
                 loss, applied = run_step() if run_step is not None else self.step(images, targets)
                 boundary = (micro + 1) % self.accum == 0
                 if self.apply_accumulated is not None and boundary:
