@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .config import ConfigError
+from .models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -47,9 +48,6 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger("mindcv_poolformer")
-
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 # 'area' has no PIL name: PIL's BOX filter is the area-average resampler.
 _PIL_INTERP = {

@@ -33,7 +33,7 @@ from .._atomic import atomic_write_json
 from .._runtime import configure_device
 from .._script import run_script
 from ..backends import apply_backend
-from ..config import parse_cli
+from ..config import model_defaults, parse_cli
 from ..data.ade20k import ADE20K_MEAN, ADE20K_STD, ade20k_classes, ade20k_palette
 from ..data.listing import scan_image_folder
 from ..errors import CheckpointError, ConfigError, ScriptError
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     def _main(args: list[str]) -> int:
         first = parse_cli(args, prog="export.py", defaults={"batch_size": 1})
         cfg = parse_cli(args, prog="export.py",
-                        defaults={"batch_size": 1, "crop_pct": model_info(first.model).crop_pct})
+                        defaults={"batch_size": 1, **model_defaults(first.model)})
         print(configure_device(cfg, mode=ms.GRAPH_MODE), flush=True)
         labels = None
         if cfg.labels:

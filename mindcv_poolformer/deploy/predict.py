@@ -27,7 +27,7 @@ from PIL import Image
 from .._atomic import atomic_path, atomic_write_json
 from .._runtime import configure_device
 from .._script import run_script
-from ..config import SCHEMA, parse_cli
+from ..config import SCHEMA, model_defaults, parse_cli
 from ..data.ade20k import ade20k_classes, ade20k_palette, overlay_classes
 from ..errors import ConfigError, ScriptError
 from ..evaluation.segmentation import logits_to_map, preprocess_image
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         files, options = _split_argv(args)
         first = parse_cli(options, prog="predict", defaults={"batch_size": 8})
         cfg = parse_cli(options, prog="predict",
-                        defaults={"batch_size": 8, "crop_pct": model_info(first.model).crop_pct})
+                        defaults={"batch_size": 8, **model_defaults(first.model)})
         if not files:
             raise ConfigError("no images given (usage: python -m mindcv_poolformer.predict IMG... --ckpt_path CKPT)")
         if _is_segmentation(cfg):

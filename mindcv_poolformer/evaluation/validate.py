@@ -10,7 +10,7 @@ from .._runtime import configure_device
 from .._script import run_script
 from ..amp import apply_amp
 from ..checkpoint import resolve_pretrained
-from ..config import parse_cli
+from ..config import model_defaults, parse_cli
 from ..data.listing import scan_image_folder
 from ..deploy.artifacts import load_mindir, load_network, read_sidecar, sidecar_path
 from ..distributed import init_distributed
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python validate.py --config RECIPE --data_dir DIR (--ckpt_path CKPT | --pretrained) [--json OUT]``."""
     def _main(args: list[str]) -> int:
         first = parse_cli(args, prog="validate.py", description="Top-1/top-5 of a checkpoint on an ImageFolder.")
-        cfg = parse_cli(args, prog="validate.py", defaults={"crop_pct": model_info(first.model).crop_pct})
+        cfg = parse_cli(args, prog="validate.py", defaults=model_defaults(first.model))
         record = run_validation(cfg)
         if not cfg.distribute or _rank() == 0:
             print(format_table(record))
