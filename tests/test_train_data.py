@@ -143,12 +143,14 @@ def test_split_folders_are_listed_once_per_run(folder, monkeypatch):
 def test_val_set_from_the_listing_is_create_eval_datasets(folder):
     from mindcv_poolformer.evaluation.classification import create_eval_dataset
     from mindcv_poolformer.train.data import build_val_dataset, prepare_data_dir
+    from mindcv_poolformer.transforms import Preprocess
 
     cfg = _cfg(folder, val_while_train=True, batch_size=3)
     listing = prepare_data_dir(cfg)
     for rank, world in ((0, 1), (1, 3)):
         ours = build_val_dataset(cfg, listing.val, rank, world)
-        ref, _, _ = create_eval_dataset(str(folder), "val", 3, 32, 1.0, cfg["interpolation"], cfg["mean"], cfg["std"],
+        ref, _, _ = create_eval_dataset(str(folder), "val", 3, Preprocess(32, 1.0, cfg["interpolation"], cfg["mean"],
+                                                                          cfg["std"]),
                                         1, rank, world, class_names=listing.train.classes)
         a = list(ours.create_tuple_iterator(output_numpy=True, num_epochs=1))
         b = list(ref.create_tuple_iterator(output_numpy=True, num_epochs=1))

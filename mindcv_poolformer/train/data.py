@@ -31,7 +31,7 @@ import numpy as np
 
 from ..data.listing import ImageList, augmentation_seed, epoch_order, list_image_folder, shard_indices
 from ..errors import ConfigError
-from ..transforms import ImageReader, create_transforms
+from ..transforms import ImageReader, Preprocess, create_transforms
 
 __all__ = [
     "DataError",
@@ -317,6 +317,6 @@ def build_val_dataset(cfg: Mapping[str, Any], images: ImageList, rank: int = 0, 
     reader = ImageReader([images.files[i] for i in rows], images.labels[rows], strict=bool(cfg.get("strict_data")),
                          substitute=False)
     workers = _workers(cfg)
-    dataset = reader.dataset(workers).map(_transforms(cfg, False), input_columns="image",
-                                          num_parallel_workers=workers)
+    ops = Preprocess.from_config(cfg).transforms(decode=False)
+    dataset = reader.dataset(workers).map(ops, input_columns="image", num_parallel_workers=workers)
     return dataset.batch(int(cfg["batch_size"]), drop_remainder=False)
