@@ -9,6 +9,7 @@ from train_helpers import make_tiny_folder
 from mindcv_poolformer.config import load_config
 from mindcv_poolformer.train.data import (
     SoftTargetMixer,
+    TrainDataSettings,
     augmentation_seed,
     build_train_dataset,
     epoch_order,
@@ -30,7 +31,7 @@ def _cfg(folder, **kw):
 
 
 def _batches(cfg, epoch, rank=0, world=1):
-    data = build_train_dataset(cfg, epoch, rank, world)
+    data = build_train_dataset(TrainDataSettings.from_config(cfg), epoch, rank, world)
     return [(img.copy(), lab.copy()) for img, lab in data.dataset.create_tuple_iterator(output_numpy=True,
                                                                                          num_epochs=1)]
 
@@ -135,7 +136,7 @@ def test_split_folders_are_listed_once_per_run(folder, monkeypatch):
     assert calls == ["train", "val"]
     for epoch in range(3):
         for rank in range(2):
-            build_train_dataset(cfg, epoch, rank, 2, listing=listing)
+            build_train_dataset(TrainDataSettings.from_config(cfg), epoch, rank, 2, listing=listing)
     build_val_dataset(cfg, listing.val, 0, 2)
     assert calls == ["train", "val"]
 
