@@ -108,11 +108,11 @@ def _ours(mode: str, task: str, model: str, weights: Path, batch: int, size: int
     from mindcv_poolformer.backends import backend_all_finite
     from mindcv_poolformer.config import load_config
     from mindcv_poolformer.train.loss import create_loss
-    from mindcv_poolformer.train.optim import create_optimizer
+    from mindcv_poolformer.train.optim import OptimizerSettings, create_optimizer
     from mindcv_poolformer.train.step import LossScaleState, TrainStep, WithLoss
 
     cfg = load_config(overrides={"model": model, "opt": "adamw", "lr": 1e-3, "weight_decay": 0.05})
-    optimizer = create_optimizer(net, cfg, 1e-3)
+    optimizer = create_optimizer(net, OptimizerSettings.from_config(cfg), 1e-3)
     step = TrainStep(WithLoss(net, create_loss("CE")), optimizer, LossScaleState(1.0, False),
                      all_finite=backend_all_finite())
     step.set_train(True)

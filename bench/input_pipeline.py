@@ -105,13 +105,13 @@ def ours_cfg(data_dir: Path, workers: int, interpolation: str | None = None):
 
 def ours_pipeline(data_dir: Path, workers: int, warm: bool, interpolation: str | None = None) -> Callable:
     """Our epoch-0 training dataset; ``warm``: its JPEGs already checked, as in every epoch after a file's first."""
-    from mindcv_poolformer.train.data import build_train_dataset, prepare_data_dir
+    from mindcv_poolformer.train.data import TrainDataSettings, build_train_dataset, prepare_data_dir
 
     cfg = ours_cfg(data_dir, workers, interpolation)
     listing = prepare_data_dir(cfg)
     if warm:
         listing.verified[:] = b"\x01" * len(listing.verified)
-    return lambda: build_train_dataset(cfg, 0, 0, 1, listing=listing).dataset
+    return lambda: build_train_dataset(TrainDataSettings.from_config(cfg), 0, 0, 1, listing=listing).dataset
 
 
 def mindcv_pipeline(data_dir: Path, workers: int, interpolation: str | None = None) -> Callable:
@@ -259,12 +259,12 @@ def _before(cfg, epochs: int) -> None:
 
 def _after(cfg, epochs: int) -> None:
     """Today's: one listing from prepare_data_dir feeds every epoch's shard and the validation set."""
-    from mindcv_poolformer.train.data import build_train_dataset, build_val_dataset, prepare_data_dir
+    from mindcv_poolformer.train.data import TrainDataSettings, build_train_dataset, build_val_dataset, prepare_data_dir
 
     listing = prepare_data_dir(cfg)
     build_val_dataset(cfg, listing.val)
     for epoch in range(epochs):
-        build_train_dataset(cfg, epoch, 0, 8, listing=listing)
+        build_train_dataset(TrainDataSettings.from_config(cfg), epoch, 0, 8, listing=listing)
 
 
 def listing_table(tree: Path, rounds: int) -> str:

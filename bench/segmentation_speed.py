@@ -107,10 +107,11 @@ def _ours(task: str, model: str, workdir: Path, batch: int, size: int, iters: in
         return classification_bench._timed(lambda: net(x).asnumpy(), iters, batch)
     from mindcv_poolformer.backends import backend_all_finite
     from mindcv_poolformer.config import load_config
-    from mindcv_poolformer.train.optim import create_optimizer
+    from mindcv_poolformer.train.optim import OptimizerSettings, create_optimizer
     from mindcv_poolformer.train.step import LossScaleState, TrainStep, WithLoss
 
-    cfg = load_config(overrides={"model": model, "opt": "adamw", "lr": LR, "weight_decay": WEIGHT_DECAY})
+    cfg = OptimizerSettings.from_config(load_config(overrides={"model": model, "opt": "adamw", "lr": LR,
+                                                                "weight_decay": WEIGHT_DECAY}))
     step = TrainStep(WithLoss(net, _segmentation_loss()), create_optimizer(net, cfg, LR), LossScaleState(1.0, False),
                      all_finite=backend_all_finite())
     step.set_train(True)

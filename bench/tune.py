@@ -86,7 +86,7 @@ def worker(config: dict[str, str], task: str, model: str, size: int, iters: int)
     else:
         from mindcv_poolformer.config import load_config
         from mindcv_poolformer.train.loss import create_loss
-        from mindcv_poolformer.train.optim import create_optimizer
+        from mindcv_poolformer.train.optim import OptimizerSettings, create_optimizer
         from mindcv_poolformer.train.step import LossScaleState, TrainStep, WithLoss
 
         cfg = load_config(overrides={"model": model, "opt": "adamw", "lr": 1e-3, "weight_decay": 0.05})
@@ -96,7 +96,8 @@ def worker(config: dict[str, str], task: str, model: str, size: int, iters: int)
             extra = {"all_finite": backend_all_finite()}
         except ImportError:  # src= a checkout from before the backends, where the step picked the check itself
             extra = {}
-        cell = TrainStep(WithLoss(net, create_loss("CE")), create_optimizer(net, cfg, 1e-3),
+        optimizer = create_optimizer(net, OptimizerSettings.from_config(cfg), 1e-3)
+        cell = TrainStep(WithLoss(net, create_loss("CE")), optimizer,
                          LossScaleState(1.0, False), **extra)
         cell.set_train(True)
         y = np.eye(1000, dtype=np.float32)[rs.randint(0, 1000, size=batch)]

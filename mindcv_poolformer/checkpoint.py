@@ -366,7 +366,7 @@ def model_name(arch: Architecture) -> str | None:
     variant = match_variant(arch)
     if variant is None or arch.task != "segmentation":
         return variant
-    return next((name for name, seg in SEGMENTATION_VARIANTS.items() if seg.backbone == variant), None)
+    return next((name for name, seg in SEGMENTATION_VARIANTS.items() if seg.base == variant), None)
 
 
 def _describe(arch: Architecture) -> str:
@@ -412,7 +412,7 @@ def check_architecture(state: Mapping[str, np.ndarray], model: str, label: str) 
     (``load_checkpoint_into`` still is) and give None; else the checkpoint's architecture.
     """
     segmentation = model in SEGMENTATION_VARIANTS
-    variant = POOLFORMER_VARIANTS.get(SEGMENTATION_VARIANTS[model].backbone if segmentation else model)
+    variant = POOLFORMER_VARIANTS.get(SEGMENTATION_VARIANTS[model].base if segmentation else model)
     if variant is None:
         return None
     found = infer_architecture(state)

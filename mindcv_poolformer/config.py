@@ -24,10 +24,10 @@ import yaml
 
 from ._atomic import atomic_write_text
 from .errors import ConfigError
-from .models.registry import list_models, model_info
+from .models.registry import IMAGENET_MEAN, IMAGENET_STD, list_models, model_info
 
 __all__ = ["ConfigError", "Option", "SCHEMA", "SECTIONS", "INERT_KEYS", "MINDCV_KEYS", "MINDCV_DEFAULTS", "Config",
-           "is_mindcv_recipe", "load_config", "parse_cli", "format_help", "script_accepts"]
+           "is_mindcv_recipe", "load_config", "model_defaults", "parse_cli", "format_help", "script_accepts"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
@@ -140,8 +140,8 @@ SCHEMA: dict[str, Option] = {
     "re_value": _o(float, 0.0, "random erasing value for re_mode=const ('random', MindCV's, is re_mode pixel)",
                    _AUG),
     "re_max_attempts": _o(int, 10, "random erasing attempts", _AUG, low=1),
-    "mean": _o(list, [0.485 * 255, 0.456 * 255, 0.406 * 255], "per-channel mean on the 0-255 scale", _AUG, length=3),
-    "std": _o(list, [0.229 * 255, 0.224 * 255, 0.225 * 255], "per-channel std on the 0-255 scale", _AUG, length=3),
+    "mean": _o(list, list(IMAGENET_MEAN), "per-channel mean on the 0-255 scale", _AUG, length=3),
+    "std": _o(list, list(IMAGENET_STD), "per-channel std on the 0-255 scale", _AUG, length=3),
     "mixup": _o(float, 0.0, "mixup beta-distribution alpha (0 = off)", _AUG, low=0),
     "cutmix": _o(float, 0.0, "cutmix beta-distribution alpha (0 = off)", _AUG, low=0),
     "cutmix_prob": _o(float, 1.0, "probability of applying mixup/cutmix to a batch", _AUG, low=0, high=1),
@@ -650,6 +650,18 @@ def format_help(prog: str, description: str) -> str:
         choices = f" {{{','.join(map(str, opt.choices))}}}" if opt.choices else ""
         lines.append(f"  --{key}{choices}  {opt.help} (default: {opt.default!r})")
     return "\n".join(lines)
+
+
+def model_defaults(model: str) -> dict[str, Any]:
+    """The model record's facts that a recipe or flag may override: drop path and the eval preprocessing.
+
+    Every script passes them as ``parse_cli(defaults=)``, so ``train.py --model poolformer_s36``
+    trains at the paper's drop path 0.2 (not the schema's 0.0) and all four scripts evaluate at the
+    record's crop, interpolation and normalisation (ADE20K's for a segmentation model).
+    """
+    info = model_info(model)
+    return {"drop_path_rate": info.drop_path_rate, "crop_pct": info.crop_pct, "interpolation": info.interpolation,
+            "mean": list(info.mean), "std": list(info.std)}
 
 
 def parse_cli(argv: Sequence[str] | None = None, prog: str | None = None, description: str = "",

@@ -30,12 +30,14 @@ import numpy as np
 from PIL import Image
 
 from .config import ConfigError
+from .models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, model_info
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CorruptImageError",
     "ImageReader",
+    "Preprocess",
     "ResizeCenterCrop",
     "create_transforms",
     "eval_resize_size",
@@ -47,9 +49,6 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger("mindcv_poolformer")
-
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 # 'area' has no PIL name: PIL's BOX filter is the area-average resampler.
 _PIL_INTERP = {
@@ -272,6 +271,63 @@ def eval_transform_pil(img: Image.Image, image_size: int = 224, crop_pct: float 
     mean_a = np.asarray(mean, dtype=np.float32).reshape(1, 1, -1)
     std_a = np.asarray(std, dtype=np.float32).reshape(1, 1, -1)
     return np.ascontiguousarray(((arr - mean_a) / std_a).transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """A classifier's eval preprocessing: crop side, crop_pct, interpolation and mean/std (0-255 scale).
+
+    One record shared by the eval transforms, the eval dataset, the export sidecar and the
+    predictor, so those facts are derived once: from the model record (``for_model``), from a
+    parsed config whose defaults are that record (``from_config``), or from a sidecar
+    (``from_sidecar``, also the sidecars written before this record existed: same keys).
+    """
+    size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", int(self.size))
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+        object.__setattr__(self, "interpolation", _check_interpolation(self.interpolation))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        eval_resize_size(self.size, self.crop_pct)
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ConfigError(f"mean/std: expected 3 values each with std > 0, got mean={list(self.mean)} "
+                              f"std={list(self.std)}")
+
+    @classmethod
+    def for_model(cls, model: str | ModelInfo, size: int = 224) -> Preprocess:
+        """The model record's preprocessing at crop side ``size``."""
+        info = model_info(model) if isinstance(model, str) else model
+        return cls(size, info.crop_pct, info.interpolation, info.mean, info.std)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Preprocess:
+        """``image_resize``, ``crop_pct``, ``interpolation``, ``mean``, ``std`` of a parsed config."""
+        return cls(cfg["image_resize"], cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"])
+
+    @classmethod
+    def from_sidecar(cls, meta: dict) -> Preprocess:
+        """The preprocessing an export sidecar records (keys ``image_size``, ``crop_pct``, ... as ``to_sidecar``)."""
+        return cls(meta["image_size"], meta["crop_pct"], meta["interpolation"], meta["mean"], meta["std"])
+
+    def to_sidecar(self) -> dict:
+        """The sidecar's keys for this record (the layout export.py has always written)."""
+        return {"image_size": self.size, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    def transforms(self, decode: bool = True) -> list:
+        """The eval op list (``create_transforms(False, ...)``): decoded PIL images in when ``decode=False``."""
+        return create_transforms(False, self.size, self.crop_pct, self.interpolation, self.mean, self.std,
+                                 decode=decode)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """One PIL image -> its CHW float32 array (``eval_transform_pil``)."""
+        return eval_transform_pil(img, self.size, self.crop_pct, self.interpolation, self.mean, self.std)
 
 
 _AA_TOKEN = re.compile(r"^(mstd|mmax|inc|m|n|w|p)([\d.]+)$")

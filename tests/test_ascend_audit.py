@@ -92,8 +92,8 @@ def _build_train_step(amp_level: str):
     from mindcv_poolformer.config import load_config
     from mindcv_poolformer.models.layers import DropPathKey
     from mindcv_poolformer.train.loss import create_loss
-    from mindcv_poolformer.train.optim import create_optimizer
-    from mindcv_poolformer.train.schedule import build_lr_schedule
+    from mindcv_poolformer.train.optim import OptimizerSettings, create_optimizer
+    from mindcv_poolformer.train.schedule import ScheduleSettings, build_lr_schedule
     from mindcv_poolformer.train.step import LossScaleState, TrainStep, WithLoss
     from mindcv_poolformer.train.trainer import validate_train_config
 
@@ -103,7 +103,8 @@ def _build_train_step(amp_level: str):
     net = create_model(cfg["model"], num_classes=CLASSES, in_channels=cfg["in_channels"], backend="ascend",
                        drop_path_rate=cfg["drop_path_rate"], drop_rate=cfg["drop_rate"])
     key = DropPathKey(net, int(cfg["seed"]), 0)
-    optimizer = create_optimizer(net, cfg, build_lr_schedule(cfg, 1, BATCH))
+    optimizer = create_optimizer(net, OptimizerSettings.from_config(cfg),
+                                 build_lr_schedule(ScheduleSettings.from_config(cfg), 1, BATCH))
     net = apply_amp(net, cfg["amp_level"])
     scaler = LossScaleState(plan.value, plan.dynamic)
     step = TrainStep(WithLoss(net, create_loss(cfg["loss"])), optimizer, scaler, None, 0.0,

@@ -19,7 +19,7 @@ from mindcv_poolformer.config import load_config
 from mindcv_poolformer.deploy.export import make_onnx_exportable
 from mindcv_poolformer.models.layers import Pooling
 from mindcv_poolformer.train.loss import create_loss
-from mindcv_poolformer.train.optim import create_optimizer
+from mindcv_poolformer.train.optim import OptimizerSettings, create_optimizer
 from mindcv_poolformer.train.step import LossScaleState, TrainStep, WithLoss
 
 SMALL = {"depths": (1, 1, 1, 1)}  # every architecture at one block per stage: construction is what is tested
@@ -49,7 +49,7 @@ def test_features_only_backbone_builds(ascend_soc):
 def test_training_step_builds(ascend_soc, amp_level):
     cfg = load_config(overrides={"amp_level": amp_level})
     net = create_model("poolformer_s12", num_classes=10, backend="ascend", drop_path_rate=0.1, **SMALL)
-    optimizer = create_optimizer(net, cfg, np.full(4, 1e-3, np.float32))
+    optimizer = create_optimizer(net, OptimizerSettings.from_config(cfg), np.full(4, 1e-3, np.float32))
     net = apply_amp(net, amp_level)
     step = TrainStep(WithLoss(net, create_loss(cfg["loss"])), optimizer, LossScaleState(2.0 ** 16, True),
                      all_finite=backends.backend_all_finite("ascend"))

@@ -11,6 +11,7 @@ import pytest
 from mindcv_poolformer.deploy.artifacts import load_network
 from mindcv_poolformer.deploy.export import ErfFreeGELU, make_onnx_exportable
 from mindcv_poolformer.evaluation.classification import create_eval_dataset, evaluate
+from mindcv_poolformer.transforms import Preprocess
 
 from conftest import require
 from deploy_helpers import IMAGE_SIZE, MODEL, deploy_assets, run_cli  # noqa: F401  (fixture)
@@ -38,7 +39,9 @@ def test_mindir_round_trip_and_validation(deploy_assets, tmp_path):  # noqa: F81
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(report.read_text())
     net, _ = load_network(MODEL, str(deploy_assets["ckpt"]))
-    dataset, _, _ = create_eval_dataset(str(deploy_assets["data"]), "val", 4, IMAGE_SIZE, num_parallel_workers=1)
+    s12_eval = Preprocess(IMAGE_SIZE, 0.9, "bicubic", (0.485 * 255, 0.456 * 255, 0.406 * 255),
+                          (0.229 * 255, 0.224 * 255, 0.225 * 255))
+    dataset, _, _ = create_eval_dataset(str(deploy_assets["data"]), "val", 4, s12_eval, num_parallel_workers=1)
     direct = evaluate(net, dataset)
     assert record["num_samples"] == direct.num_samples == 13
     assert record["top1"] == direct.top1 and record["loss"] == pytest.approx(direct.loss, abs=1e-4)

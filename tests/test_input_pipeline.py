@@ -121,12 +121,12 @@ def test_damaged_files_never_reach_the_cpp_decoder(jpeg_folder, tmp_path, determ
     script = textwrap.dedent(f"""
         import numpy as np
         from mindcv_poolformer.config import load_config
-        from mindcv_poolformer.train.data import build_train_dataset
+        from mindcv_poolformer.train.data import TrainDataSettings, build_train_dataset
         cfg = load_config(overrides={{"data_dir": {str(jpeg_folder)!r}, "image_resize": 32, "batch_size": 4,
                                      "num_parallel_workers": 2, "num_classes": 10, "deterministic_augment":
                                      {deterministic}, "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25,
                                      "mixup": 0.8, "cutmix": 1.0, "interpolation": "random"}})
-        data = build_train_dataset(cfg, 0)
+        data = build_train_dataset(TrainDataSettings.from_config(cfg), 0)
         shapes = [(i.shape, t.shape) for i, t in data.dataset.create_tuple_iterator(output_numpy=True,
                                                                                      num_epochs=1)]
         assert len(shapes) == data.num_batches == 11 and set(shapes) == {{((4, 3, 32, 32), (4, 10))}}, shapes

@@ -229,7 +229,7 @@ def test_weight_decay_filters_are_mindcvs_and_mindspores():
     from mindspore import nn
 
     from mindcv_poolformer.models import create_model
-    from mindcv_poolformer.train.optim import create_optimizer, split_decay
+    from mindcv_poolformer.train.optim import OptimizerSettings, create_optimizer, split_decay
 
     net = create_model("poolformer_s12", num_classes=10)
     params = net.trainable_params()
@@ -243,14 +243,15 @@ def test_weight_decay_filters_are_mindcvs_and_mindspores():
     decayed = {w: {p.name for p in split_decay(net, w)[0]} for w in ("all_1d", "norm_and_bias", "auto")}
     assert "network.0.0.layer_scale_1" in decayed["norm_and_bias"] - decayed["all_1d"]
     assert "head.bias" in decayed["auto"] - decayed["norm_and_bias"]
-    one_group = create_optimizer(net, load_config(overrides={"weight_decay_filter": "disable"}), 1e-3)
+    disable = OptimizerSettings.from_config(load_config(overrides={"weight_decay_filter": "disable"}))
+    one_group = create_optimizer(net, disable, 1e-3)
     assert [float(w.asnumpy()) for w in one_group.weight_decay] == pytest.approx([0.05] * len(params))
 
 
 def test_warmup_and_schedule_are_mindcvs(recipe_v030):
     from mindcv.scheduler import create_scheduler
 
-    from mindcv_poolformer.train.schedule import build_lr_schedule
+    from mindcv_poolformer.train.schedule import ScheduleSettings, build_lr_schedule
 
     for extra in ({}, {"warmup_factor": 0.01, "lr_epoch_stair": True}):
         cfg = load_config(recipe_v030, overrides=extra)
@@ -261,7 +262,8 @@ def test_warmup_and_schedule_are_mindcvs(recipe_v030):
                                   milestones=cfg.multi_step_decay_milestones, num_epochs=cfg.epoch_size,
                                   num_cycles=cfg.num_cycles, cycle_decay=cfg.cycle_decay,
                                   lr_epoch_stair=cfg.lr_epoch_stair)
-        np.testing.assert_allclose(build_lr_schedule(cfg, 3, 1024), np.asarray(theirs), rtol=1e-6, atol=1e-12)
+        ours = build_lr_schedule(ScheduleSettings.from_config(cfg), 3, 1024)
+        np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-6, atol=1e-12)
     with pytest.raises(ConfigError, match="^warmup_factor: 0.5 .* contradicts warmup_lr"):
         load_config(overrides={"warmup_factor": 0.5, "warmup_lr": 1e-6})
     with pytest.raises(ConfigError, match="^warmup_factor: a factor of lr does not follow lr_scale_batch"):

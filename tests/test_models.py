@@ -32,6 +32,46 @@ def test_registry_lists_the_five_variants_and_rejects_unknown_names():
         create_model("poolformer_s13")
 
 
+# REFERENCE.md's table (the official repository's models and training recipes), written out independently
+PAPER_ROWS = {"poolformer_s12": ((2, 2, 6, 2), (64, 128, 320, 512), 1e-5, 0.90, 0.1, 77.2),
+              "poolformer_s24": ((4, 4, 12, 4), (64, 128, 320, 512), 1e-5, 0.90, 0.1, 80.3),
+              "poolformer_s36": ((6, 6, 18, 6), (64, 128, 320, 512), 1e-6, 0.90, 0.2, 81.4),
+              "poolformer_m36": ((6, 6, 18, 6), (96, 192, 384, 768), 1e-6, 0.95, 0.3, 82.1),
+              "poolformer_m48": ((8, 8, 24, 8), (96, 192, 384, 768), 1e-6, 0.95, 0.4, 82.5)}
+
+
+def test_one_record_per_model_holds_the_paper_facts_and_builds_the_network():
+    """The registry's record is the variant table's row, and the built network is what the record says."""
+    from mindcv_poolformer.models.fpn import SEGMENTATION_VARIANTS
+    from mindcv_poolformer.models.metaformer import METAFORMER_VARIANTS
+
+    tables = {**POOLFORMER_VARIANTS, **METAFORMER_VARIANTS, **SEGMENTATION_VARIANTS}
+    assert sorted(tables) == list_models()
+    for name in list_models():
+        assert model_info(name) is tables[name]
+    for name, (depths, widths, scale, crop, drop_path, top1) in PAPER_ROWS.items():
+        info = model_info(name)
+        assert (info.depths, info.widths, info.layer_scale_init, info.crop_pct, info.drop_path_rate, info.top1,
+                info.interpolation, info.task) == (depths, widths, scale, crop, drop_path, top1, "bicubic",
+                                                   "classification")
+        np.testing.assert_allclose(info.mean, [0.485 * 255, 0.456 * 255, 0.406 * 255], rtol=0, atol=0)
+        np.testing.assert_allclose(info.std, [0.229 * 255, 0.224 * 255, 0.225 * 255], rtol=0, atol=0)
+    seg = model_info("fpn_poolformer_s36")  # mmseg's ADE20K config: its normalisation, its backbone
+    assert (seg.base, seg.depths, seg.layer_scale_init, seg.num_classes, seg.crop_size) == (
+        "poolformer_s36", (6, 6, 18, 6), 1e-6, 150, 512)
+    assert (seg.mean, seg.std) == ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+    ablation = model_info("metaformer_s12_pool5")
+    assert (ablation.base, dict(ablation.overrides), ablation.drop_path_rate) == ("poolformer_s12", {"pool_size": 5},
+                                                                                  0.1)
+    assert create_model("metaformer_s12_pool5", num_classes=4).network[0][0].token_mixer.pool_size == 5
+    net = create_model("metaformer_s12_pool5", num_classes=4, pool_size=7)  # a flag wins over the record
+    assert net.depths == (2, 2, 6, 2) and net.network[0][0].token_mixer.pool_size == 7
+    assert dict(model_info("metaformer_s12_pool5").overrides) == {"pool_size": 5}  # the build left the table alone
+    built = create_model("fpn_poolformer_s36")
+    assert (built.backbone.depths, built.num_classes) == ((6, 6, 18, 6), 150)
+    assert np.all(built.backbone.network[0][0].layer_scale_1.asnumpy() == np.float32(1e-6))
+
+
 @pytest.mark.parametrize("name", list(PARAMS))
 def test_param_count_and_macs(name):
     net = create_model(name)

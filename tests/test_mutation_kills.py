@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mindcv_poolformer.config import ConfigError, load_config
-from mindcv_poolformer.train.schedule import build_lr_schedule
+from mindcv_poolformer.train.schedule import ScheduleSettings, build_lr_schedule
 
 # ---------------------------------------------------------------------------------------------- schedule
 
@@ -23,7 +23,7 @@ def _sched(**kw):
     base = {"lr": 1.0, "lr_scale_batch": None, "warmup_epochs": 0, "warmup_lr": 0.0, "min_lr": 0.0,
             "epoch_size": 8, "cooldown_epochs": 0}
     base.update(kw)
-    return load_config(overrides=base)
+    return ScheduleSettings.from_config(load_config(overrides=base))
 
 
 def _cosine(t: float, length: float, top: float, low: float) -> float:

@@ -27,7 +27,7 @@ from mindspore import ParameterTuple, Tensor, nn
 
 from mindcv_poolformer.config import load_config
 from mindcv_poolformer.train import step as step_mod
-from mindcv_poolformer.train.optim import create_optimizer
+from mindcv_poolformer.train.optim import OptimizerSettings, create_optimizer
 from mindcv_poolformer.train.run_io import METRIC_FIELDS, MetricsLog
 
 from conftest import require_kernel_library
@@ -41,7 +41,7 @@ def _tiny_step(opt: str, window: int | None = None, ema: bool = True, fused: boo
     ms.set_seed(0)
     net = nn.SequentialCell([nn.Dense(FEATURES, 16), nn.ReLU(), nn.Dense(16, CLASSES)])
     cfg = load_config(overrides={"opt": opt, "momentum": 0.9, "weight_decay": 0.01})
-    optimizer = create_optimizer(net, cfg, np.full(2000, 1e-3, np.float32))
+    optimizer = create_optimizer(net, OptimizerSettings.from_config(cfg), np.full(2000, 1e-3, np.float32))
     scaler = (step_mod.LossScaleState(2.0 ** 10, dynamic=True) if window is None else
               step_mod.LossScaleState(2.0 ** 10, dynamic=True, window=window))
     ema_params = ParameterTuple(optimizer.parameters).clone(prefix="ema", init="same") if ema else None
@@ -234,7 +234,7 @@ def test_o2_loss_inside_the_compiled_train_step_is_float32():
     amp_net.set_train(True)
     logits = amp_net(x).asnumpy().astype(np.float64)
     cfg = load_config(overrides={"opt": "momentum", "momentum": 0.0, "weight_decay": 0.0})
-    optimizer = create_optimizer(net, cfg, 1e-3)
+    optimizer = create_optimizer(net, OptimizerSettings.from_config(cfg), 1e-3)
     step = step_mod.TrainStep(step_mod.WithLoss(amp_net, create_loss("CE")), optimizer,
                               step_mod.LossScaleState(2.0 ** 10, dynamic=True))
     step.set_train(True)

@@ -20,13 +20,13 @@ def test_poly_schedule_is_mmengine_poly_lr():
     torch = pytest.importorskip("torch")
     from mmengine.optim.scheduler import PolyLR
 
-    from mindcv_poolformer.train.schedule import build_lr_schedule
+    from mindcv_poolformer.train.schedule import ScheduleSettings, build_lr_schedule
 
     peak = 2e-4
     for total, eta_min in ((50, 0.0), (50, 1e-6), (2, 0.0), (1, 0.0)):  # 1 and 2: the span's floor of 1
         cfg = load_config(overrides={"model": "fpn_poolformer_s12", "scheduler": "poly", "lr": peak, "min_lr": eta_min,
                                      "warmup_epochs": 0, "max_iters": total, "lr_power": 0.9})
-        ours = build_lr_schedule(cfg, steps_per_epoch=7, global_batch=32)
+        ours = build_lr_schedule(ScheduleSettings.from_config(cfg), steps_per_epoch=7, global_batch=32)
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
         sched = PolyLR(opt, power=0.9, eta_min=eta_min, begin=0, end=total, by_epoch=False)
         reference = []

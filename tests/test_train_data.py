@@ -9,6 +9,7 @@ from train_helpers import make_tiny_folder
 from mindcv_poolformer.config import load_config
 from mindcv_poolformer.train.data import (
     SoftTargetMixer,
+    TrainDataSettings,
     augmentation_seed,
     build_train_dataset,
     epoch_order,
@@ -30,7 +31,7 @@ def _cfg(folder, **kw):
 
 
 def _batches(cfg, epoch, rank=0, world=1):
-    data = build_train_dataset(cfg, epoch, rank, world)
+    data = build_train_dataset(TrainDataSettings.from_config(cfg), epoch, rank, world)
     return [(img.copy(), lab.copy()) for img, lab in data.dataset.create_tuple_iterator(output_numpy=True,
                                                                                          num_epochs=1)]
 
@@ -135,7 +136,7 @@ def test_split_folders_are_listed_once_per_run(folder, monkeypatch):
     assert calls == ["train", "val"]
     for epoch in range(3):
         for rank in range(2):
-            build_train_dataset(cfg, epoch, rank, 2, listing=listing)
+            build_train_dataset(TrainDataSettings.from_config(cfg), epoch, rank, 2, listing=listing)
     build_val_dataset(cfg, listing.val, 0, 2)
     assert calls == ["train", "val"]
 
@@ -143,12 +144,14 @@ def test_split_folders_are_listed_once_per_run(folder, monkeypatch):
 def test_val_set_from_the_listing_is_create_eval_datasets(folder):
     from mindcv_poolformer.evaluation.classification import create_eval_dataset
     from mindcv_poolformer.train.data import build_val_dataset, prepare_data_dir
+    from mindcv_poolformer.transforms import Preprocess
 
     cfg = _cfg(folder, val_while_train=True, batch_size=3)
     listing = prepare_data_dir(cfg)
     for rank, world in ((0, 1), (1, 3)):
         ours = build_val_dataset(cfg, listing.val, rank, world)
-        ref, _, _ = create_eval_dataset(str(folder), "val", 3, 32, 1.0, cfg["interpolation"], cfg["mean"], cfg["std"],
+        ref, _, _ = create_eval_dataset(str(folder), "val", 3, Preprocess(32, 1.0, cfg["interpolation"], cfg["mean"],
+                                                                          cfg["std"]),
                                         1, rank, world, class_names=listing.train.classes)
         a = list(ours.create_tuple_iterator(output_numpy=True, num_epochs=1))
         b = list(ref.create_tuple_iterator(output_numpy=True, num_epochs=1))

@@ -9,15 +9,15 @@ import pytest
 
 from mindcv_poolformer.config import load_config
 from mindcv_poolformer.models import create_model
-from mindcv_poolformer.train.optim import create_optimizer, param_groups, split_decay
-from mindcv_poolformer.train.schedule import build_lr_schedule, scaled_lr
+from mindcv_poolformer.train.optim import OptimizerSettings, create_optimizer, param_groups, split_decay
+from mindcv_poolformer.train.schedule import ScheduleSettings, build_lr_schedule, scaled_lr
 
 
 def _cfg(**kw):
     base = {"lr": 1e-3, "lr_scale_batch": 1024, "warmup_epochs": 5, "warmup_lr": 1e-6, "min_lr": 1e-5,
             "epoch_size": 300, "cooldown_epochs": 10}
     base.update(kw)
-    return load_config(overrides=base)
+    return ScheduleSettings.from_config(load_config(overrides=base))
 
 
 def test_linear_lr_scaling():
@@ -66,5 +66,35 @@ def test_no_weight_decay_on_1d_parameters():
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
     assert len(param_groups(net, 0.05, weight_decay_filter="disable")) == 1
     assert len(param_groups(net, 0.0, weight_decay_filter="all_1d")) == 1
-    opt = create_optimizer(net, load_config(overrides={"weight_decay": 0.05}), np.full(4, 1e-3, np.float32))
+    opt = create_optimizer(net, OptimizerSettings.from_config(load_config(overrides={"weight_decay": 0.05})),
+                           np.full(4, 1e-3, np.float32))
     assert len(opt.parameters) == len(net.trainable_params())
+
+
+def test_settings_records_take_exactly_their_config_keys():
+    """Each function's settings record reads its keys of the config (every one a schema key), nothing else."""
+    from dataclasses import fields
+
+    from mindcv_poolformer.config import SCHEMA
+    from mindcv_poolformer.train.data import TrainDataSettings
+
+    for record in (ScheduleSettings, OptimizerSettings, TrainDataSettings):
+        assert {f.name for f in fields(record)} <= set(SCHEMA), record
+    cfg = load_config(overrides={"lr": 0.3, "min_lr": 0.1, "epoch_size": 2, "warmup_epochs": 0, "cooldown_epochs": 1,
+                                 "scheduler": "constant", "opt": "adam", "beta2": 0.95, "eps": 1e-6,
+                                 "weight_decay": 0.0, "mixup": 0.2, "hflip": 0.0, "num_samples": 7})
+    schedule = ScheduleSettings.from_config(cfg)
+    assert (schedule.lr, schedule.scheduler, schedule.cooldown_epochs) == (0.3, "constant", 1)
+    np.testing.assert_allclose(build_lr_schedule(schedule, 2, 1), [0.3] * 4 + [0.3] * 2, rtol=1e-6)
+    optimizer = create_optimizer(create_model("poolformer_s12", num_classes=2), OptimizerSettings.from_config(cfg),
+                                 1e-3)
+    assert type(optimizer).__name__ == "Adam" and float(optimizer.beta2.asnumpy()) == pytest.approx(0.95)
+    assert float(optimizer.eps.asnumpy()) == pytest.approx(1e-6)
+    data = TrainDataSettings.from_config(cfg)
+    assert (data.mixup, data.hflip, data.num_samples, data.deterministic_augment) == (0.2, 0.0, 7, True)
+    # the optional keys may be absent from a hand-made mapping; a required one may not
+    required = {f.name: cfg[f.name] for f in fields(ScheduleSettings) if f.name not in ("lr_scale_batch", "max_iters",
+                                                                                       "lr_epoch_stair")}
+    assert ScheduleSettings.from_config(required).max_iters is None
+    with pytest.raises(KeyError, match="lr"):
+        ScheduleSettings.from_config({k: v for k, v in required.items() if k != "lr"})

@@ -20,12 +20,14 @@ from mindcv_poolformer.deploy.artifacts import load_network
 from mindcv_poolformer.evaluation.classification import create_eval_dataset, evaluate
 from mindcv_poolformer.evaluation.validate import main
 from mindcv_poolformer.models.layers import GroupNorm1
-from mindcv_poolformer.transforms import eval_transform_pil
+from mindcv_poolformer.transforms import Preprocess, eval_transform_pil
 
 from conftest import require_mpirun, require_tool
 from deploy_helpers import IMAGE_SIZE, MODEL, REPO, deploy_assets, run_cli  # noqa: F401  (fixture)
 
 BATCH = 4  # 13 images: 3 full batches and one of 1
+S12_EVAL = Preprocess(IMAGE_SIZE, 0.9, "bicubic", (0.485 * 255, 0.456 * 255, 0.406 * 255),
+                      (0.229 * 255, 0.224 * 255, 0.225 * 255))
 
 
 @functools.cache
@@ -85,7 +87,7 @@ def test_sharded_evaluation_covers_each_sample_once(deploy_assets):  # noqa: F81
     data = str(deploy_assets["data"])
 
     def run(rank: int, group: int):
-        dataset, _, total = create_eval_dataset(data, "val", BATCH, IMAGE_SIZE, num_parallel_workers=1, rank=rank,
+        dataset, _, total = create_eval_dataset(data, "val", BATCH, S12_EVAL, num_parallel_workers=1, rank=rank,
                                                 group_size=group)
         assert total == 13
         return evaluate(net, dataset, pad_to=BATCH)
@@ -98,13 +100,13 @@ def test_sharded_evaluation_covers_each_sample_once(deploy_assets):  # noqa: F81
         correct = sum(p.top1 * p.num_samples / 100 for p in parts)
         assert correct == pytest.approx(whole.top1 * 13 / 100)
         assert sum(p.loss * p.num_samples for p in parts) == pytest.approx(whole.loss * 13, rel=1e-6)
-    empty, _, _ = create_eval_dataset(data, "val", BATCH, IMAGE_SIZE, num_parallel_workers=1, rank=13, group_size=14)
+    empty, _, _ = create_eval_dataset(data, "val", BATCH, S12_EVAL, num_parallel_workers=1, rank=13, group_size=14)
     assert empty is None and evaluate(net, empty).num_samples == 0
 
 
 def test_amp_levels_close_to_fp32(deploy_assets):  # noqa: F811
     data = str(deploy_assets["data"])
-    dataset, _, _ = create_eval_dataset(data, "val", 16, IMAGE_SIZE, num_parallel_workers=1)
+    dataset, _, _ = create_eval_dataset(data, "val", 16, S12_EVAL, num_parallel_workers=1)
     batches = list(dataset.create_tuple_iterator(output_numpy=True, num_epochs=1))  # one batch of 13
     results = {}
     for level in ("O0", "O2", "O3"):

@@ -133,7 +133,7 @@ _CLOSEST = "get_close_matches(n=2)[0] is the same closest match as n=1"
 # Like a line number, a snippet cannot tell apart two sites of one mutation on one line (e.g. the box's two
 # `// 2`): the other site's mutant must be killed, and the report says which entries matched nothing.
 EQUIVALENT: dict[tuple[str, str, str, str], str] = {
-    ("schedule", "_decay_value", "1 -> 0", 'max(int(cfg["decay_epochs"]) or 1, 1)'):
+    ("schedule", "_decay_value", "1 -> 0", 'max(int(s.decay_epochs) or 1, 1)'):
         "decay_epochs >= 0 (schema): `max(d or 1, 1)`, `max(d or 0, 1)` and `max(d or 1, 0)` are all `max(d, 1)` "
         "there",
     ("schedule", "_decay_value", "// -> /", "** int(epoch // period)"): _NONNEG_FLOOR,
@@ -146,7 +146,7 @@ EQUIVALENT: dict[tuple[str, str, str, str], str] = {
     ("schedule", "_decay_value", "1.0 -> 2.0", "min(local, 1.0)"):
         "local <= 1 always: t <= length and the last cycle is cycles - 1, so (t - (cycles - 1) * cycle_len) / "
         "cycle_len <= 1 and min(local, x >= 1) == local",
-    ("schedule", "build_lr_schedule", "and -> or", 'if kind == "cosine_decay" and cfg["decay_epochs"]'):
+    ("schedule", "build_lr_schedule", "and -> or", 'if kind == "cosine_decay" and s.decay_epochs'):
         "decay_epochs only sets decay_len, and decay_len only reaches the cosine: step, multi-step and constant "
         "ignore t and length",
     ("schedule", "build_lr_schedule", "1 -> 2", "max(main_steps - warmup_steps, 1)"):

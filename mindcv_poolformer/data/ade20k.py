@@ -25,13 +25,12 @@ from importlib import resources
 import numpy as np
 
 from ..config import ConfigError
+from ..models.registry import ADE20K_MEAN, ADE20K_STD
 
 __all__ = ["CorruptFileError", "ADE20K_MEAN", "ADE20K_STD", "IGNORE_INDEX", "SegSample", "SegmentationList",
            "ade20k_classes", "ade20k_palette", "list_ade20k", "load_sample", "rescale_size", "multiple_size",
            "inference_resize", "normalise", "overlay_classes", "warn_skipped"]
 
-ADE20K_MEAN = (123.675, 116.28, 103.53)
-ADE20K_STD = (58.395, 57.12, 57.375)
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _SPLITS = {"val": "validation", "train": "training"}

@@ -33,14 +33,14 @@ from .._atomic import atomic_write_json
 from .._runtime import configure_device
 from .._script import run_script
 from ..backends import apply_backend
-from ..config import parse_cli
-from ..data.ade20k import ADE20K_MEAN, ADE20K_STD, ade20k_classes, ade20k_palette
+from ..config import model_defaults, parse_cli
+from ..data.ade20k import ade20k_classes, ade20k_palette
 from ..data.listing import scan_image_folder
 from ..errors import CheckpointError, ConfigError, ScriptError
 from ..models.fpn import Resize
 from ..models.layers import Pooling
 from ..models.registry import model_info
-from ..transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..transforms import Preprocess
 from .artifacts import load_mindir, load_network, load_segmentation_network, read_labels, sidecar_path
 
 __all__ = [
@@ -215,8 +215,8 @@ def export_segmentation(
     batch_size: int = 1,
     image_size: int = 224,
     num_classes: int | None = None,
-    mean: Sequence[float] = ADE20K_MEAN,
-    std: Sequence[float] = ADE20K_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     labels: list[str] | None = None,
     overwrite: bool = False,
     seed: int = 0,
@@ -229,8 +229,13 @@ def export_segmentation(
     2048x512 would be 630 MB per image), and the predictor's single bilinear resize to the original
     image size is then mmseg's own order (resizing input-size logits again would be a second,
     different interpolation). ``image_size`` is the side of the check inputs, not a fixed input size.
+    ``mean``/``std`` default to the model record's (mmseg's ADE20K normalisation).
     """
     import mindspore as ms
+
+    info = model_info(model)
+    mean = info.mean if mean is None else mean
+    std = info.std if std is None else std
 
     if file_format == "ONNX":
         raise ScriptError(f"ONNX export of the segmentation model {model} is not supported; export MINDIR")
@@ -311,10 +316,7 @@ def export_model(
     batch_size: int = 1,
     image_size: int = 224,
     num_classes: int | None = None,
-    crop_pct: float = 0.9,
-    interpolation: str = "bicubic",
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    preprocess: Preprocess | None = None,
     labels: list[str] | None = None,
     overwrite: bool = False,
     seed: int = 0,
@@ -325,8 +327,10 @@ def export_model(
 
     MINDIR gets a dynamic batch dimension; ONNX has a fixed ``batch_size`` (MindSpore 2.10 refuses
     dynamic shapes for ONNX). Raises ScriptError if the artifact's outputs differ from the network
-    by more than the tolerance, leaving the file for inspection. Segmentation models go to
-    ``export_segmentation`` (``seg_scale``/``size_divisor`` are only recorded for them).
+    by more than the tolerance, leaving the file for inspection. ``preprocess`` is the eval
+    preprocessing the sidecar records (default: the model record's at ``image_size``); its ``size``
+    is the graph's input side. Segmentation models go to ``export_segmentation`` with the record's
+    mean/std (``seg_scale``/``size_divisor`` are only recorded for them).
     """
     import mindspore as ms
 
@@ -334,9 +338,11 @@ def export_model(
     if file_format not in SUFFIXES:
         raise ConfigError(f"file_format: {file_format!r} is not one of {', '.join(SUFFIXES)}")
     _check_backend(file_format)
+    preprocess = preprocess or Preprocess.for_model(model, image_size)
     if model_info(model).task == "segmentation":
-        return export_segmentation(model, ckpt_path, file_format, file_name, batch_size, image_size, num_classes,
-                                   mean, std, labels, overwrite, seed, seg_scale, size_divisor)
+        return export_segmentation(model, ckpt_path, file_format, file_name, batch_size, preprocess.size, num_classes,
+                                   preprocess.mean, preprocess.std, labels, overwrite, seed, seg_scale, size_divisor)
+    image_size = preprocess.size
     if image_size % 32:
         raise ConfigError(f"image_resize: {image_size} must be a multiple of 32 (the network downsamples by 32)")
     path, meta_path = _prepare_paths(file_name, model, file_format, overwrite)
@@ -385,11 +391,7 @@ def export_model(
     meta = {
         "model": model,
         "num_classes": classes,
-        "image_size": image_size,
-        "crop_pct": crop_pct,
-        "interpolation": interpolation,
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
+        **preprocess.to_sidecar(),
         "labels": labels,
         "file_format": file_format,
         "batch": batch,
@@ -406,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     def _main(args: list[str]) -> int:
         first = parse_cli(args, prog="export.py", defaults={"batch_size": 1})
         cfg = parse_cli(args, prog="export.py",
-                        defaults={"batch_size": 1, "crop_pct": model_info(first.model).crop_pct})
+                        defaults={"batch_size": 1, **model_defaults(first.model)})
         print(configure_device(cfg, mode=ms.GRAPH_MODE), flush=True)
         labels = None
         if cfg.labels:
@@ -414,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         elif cfg.data_dir:
             _, labels, _ = scan_image_folder(cfg.data_dir, cfg.val_split)
         result = export_model(cfg.model, cfg.ckpt_path, cfg.file_format, cfg.file_name, cfg.batch_size,
-                              cfg.image_resize, cfg.num_classes, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std,
-                              labels, cfg.overwrite, cfg.seed, cfg.seg_scale, cfg.seg_size_divisor)
+                              num_classes=cfg.num_classes, preprocess=Preprocess.from_config(cfg), labels=labels,
+                              overwrite=cfg.overwrite, seed=cfg.seed, seg_scale=cfg.seg_scale,
+                              size_divisor=cfg.seg_size_divisor)
         print(f"wrote {result.path} ({result.file_format}); {result.note}")
         print(f"wrote {result.sidecar}")
         return 0

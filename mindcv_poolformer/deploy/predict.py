@@ -8,9 +8,9 @@ A segmentation model (``--model fpn_*`` with a checkpoint, or a MINDIR whose sid
 (palette 50% over the image) per image into ``--output_dir`` and prints the top-k classes by area;
 the pipeline is mmseg's test one (``evaluation.segmentation.predict_map``), at the original size.
 
-The eval transform is the reference one (``transforms.eval_transform_pil``); its settings come
-from the artifact's JSON sidecar (MINDIR/ONNX) or from the model's registry entry and the config
-(checkpoint). A missing or unreadable image is reported on one line and skipped; the exit code is
+The eval transform is the reference one (``transforms.Preprocess``, ``eval_transform_pil``); its
+settings come from the artifact's JSON sidecar (MINDIR/ONNX) or from the model's record and the
+config (checkpoint). A missing or unreadable image is reported on one line and skipped; the exit code is
 then 1. Usage errors exit with 2.
 """
 
@@ -27,12 +27,12 @@ from PIL import Image
 from .._atomic import atomic_path, atomic_write_json
 from .._runtime import configure_device
 from .._script import run_script
-from ..config import SCHEMA, parse_cli
+from ..config import SCHEMA, model_defaults, parse_cli
 from ..data.ade20k import ade20k_classes, ade20k_palette, overlay_classes
 from ..errors import ConfigError, ScriptError
 from ..evaluation.segmentation import logits_to_map, preprocess_image
 from ..models.registry import model_info
-from ..transforms import eval_transform_pil
+from ..transforms import Preprocess
 from .artifacts import load_mindir, load_network, load_segmentation_network, read_labels, read_sidecar
 
 __all__ = ["Predictor", "SegPredictor", "load_predictor", "load_seg_predictor", "main", "predict_segmentation",
@@ -54,16 +54,9 @@ class Predictor:
     """A batch function ``NCHW float32 -> logits`` plus the preprocessing and labels that go with it."""
     run: Callable[[np.ndarray], np.ndarray]
     batch: int  # images per call; smaller chunks are zero-padded to it
-    image_size: int
-    crop_pct: float
-    interpolation: str
-    mean: Sequence[float]
-    std: Sequence[float]
+    preprocess: Preprocess  # a PIL image -> its CHW float32 input
     labels: list[str] | None
     source: str
-
-    def preprocess(self, img: Image.Image) -> np.ndarray:
-        return eval_transform_pil(img, self.image_size, self.crop_pct, self.interpolation, self.mean, self.std)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         out = []
@@ -109,8 +102,7 @@ def load_predictor(cfg) -> Predictor:
     if kind == "ckpt_path":
         net, classes = load_network(cfg.model, path, cfg.num_classes)
         labels = read_labels(cfg.labels, classes) if cfg.labels else None
-        return Predictor(_ms_runner(net), cfg.batch_size, cfg.image_resize, cfg.crop_pct, cfg.interpolation,
-                         cfg.mean, cfg.std, labels, path)
+        return Predictor(_ms_runner(net), cfg.batch_size, Preprocess.from_config(cfg), labels, path)
     meta = read_sidecar(path)
     labels = read_labels(cfg.labels, meta["num_classes"]) if cfg.labels else meta.get("labels")
     if kind == "mindir":
@@ -125,8 +117,7 @@ def load_predictor(cfg) -> Predictor:
         input_name = session.get_inputs()[0].name
         run = lambda x: session.run(None, {input_name: x})[0]  # noqa: E731
         batch = int(meta.get("batch") or 1)
-    return Predictor(run, batch, int(meta["image_size"]), float(meta["crop_pct"]), meta["interpolation"],
-                     meta["mean"], meta["std"], labels, path)
+    return Predictor(run, batch, Preprocess.from_sidecar(meta), labels, path)
 
 
 @dataclass
@@ -276,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         files, options = _split_argv(args)
         first = parse_cli(options, prog="predict", defaults={"batch_size": 8})
         cfg = parse_cli(options, prog="predict",
-                        defaults={"batch_size": 8, "crop_pct": model_info(first.model).crop_pct})
+                        defaults={"batch_size": 8, **model_defaults(first.model)})
         if not files:
             raise ConfigError("no images given (usage: python -m mindcv_poolformer.predict IMG... --ckpt_path CKPT)")
         if _is_segmentation(cfg):

@@ -21,7 +21,7 @@ import numpy as np
 from ..data.listing import list_image_folder, shard_indices
 from ..distributed import all_reduce_sum
 from ..errors import ConfigError
-from ..transforms import IMAGENET_MEAN, IMAGENET_STD, ImageReader, create_transforms
+from ..transforms import ImageReader, Preprocess
 
 __all__ = ["EvalMetrics", "create_eval_dataset", "evaluate"]
 
@@ -48,13 +48,9 @@ class EvalMetrics:
 
 def create_eval_dataset(
     data_dir: str,
-    split: str = "val",
-    batch_size: int = 32,
-    image_size: int = 224,
-    crop_pct: float = 0.9,
-    interpolation: str = "bicubic",
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    split: str,
+    batch_size: int,
+    preprocess: Preprocess,
     num_parallel_workers: int = 4,
     rank: int = 0,
     group_size: int = 1,
@@ -62,7 +58,7 @@ def create_eval_dataset(
     strict: bool = False,
     class_names: Sequence[str] | None = None,
 ):
-    """The validation ImageFolder of ``data_dir/split`` through the reference eval transform, batched.
+    """The validation ImageFolder of ``data_dir/split`` through the reference eval transform ``preprocess``, batched.
 
     Returns ``(dataset, class_names, num_samples_total)``; ``dataset`` holds this rank's shard only
     (``None`` when the shard is empty, i.e. more ranks than images). No sample is ever dropped; an
@@ -78,8 +74,8 @@ def create_eval_dataset(
         if not len(rows):
             return None, images.classes, total
     reader = ImageReader([images.files[i] for i in rows], images.labels[rows], strict=strict, substitute=False)
-    ops = create_transforms(False, image_size, crop_pct, interpolation, mean, std, decode=False)
-    dataset = reader.dataset(workers).map(ops, input_columns="image", num_parallel_workers=workers)
+    dataset = reader.dataset(workers).map(preprocess.transforms(decode=False), input_columns="image",
+                                          num_parallel_workers=workers)
     dataset = dataset.batch(batch_size, drop_remainder=False)
     return dataset, images.classes, total
 

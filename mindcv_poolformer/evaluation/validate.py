@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 from .._atomic import atomic_write_json
 from .._runtime import configure_device
 from .._script import run_script
 from ..amp import apply_amp
 from ..checkpoint import resolve_pretrained
-from ..config import parse_cli
+from ..config import model_defaults, parse_cli
 from ..data.listing import scan_image_folder
 from ..deploy.artifacts import load_mindir, load_network, read_sidecar, sidecar_path
 from ..distributed import init_distributed
 from ..errors import ConfigError, ScriptError
 from ..models.registry import model_info
+from ..transforms import Preprocess
 from .classification import create_eval_dataset, evaluate
 from .segmentation import format_segmentation_table, validate_segmentation
 
@@ -76,9 +78,9 @@ def run_validation(cfg) -> dict:
     if num_classes is not None and num_classes != len(classes) and rank == 0:
         print(f"note: the model has {num_classes} outputs and {path} {len(classes)} class folders; label i is "
               "the i-th folder in sorted order", file=sys.stderr)
-    dataset, _, total = create_eval_dataset(
-        cfg.data_dir, cfg.val_split, batch_size, image_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std,
-        cfg.num_parallel_workers, rank, group_size, strict=cfg.strict_data)
+    preprocess = replace(Preprocess.from_config(cfg), size=image_size)
+    dataset, _, total = create_eval_dataset(cfg.data_dir, cfg.val_split, batch_size, preprocess,
+                                            cfg.num_parallel_workers, rank, group_size, strict=cfg.strict_data)
     metrics = evaluate(net, dataset, pad_to=pad_to, distributed=group_size > 1)
     if metrics.num_samples + metrics.skipped != total:
         raise ScriptError(f"evaluated {metrics.num_samples} samples (+{metrics.skipped} unreadable) but {path} "
@@ -88,8 +90,8 @@ def run_validation(cfg) -> dict:
               f"top-5/loss (--strict_data True makes them an error)", file=sys.stderr)
     record = {"top1": metrics.top1, "top5": metrics.top5, "loss": metrics.loss, "num_samples": metrics.num_samples,
               "skipped": metrics.skipped, "model": model_name, "ckpt": cfg.ckpt_path, "img_per_s": metrics.img_per_s,
-              "amp_level": amp_level, "image_size": image_size, "crop_pct": cfg.crop_pct,
-              "interpolation": cfg.interpolation, "data": path, "ranks": group_size}
+              "amp_level": amp_level, "image_size": preprocess.size, "crop_pct": preprocess.crop_pct,
+              "interpolation": preprocess.interpolation, "data": path, "ranks": group_size}
     return record
 
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python validate.py --config RECIPE --data_dir DIR (--ckpt_path CKPT | --pretrained) [--json OUT]``."""
     def _main(args: list[str]) -> int:
         first = parse_cli(args, prog="validate.py", description="Top-1/top-5 of a checkpoint on an ImageFolder.")
-        cfg = parse_cli(args, prog="validate.py", defaults={"crop_pct": model_info(first.model).crop_pct})
+        cfg = parse_cli(args, prog="validate.py", defaults=model_defaults(first.model))
         record = run_validation(cfg)
         if not cfg.distribute or _rank() == 0:
             print(format_table(record))

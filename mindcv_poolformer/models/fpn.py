@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
 
 from .metaformer import POOLFORMER_VARIANTS, MetaFormer
-from .registry import ModelInfo, register_model
+from .registry import ADE20K_MEAN, ADE20K_STD, ModelInfo, register_record
 
 __all__ = ["FPN", "FPNHead", "ConvModule", "Resize", "SemanticFPN", "SEGMENTATION_VARIANTS"]
 
@@ -225,53 +224,28 @@ class SemanticFPN(nn.Cell):
         return ops.interpolate(self(x), size=size, mode="bilinear", align_corners=False)
 
 
-@dataclass(frozen=True)
-class SegmentationVariant:
-    """One Semantic FPN model: its backbone, size and mmseg's reported facts (ADE20K, 512x512 crops, 40k iters).
-
-    ``params`` is mmseg's count (PyTorch parameters: BatchNorm statistics excluded); ``macs`` is
-    ``count_macs(net, 512)`` of the stride-4 logits, which equals mmengine's fvcore-style FlopAnalyzer
-    on mmseg's own model (a test checks it).
-    """
-
-    backbone: str
-    params: int
-    macs: float
-    miou: float
-    url: str
-
-
 _MMSEG_URL = ("https://download.openmmlab.com/mmsegmentation/v0.5/poolformer/fpn_poolformer_{0}_8x4_512x512_40k_"
               "ade20k/fpn_poolformer_{0}_8x4_512x512_40k_ade20k_{1}.pth")
 
-# mmseg's configs/poolformer/metafile.yaml (mIoU, weights); params of mmseg's build with 150 classes,
-# MACs at 512x512
-SEGMENTATION_VARIANTS: dict[str, SegmentationVariant] = {
-    "fpn_poolformer_s12": SegmentationVariant("poolformer_s12", 15_669_846, 31_043_354_624, 36.68,
-                                              _MMSEG_URL.format("s12", "20220501_115154-b5aa2f49")),
-    "fpn_poolformer_s24": SegmentationVariant("poolformer_s24", 25_143_638, 39_351_484_416, 40.12,
-                                              _MMSEG_URL.format("s24", "20220503_222049-394a7cf7")),
-    "fpn_poolformer_s36": SegmentationVariant("poolformer_s36", 34_617_430, 47_659_614_208, 41.61,
-                                              _MMSEG_URL.format("s36", "20220501_151122-b47e607d")),
-    "fpn_poolformer_m36": SegmentationVariant("poolformer_m36", 59_778_006, 67_743_907_840, 41.95,
-                                              _MMSEG_URL.format("m36", "20220501_164230-3dc83921")),
-    "fpn_poolformer_m48": SegmentationVariant("poolformer_m48", 77_078_934, 82_314_133_504, 42.43,
-                                              _MMSEG_URL.format("m48", "20220504_003923-64168d3b")),
-}
+
+def _segmentation(arch: str, params: int, macs: float, miou: float, stamp: str) -> ModelInfo:
+    """The Semantic FPN on ``poolformer_{arch}``: mmseg's ADE20K facts (512x512 crops, 40k iterations, 150 classes)."""
+    return POOLFORMER_VARIANTS[f"poolformer_{arch}"].derived(
+        f"fpn_poolformer_{arch}", params=params, macs=macs, miou=miou, url=_MMSEG_URL.format(arch, stamp),
+        task="segmentation", crop_size=512, num_classes=150, mean=ADE20K_MEAN, std=ADE20K_STD,
+        interpolation="bilinear")
 
 
-def _register_segmentation(name: str, variant: SegmentationVariant) -> None:
-    base = POOLFORMER_VARIANTS[variant.backbone]
+# mmseg's configs/poolformer/metafile.yaml (mIoU, weights). ``params`` is mmseg's count with 150 classes
+# (PyTorch parameters: BatchNorm statistics excluded); ``macs`` is ``count_macs(net, 512)`` of the
+# stride-4 logits, which equals mmengine's fvcore-style FlopAnalyzer on mmseg's own model (a test checks it).
+SEGMENTATION_VARIANTS: dict[str, ModelInfo] = {record.name: record for record in (
+    _segmentation("s12", 15_669_846, 31_043_354_624, 36.68, "20220501_115154-b5aa2f49"),
+    _segmentation("s24", 25_143_638, 39_351_484_416, 40.12, "20220503_222049-394a7cf7"),
+    _segmentation("s36", 34_617_430, 47_659_614_208, 41.61, "20220501_151122-b47e607d"),
+    _segmentation("m36", 59_778_006, 67_743_907_840, 41.95, "20220501_164230-3dc83921"),
+    _segmentation("m48", 77_078_934, 82_314_133_504, 42.43, "20220504_003923-64168d3b"),
+)}
 
-    def build(num_classes: int = 150, in_channels: int = 3, **overrides) -> SemanticFPN:
-        kwargs = dict(depths=base.depths, widths=base.widths, layer_scale_init=base.layer_scale_init)
-        kwargs.update(overrides)
-        return SemanticFPN(num_classes=num_classes, in_channels=in_channels, **kwargs)
-
-    info = ModelInfo(name=name, params=variant.params, macs=variant.macs, url=variant.url, task="segmentation",
-                     miou=variant.miou, crop_size=512)
-    register_model(name, build, info)
-
-
-for _name, _variant in SEGMENTATION_VARIANTS.items():
-    _register_segmentation(_name, _variant)
+for _record in SEGMENTATION_VARIANTS.values():
+    register_record(_record, SemanticFPN)

@@ -2,7 +2,8 @@
 
 One generic MetaFormer: 4 stages of blocks, each block being
 ``x + drop_path(ls1 * mixer(norm1(x)))`` then ``x + drop_path(ls2 * mlp(norm2(x)))``.
-The five PoolFormers are rows of a table (``POOLFORMER_VARIANTS``) fed to that one class.
+The five PoolFormers are rows of a table of model records (``POOLFORMER_VARIANTS``, ``registry.ModelInfo``)
+fed to that one class.
 
 Parameter names follow the official sail-sg code with MindSpore's GroupNorm names (``gamma``/
 ``beta``), which is also MindCV's layout, so MindCV-released checkpoints load unchanged:
@@ -20,7 +21,6 @@ stage outputs, each through its own norm named ``norm0/norm2/norm4/norm6`` (the 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Union
 
 from mindspore import Parameter, Tensor, nn
@@ -38,14 +38,12 @@ from .layers import (
     make_norm,
     make_token_mixer,
 )
-from .registry import ModelInfo, register_model
+from .registry import ModelInfo, register_record
 
 __all__ = [
     "MetaFormer",
     "MetaFormerBlock",
-    "MetaFormerVariant",
     "METAFORMER_VARIANTS",
-    "PoolFormerVariant",
     "POOLFORMER_VARIANTS",
 ]
 
@@ -318,112 +316,54 @@ class MetaFormer(nn.Cell):
         return self.forward_head(self.forward_features(x))
 
 
-@dataclass(frozen=True)
-class PoolFormerVariant:
-    """One row of the PoolFormer model table (architecture plus the facts reported for it)."""
-
-    depths: tuple[int, int, int, int]
-    widths: tuple[int, int, int, int]
-    layer_scale_init: float
-    crop_pct: float
-    drop_path_rate: float
-    params: int
-    macs: float
-    top1: float
-
-
 _S_WIDTHS = (64, 128, 320, 512)
 _M_WIDTHS = (96, 192, 384, 768)
-
-POOLFORMER_VARIANTS: dict[str, PoolFormerVariant] = {
-    "poolformer_s12": PoolFormerVariant((2, 2, 6, 2), _S_WIDTHS, 1e-5, 0.90, 0.1, 11_915_176, 1.823e9, 77.2),
-    "poolformer_s24": PoolFormerVariant((4, 4, 12, 4), _S_WIDTHS, 1e-5, 0.90, 0.1, 21_388_968, 3.413e9, 80.3),
-    "poolformer_s36": PoolFormerVariant((6, 6, 18, 6), _S_WIDTHS, 1e-6, 0.90, 0.2, 30_862_760, 5.003e9, 81.4),
-    "poolformer_m36": PoolFormerVariant((6, 6, 18, 6), _M_WIDTHS, 1e-6, 0.95, 0.3, 56_172_520, 8.802e9, 82.1),
-    "poolformer_m48": PoolFormerVariant((8, 8, 24, 8), _M_WIDTHS, 1e-6, 0.95, 0.4, 73_473_448, 11.591e9, 82.5),
-}
-
 _OFFICIAL_URL = "https://github.com/sail-sg/poolformer/releases/download/v1.0/{name}.pth.tar"
 
 
-def _register_variant(name: str, variant: PoolFormerVariant) -> None:
-    def build(num_classes: int = 1000, in_channels: int = 3, **overrides) -> MetaFormer:
-        kwargs = dict(depths=variant.depths, widths=variant.widths, layer_scale_init=variant.layer_scale_init)
-        kwargs.update(overrides)
-        return MetaFormer(num_classes=num_classes, in_channels=in_channels, **kwargs)
-
-    info = ModelInfo(
-        name=name,
-        crop_pct=variant.crop_pct,
-        drop_path_rate=variant.drop_path_rate,
-        params=variant.params,
-        macs=variant.macs,
-        top1=variant.top1,
-        url=_OFFICIAL_URL.format(name=name),
-    )
-    register_model(name, build, info)
+def _poolformer(name: str, depths: tuple[int, ...], widths: tuple[int, ...], layer_scale_init: float,
+                crop_pct: float, drop_path_rate: float, params: int, macs: float, top1: float) -> ModelInfo:
+    return ModelInfo(name, depths, widths, layer_scale_init, drop_path_rate, crop_pct, params=params, macs=macs,
+                     top1=top1, url=_OFFICIAL_URL.format(name=name))
 
 
-for _name, _variant in POOLFORMER_VARIANTS.items():
-    _register_variant(_name, _variant)
+# The paper's PoolFormers (ImageNet-1k, 224): depths, widths, LayerScale init, crop_pct, drop path, params, MACs, top-1
+POOLFORMER_VARIANTS: dict[str, ModelInfo] = {record.name: record for record in (
+    _poolformer("poolformer_s12", (2, 2, 6, 2), _S_WIDTHS, 1e-5, 0.90, 0.1, 11_915_176, 1.823e9, 77.2),
+    _poolformer("poolformer_s24", (4, 4, 12, 4), _S_WIDTHS, 1e-5, 0.90, 0.1, 21_388_968, 3.413e9, 80.3),
+    _poolformer("poolformer_s36", (6, 6, 18, 6), _S_WIDTHS, 1e-6, 0.90, 0.2, 30_862_760, 5.003e9, 81.4),
+    _poolformer("poolformer_m36", (6, 6, 18, 6), _M_WIDTHS, 1e-6, 0.95, 0.3, 56_172_520, 8.802e9, 82.1),
+    _poolformer("poolformer_m48", (8, 8, 24, 8), _M_WIDTHS, 1e-6, 0.95, 0.4, 73_473_448, 11.591e9, 82.5),
+)}
 
 
-@dataclass(frozen=True)
-class MetaFormerVariant:
-    """One row of the ablation/hybrid table: a PoolFormer skeleton plus the settings that differ.
-
-    ``params``/``macs``/``top1`` are the paper's numbers where it states them (None otherwise).
-    """
-
-    base: str
-    settings: Mapping[str, Any] = field(default_factory=dict)
-    crop_pct: float = 0.9
-    drop_path_rate: float = 0.1
-    params: int | None = None
-    macs: float | None = None
-    top1: float | None = None
-    note: str = ""
+def _ablation(name: str, overrides: Mapping[str, Any], **facts: Any) -> ModelInfo:
+    """A PoolFormer-S12 with ``overrides``; its recipe's drop path 0.1 and crop 0.9 unless ``facts`` say otherwise."""
+    facts = {"drop_path_rate": 0.1, "crop_pct": 0.9, **facts}
+    return POOLFORMER_VARIANTS["poolformer_s12"].derived(name, overrides=overrides, **facts)
 
 
 # Paper (Yu et al. 2022), Sec. 4.4 ablations on PoolFormer-S12 (77.2): top-1 kept only where the text
 # states it: identity 74.3; GroupNorm beats LN/BN by 0.7/0.8 -> 76.5/76.4; ReLU drops 0.8 -> 76.4.
 # Hybrid = official ``metaformer_ppaa_s12_224``: channel LayerNorm, a 14x14 position embedding
 # before stage 3, attention with head_dim 32 and no qkv bias; Table 6: 16.5M, 2.5G MACs, 81.0.
-METAFORMER_VARIANTS: dict[str, MetaFormerVariant] = {
-    "metaformer_s12_identity": MetaFormerVariant("poolformer_s12", {"token_mixers": "identity"}, top1=74.3),
-    "metaformer_s12_random": MetaFormerVariant("poolformer_s12", {"token_mixers": "random", "image_size": 224}),
-    "metaformer_s12_dwconv": MetaFormerVariant("poolformer_s12", {"token_mixers": "dwconv",
-                                                                  "mixer_kwargs": {"kernel_size": 3}}),
-    "metaformer_s12_pool5": MetaFormerVariant("poolformer_s12", {"pool_size": 5}),
-    "metaformer_s12_pool7": MetaFormerVariant("poolformer_s12", {"pool_size": 7}),
-    "metaformer_s12_ln": MetaFormerVariant("poolformer_s12", {"norm": "ln"}, top1=76.5),
-    "metaformer_s12_bn": MetaFormerVariant("poolformer_s12", {"norm": "bn"}, top1=76.4),
-    "metaformer_s12_relu": MetaFormerVariant("poolformer_s12", {"act": "relu"}, top1=76.4),
-    "metaformer_s12_silu": MetaFormerVariant("poolformer_s12", {"act": "silu"}),
-    "metaformer_s12_no_residual": MetaFormerVariant("poolformer_s12", {"use_residual": False}),
-    "metaformer_s12_no_mlp": MetaFormerVariant("poolformer_s12", {"use_mlp": False}),
-    "poolformer_s12_pool_attn": MetaFormerVariant(
-        "poolformer_s12",
-        {"token_mixers": ("pooling", "pooling", "attention", "attention"), "mixer_kwargs": {},
-         "norm": "ln", "pos_embed": (False, False, True, False), "image_size": 224},
-        crop_pct=0.95, params=16_500_000, macs=2.5e9, top1=81.0,
-    ),
-}
+METAFORMER_VARIANTS: dict[str, ModelInfo] = {record.name: record for record in (
+    _ablation("metaformer_s12_identity", {"token_mixers": "identity"}, top1=74.3),
+    _ablation("metaformer_s12_random", {"token_mixers": "random", "image_size": 224}),
+    _ablation("metaformer_s12_dwconv", {"token_mixers": "dwconv", "mixer_kwargs": {"kernel_size": 3}}),
+    _ablation("metaformer_s12_pool5", {"pool_size": 5}),
+    _ablation("metaformer_s12_pool7", {"pool_size": 7}),
+    _ablation("metaformer_s12_ln", {"norm": "ln"}, top1=76.5),
+    _ablation("metaformer_s12_bn", {"norm": "bn"}, top1=76.4),
+    _ablation("metaformer_s12_relu", {"act": "relu"}, top1=76.4),
+    _ablation("metaformer_s12_silu", {"act": "silu"}),
+    _ablation("metaformer_s12_no_residual", {"use_residual": False}),
+    _ablation("metaformer_s12_no_mlp", {"use_mlp": False}),
+    _ablation("poolformer_s12_pool_attn",
+              {"token_mixers": ("pooling", "pooling", "attention", "attention"), "mixer_kwargs": {},
+               "norm": "ln", "pos_embed": (False, False, True, False), "image_size": 224},
+              crop_pct=0.95, params=16_500_000, macs=2.5e9, top1=81.0),
+)}
 
-
-def _register_ablation(name: str, variant: MetaFormerVariant) -> None:
-    base = POOLFORMER_VARIANTS[variant.base]
-
-    def build(num_classes: int = 1000, in_channels: int = 3, **overrides) -> MetaFormer:
-        kwargs: dict[str, Any] = dict(depths=base.depths, widths=base.widths, layer_scale_init=base.layer_scale_init)
-        kwargs.update(variant.settings)
-        kwargs.update(overrides)
-        return MetaFormer(num_classes=num_classes, in_channels=in_channels, **kwargs)
-
-    info = ModelInfo(name=name, crop_pct=variant.crop_pct, drop_path_rate=variant.drop_path_rate,
-                     params=variant.params, macs=variant.macs, top1=variant.top1)
-    register_model(name, build, info)
-
-
-for _name, _ablation in METAFORMER_VARIANTS.items():
-    _register_ablation(_name, _ablation)
+for _record in (*POOLFORMER_VARIANTS.values(), *METAFORMER_VARIANTS.values()):
+    register_record(_record, MetaFormer)

@@ -1,13 +1,16 @@
 """Training: data pipeline, optimizer/schedule/loss, distributed launch, the compiled step and the loop."""
 
 from ..distributed import DistInfo, detect_launcher, init_distributed
-from .data import augmentation_seed, build_train_dataset, materialize_digits
-from .optim import create_optimizer, param_groups, split_decay
-from .schedule import build_lr_schedule, scaled_lr
+from .data import TrainDataSettings, augmentation_seed, build_train_dataset, materialize_digits
+from .optim import OptimizerSettings, create_optimizer, param_groups, split_decay
+from .schedule import ScheduleSettings, build_lr_schedule, scaled_lr
 from .trainer import Trainer, TrainResult, plan_loss_scale, train, validate_train_config
 
 __all__ = [
     "DistInfo",
+    "OptimizerSettings",
+    "ScheduleSettings",
+    "TrainDataSettings",
     "TrainResult",
     "Trainer",
     "augmentation_seed",

@@ -9,9 +9,8 @@ import sys
 from .._runtime import configure_device
 from .._script import run_script
 from ..checkpoint import check_checkpoint, resolve_pretrained
-from ..config import Config, ConfigError, parse_cli
+from ..config import Config, ConfigError, model_defaults, parse_cli
 from ..distributed import init_distributed
-from ..models.registry import model_info
 from .trainer import apply_mindcv_resume, train
 
 __all__ = ["main", "model_defaults", "preflight"]
@@ -40,16 +39,6 @@ def preflight(cfg: Config) -> None:
         source = resolve_pretrained(cfg["model"], True)
     if source:
         check_checkpoint(source, cfg["model"])
-
-
-def model_defaults(model: str) -> dict:
-    """The registry's facts that a recipe or flag may override: drop path rate and eval crop_pct.
-
-    Without them ``train.py --model poolformer_s36`` would train at the schema's drop path 0.0
-    instead of the paper's 0.2 and validate at another crop than validate.py does.
-    """
-    info = model_info(model)
-    return {"drop_path_rate": info.drop_path_rate, "crop_pct": info.crop_pct}
 
 
 def _main(argv: list[str]) -> int:

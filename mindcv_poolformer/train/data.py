@@ -22,8 +22,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from ..data.listing import ImageList, augmentation_seed, epoch_order, list_image_folder, shard_indices
 from ..errors import ConfigError
-from ..transforms import ImageReader, create_transforms
+from ..transforms import ImageReader, Preprocess, create_transforms
 
 __all__ = [
     "DataError",
@@ -42,6 +42,7 @@ __all__ = [
     "SoftTargetMixer",
     "build_train_dataset",
     "TrainData",
+    "TrainDataSettings",
 ]
 
 _LOG = logging.getLogger("mindcv_poolformer")
@@ -222,17 +223,60 @@ class SoftTargetMixer:
 # ---------------------------------------------------------------------------------------------- pipelines
 
 
-def _transform_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("scale", "ratio", "hflip", "vflip", "color_jitter", "auto_augment", "re_prob", "re_mode", "re_scale",
-            "re_ratio", "re_value", "re_max_attempts")
-    return {k: cfg[k] for k in keys}
+_OPTIONAL = {"num_classes": None, "num_samples": None, "strict_data": False, "deterministic_augment": True}
 
 
-def _transforms(cfg: Mapping[str, Any], is_training: bool, fused_decode: bool = False) -> list:
+@dataclass(frozen=True)
+class TrainDataSettings:
+    """The config keys the training pipeline reads (their meaning: ``config.SCHEMA``), and no others."""
+    data_dir: str
+    train_split: str
+    seed: int
+    shuffle: bool
+    batch_size: int
+    num_parallel_workers: int
+    image_resize: int
+    interpolation: str
+    mean: Sequence[float]
+    std: Sequence[float]
+    scale: Sequence[float]
+    ratio: Sequence[float]
+    hflip: float
+    vflip: float
+    color_jitter: Any
+    auto_augment: str | None
+    re_prob: float
+    re_mode: str
+    re_scale: Sequence[float]
+    re_ratio: Sequence[float]
+    re_value: float
+    re_max_attempts: int
+    label_smoothing: float
+    mixup: float
+    cutmix: float
+    cutmix_prob: float
+    mixup_switch_prob: float
+    mixup_off_epoch: int
+    num_classes: int | None = None
+    num_samples: int | None = None
+    strict_data: bool = False
+    deterministic_augment: bool = True
 
-    kwargs = _transform_kwargs(cfg) if is_training else {}
-    return create_transforms(is_training, cfg["image_resize"], cfg["crop_pct"], cfg["interpolation"],
-                             cfg["mean"], cfg["std"], decode=fused_decode, fused_decode=fused_decode, **kwargs)
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> TrainDataSettings:
+        """The pipeline's keys of a parsed config (``num_classes``, ``num_samples``, ``strict_data``,
+        ``deterministic_augment`` may be absent)."""
+        return cls(**{f.name: cfg.get(f.name, _OPTIONAL[f.name]) if f.name in _OPTIONAL else cfg[f.name]
+                      for f in fields(cls)})
+
+
+def _train_transforms(s: TrainDataSettings, fused_decode: bool = False) -> list:
+    # crop_pct is an eval setting: the training crop is RandomResizedCrop's
+    return create_transforms(True, s.image_resize, interpolation=s.interpolation, mean=s.mean, std=s.std,
+                             decode=fused_decode, fused_decode=fused_decode, scale=s.scale, ratio=s.ratio,
+                             hflip=s.hflip, vflip=s.vflip, color_jitter=s.color_jitter, auto_augment=s.auto_augment,
+                             re_prob=s.re_prob, re_mode=s.re_mode, re_scale=s.re_scale, re_ratio=s.re_ratio,
+                             re_value=s.re_value, re_max_attempts=s.re_max_attempts)
 
 
 @dataclass
@@ -242,11 +286,11 @@ class TrainData:
     num_batches: int
 
 
-def _workers(cfg: Mapping[str, Any]) -> int:
-    return max(1, min(int(cfg["num_parallel_workers"]), os.cpu_count() or 1))  # MindSpore refuses more
+def _workers(num_parallel_workers: int) -> int:
+    return max(1, min(int(num_parallel_workers), os.cpu_count() or 1))  # MindSpore refuses more
 
 
-def build_train_dataset(cfg: Mapping[str, Any], epoch: int, rank: int = 0, world: int = 1,
+def build_train_dataset(s: TrainDataSettings, epoch: int, rank: int = 0, world: int = 1,
                         num_classes: int | None = None, listing: DataListing | None = None) -> TrainData:
     """The training batches of ``rank`` in ``epoch``: (images float32 NCHW, soft targets float32).
 
@@ -255,44 +299,44 @@ def build_train_dataset(cfg: Mapping[str, Any], epoch: int, rank: int = 0, world
     import mindspore.dataset as ds
 
     if listing is None:
-        train = list_image_folder(str(cfg["data_dir"]), cfg["train_split"], split_key="train_split")
-        listing = DataListing(Path(cfg["data_dir"]), train)
+        train = list_image_folder(str(s.data_dir), s.train_split, split_key="train_split")
+        listing = DataListing(Path(s.data_dir), train)
     images = listing.train
     folder, total = images.path, len(images.files)
-    num_classes = num_classes or cfg.get("num_classes") or len(images.classes)
+    num_classes = num_classes or s.num_classes or len(images.classes)
     base = np.arange(total)
-    if cfg.get("num_samples"):
-        subset = np.random.default_rng([int(cfg["seed"]), 0x5AB5E7]).permutation(total)  # fixed for the run
-        base = np.sort(subset[: int(cfg["num_samples"])])
-    order = base[epoch_order(len(base), cfg["seed"], epoch, cfg["shuffle"])]
+    if s.num_samples:
+        subset = np.random.default_rng([int(s.seed), 0x5AB5E7]).permutation(total)  # fixed for the run
+        base = np.sort(subset[: int(s.num_samples)])
+    order = base[epoch_order(len(base), s.seed, epoch, s.shuffle)]
     mine = shard_indices(order, rank, world)
-    batch = int(cfg["batch_size"])
+    batch = int(s.batch_size)
     if len(mine) < batch:
         raise DataError(f"{folder}: {len(mine)} images per rank is fewer than batch_size {batch}")
-    ds.config.set_seed(augmentation_seed(cfg["seed"], rank, epoch))  # C++ ops, and Python's random / np.random
-    workers = _workers(cfg)
-    reader = ImageReader([images.files[i] for i in mine], images.labels[mine], strict=bool(cfg.get("strict_data")),
+    ds.config.set_seed(augmentation_seed(s.seed, rank, epoch))  # C++ ops, and Python's random / np.random
+    workers = _workers(s.num_parallel_workers)
+    reader = ImageReader([images.files[i] for i in mine], images.labels[mine], strict=bool(s.strict_data),
                          substitute=True, encoded=True, verified=listing.verified, index=mine)
     rows = np.arange(len(mine), dtype=np.int64)
     dataset = ds.NumpySlicesDataset({"image": rows, "row": rows}, shuffle=False)
     dataset = dataset.map(reader, input_columns="image", output_columns=["image", "label"],
                           num_parallel_workers=workers)
-    if cfg.get("deterministic_augment", True):
+    if s.deterministic_augment:
         # Random ops in several map workers draw in a nondeterministic order: decoding is not random
         # and stays parallel, the augmentation runs in one worker.
         from mindspore.dataset import vision
 
         dataset = dataset.map([vision.Decode()], input_columns="image", num_parallel_workers=workers)
-        dataset = dataset.map(_transforms(cfg, True), input_columns="image", num_parallel_workers=1)
+        dataset = dataset.map(_train_transforms(s), input_columns="image", num_parallel_workers=1)
     else:
-        dataset = dataset.map(_transforms(cfg, True, fused_decode=True), input_columns="image",
+        dataset = dataset.map(_train_transforms(s, fused_decode=True), input_columns="image",
                               num_parallel_workers=workers)
-    off = int(cfg["mixup_off_epoch"])
+    off = int(s.mixup_off_epoch)
     mixing = off == 0 or epoch < off
-    mixer = SoftTargetMixer(num_classes, float(cfg["label_smoothing"]),
-                            float(cfg["mixup"]) if mixing else 0.0, float(cfg["cutmix"]) if mixing else 0.0,
-                            float(cfg["cutmix_prob"]), float(cfg["mixup_switch_prob"]),
-                            seed=augmentation_seed(cfg["seed"], rank, epoch))
+    mixer = SoftTargetMixer(num_classes, float(s.label_smoothing),
+                            float(s.mixup) if mixing else 0.0, float(s.cutmix) if mixing else 0.0,
+                            float(s.cutmix_prob), float(s.mixup_switch_prob),
+                            seed=augmentation_seed(s.seed, rank, epoch))
 
     def mix(images: np.ndarray, labels: np.ndarray, batch_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return mixer.mix_batch(images, labels, int(batch_rows[0]) // batch, in_place=True)
@@ -316,7 +360,7 @@ def build_val_dataset(cfg: Mapping[str, Any], images: ImageList, rank: int = 0, 
             return None
     reader = ImageReader([images.files[i] for i in rows], images.labels[rows], strict=bool(cfg.get("strict_data")),
                          substitute=False)
-    workers = _workers(cfg)
-    dataset = reader.dataset(workers).map(_transforms(cfg, False), input_columns="image",
-                                          num_parallel_workers=workers)
+    workers = _workers(cfg["num_parallel_workers"])
+    ops = Preprocess.from_config(cfg).transforms(decode=False)
+    dataset = reader.dataset(workers).map(ops, input_columns="image", num_parallel_workers=workers)
     return dataset.batch(int(cfg["batch_size"]), drop_remainder=False)

@@ -15,12 +15,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
-__all__ = ["WEIGHT_DECAY_FILTERS", "is_decayed", "split_decay", "param_groups", "create_optimizer"]
+__all__ = ["WEIGHT_DECAY_FILTERS", "OptimizerSettings", "is_decayed", "split_decay", "param_groups",
+           "create_optimizer"]
 
 WEIGHT_DECAY_FILTERS = ("all_1d", "norm_and_bias", "auto", "disable")
 
@@ -58,21 +60,38 @@ def param_groups(net: nn.Cell, weight_decay: float, weight_decay_filter: str = "
     return groups
 
 
-def create_optimizer(net: nn.Cell, cfg: Mapping[str, Any], lr: np.ndarray | float) -> nn.Optimizer:
-    """Build ``cfg.opt`` over ``net`` with a per-step learning-rate array (indexed by global_step).
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The config keys the optimizer factory reads (their meaning: ``config.SCHEMA``), and no others."""
+    opt: str
+    weight_decay: float
+    weight_decay_filter: str
+    momentum: float
+    beta2: float
+    eps: float
+    use_nesterov: bool
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> OptimizerSettings:
+        """The optimizer's keys of a parsed config."""
+        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+
+
+def create_optimizer(net: nn.Cell, settings: OptimizerSettings, lr: np.ndarray | float) -> nn.Optimizer:
+    """Build ``settings.opt`` over ``net`` with a per-step learning-rate array (indexed by global_step).
 
     ``adamw`` is ``nn.AdamWeightDecay`` (decoupled decay), which runs on CPU, Ascend and GPU;
     ``ms.mint.optim.AdamW`` has no CPU kernel.
     """
     learning_rate = Tensor(np.asarray(lr, dtype=np.float32)) if np.ndim(lr) else float(lr)
-    groups = param_groups(net, float(cfg["weight_decay"]), cfg["weight_decay_filter"])
-    name = cfg["opt"]
+    groups = param_groups(net, float(settings.weight_decay), settings.weight_decay_filter)
+    name = settings.opt
     if name == "adamw":
-        return nn.AdamWeightDecay(groups, learning_rate=learning_rate, beta1=float(cfg["momentum"]),
-                                  beta2=float(cfg["beta2"]), eps=float(cfg["eps"]))
+        return nn.AdamWeightDecay(groups, learning_rate=learning_rate, beta1=float(settings.momentum),
+                                  beta2=float(settings.beta2), eps=float(settings.eps))
     if name == "adam":
-        return nn.Adam(groups, learning_rate=learning_rate, beta1=float(cfg["momentum"]), beta2=float(cfg["beta2"]),
-                       eps=float(cfg["eps"]))
-    momentum = float(cfg["momentum"]) if name == "momentum" or cfg["momentum"] else 0.0
+        return nn.Adam(groups, learning_rate=learning_rate, beta1=float(settings.momentum), beta2=float(settings.beta2),
+                       eps=float(settings.eps))
+    momentum = float(settings.momentum) if name == "momentum" or settings.momentum else 0.0
     return nn.Momentum(groups, learning_rate=learning_rate, momentum=momentum,
-                       use_nesterov=bool(cfg["use_nesterov"]) and momentum > 0)
+                       use_nesterov=bool(settings.use_nesterov) and momentum > 0)

@@ -26,7 +26,7 @@ from ..data.seg_train import build_segmentation_train_dataset
 from ..data.texture_mosaics import ensure_texture_mosaics
 from ..evaluation.classification import evaluate
 from ..evaluation.segmentation import evaluate_segmentation, predict_map
-from .data import DataError, build_train_dataset, build_val_dataset, prepare_data_dir
+from .data import DataError, TrainDataSettings, build_train_dataset, build_val_dataset, prepare_data_dir
 from .loss import SegmentationCrossEntropy, create_loss
 
 __all__ = ["ClassificationTask", "SegmentationTask", "make_task", "check_segmentation_labels"]
@@ -68,7 +68,8 @@ class ClassificationTask:
             self.eval_data = build_val_dataset(self.cfg, self.listing.val, rank, world)  # labels: training classes
 
     def train_dataset(self, epoch: int, rank: int, world: int, num_classes: int):
-        return build_train_dataset(self.cfg, epoch, rank, world, num_classes, self.listing).dataset
+        return build_train_dataset(TrainDataSettings.from_config(self.cfg), epoch, rank, world, num_classes,
+                                   self.listing).dataset
 
     def evaluate(self, net, distributed: bool) -> tuple[dict[str, float], float] | None:
         """(columns, score) of one pass over the validation split; None when there is nothing to evaluate."""

@@ -49,7 +49,7 @@ from ..distributed import DistInfo, all_reduce_sum, init_distributed
 from ..factory import create_model
 from ..models.layers import DropPathKey
 from .data import DataError
-from .optim import create_optimizer
+from .optim import OptimizerSettings, create_optimizer
 from .run_io import (
     METRIC_FIELDS,
     SEGMENTATION_METRIC_FIELDS,
@@ -63,7 +63,7 @@ from .run_io import (
     remove_stale_temp_files,
     resolve_resume,
 )
-from .schedule import build_lr_schedule
+from .schedule import ScheduleSettings, build_lr_schedule
 from .step import ApplyAccumulated, LossScaleState, TrainStep, WithLoss
 from .tasks import make_task
 
@@ -304,7 +304,7 @@ class Trainer:
         else:
             self.total_epochs = int(cfg["epoch_size"]) + int(cfg["cooldown_epochs"])
         self.global_batch = batch * world * self.accum
-        self.lrs = build_lr_schedule(cfg, self.steps_per_epoch, self.global_batch)
+        self.lrs = build_lr_schedule(ScheduleSettings.from_config(cfg), self.steps_per_epoch, self.global_batch)
 
         ms.set_seed(int(cfg["seed"]))  # identical initial weights on every rank
         ckpt = cfg["ckpt_path"] or None
@@ -315,7 +315,7 @@ class Trainer:
                                 drop_path_rate=cfg["drop_path_rate"], drop_rate=cfg["drop_rate"], **head)
         ms.set_seed(augmentation_seed(cfg["seed"], rank, 0))  # dropout differs per rank
         self.drop_path_key = DropPathKey(self.net, int(cfg["seed"]), rank)
-        self.optimizer = create_optimizer(self.net, cfg, self.lrs)
+        self.optimizer = create_optimizer(self.net, OptimizerSettings.from_config(cfg), self.lrs)
         self.net = apply_amp(self.net, cfg["amp_level"])
         self.scaler = LossScaleState(self.plan.value, self.plan.dynamic)
         reducer = None
