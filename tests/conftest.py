@@ -84,7 +84,7 @@ def _restore_mindspore_mode():
 # the two cores and their start-up stays far from the launches' timeouts.
 
 
-class _RunLocks:
+class RunLocks:
     """File locks shared by the xdist workers of one run. A test marked ``serial`` runs alone (a readers-writer
     lock whose turnstile every test passes first, so a waiting ``serial`` test is not starved); ``two_ranks``
     tests exclude each other only."""
@@ -118,7 +118,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if worker is None:
         yield
         return
-    locks = _RunLocks(worker["testrunuid"])
+    locks = RunLocks(worker["testrunuid"])
     with locks.hold(exclusive=item.get_closest_marker("serial") is not None,
                     two_ranks=item.get_closest_marker("two_ranks") is not None):
         yield
