@@ -84,6 +84,24 @@ def _restore_mindspore_mode():
 # the two cores and their start-up stays far from the launches' timeouts.
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """xdist hands out files by their number of tests (many first) unless told not to: the order below rules."""
+    if getattr(config.option, "loadscopereorder", None) is not None:
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the files with most ``slow`` tests first (end-to-end runs, many subprocesses), so the run ends on
+    short tests and neither worker is left alone with a long file; the order within a file is kept."""
+    if getattr(config, "workerinput", None) is None:  # the workers collect; a run without xdist keeps file order
+        return
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.path.name] = slow.get(item.path.name, 0) + (item.get_closest_marker("slow") is not None)
+    rank = {name: (-count, position) for position, (name, count) in enumerate(slow.items())}
+    items.sort(key=lambda item: rank[item.path.name])
+
+
 class RunLocks:
     """File locks shared by the xdist workers of one run. A test marked ``serial`` runs alone (a readers-writer
     lock whose turnstile every test passes first, so a waiting ``serial`` test is not starved); ``two_ranks``
