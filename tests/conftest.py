@@ -1,11 +1,17 @@
 """Shared test set-up: quiet MindSpore logs, CI detection, the MindSpore mode restored after every test,
-and reference packages / tools that may skip locally but never in CI."""
+reference packages / tools that may skip locally but never in CI, and the rules for running under
+pytest-xdist (``-n 2 --dist loadgroup``, README's test command)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +74,69 @@ def _restore_mindspore_mode():
     yield
     if ms.get_context("mode") != mode:
         ms.set_context(mode=mode)
+
+
+# ---------------------------------------------------------------- pytest-xdist: which tests may run side by side
+
+# ``--dist loadfile``: a file's tests run on one worker, so its module fixtures (trained runs, compiled models,
+# workspaces) are built once. (``loadgroup`` cannot group here: xdist 3.8 renames ``item._nodeid``, which pytest 9
+# no longer reads.) Tests marked ``two_ranks`` (msrun, mpirun) run one at a time, so four ranks never compete for
+# the two cores and their start-up stays far from the launches' timeouts.
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """xdist hands out files by their number of tests (many first) unless told not to: the order below rules."""
+    if getattr(config.option, "loadscopereorder", None) is not None:
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the files with most ``slow`` tests first (end-to-end runs, many subprocesses), so the run ends on
+    short tests and neither worker is left alone with a long file; the order within a file is kept."""
+    if getattr(config, "workerinput", None) is None:  # the workers collect; a run without xdist keeps file order
+        return
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.path.name] = slow.get(item.path.name, 0) + (item.get_closest_marker("slow") is not None)
+    rank = {name: (-count, position) for position, (name, count) in enumerate(slow.items())}
+    items.sort(key=lambda item: rank[item.path.name])
+
+
+class RunLocks:
+    """File locks shared by the xdist workers of one run. A test marked ``serial`` runs alone (a readers-writer
+    lock whose turnstile every test passes first, so a waiting ``serial`` test is not starved); ``two_ranks``
+    tests exclude each other only."""
+
+    def __init__(self, run_id: str) -> None:
+        base = Path(tempfile.gettempdir()) / f"mindcv-poolformer-xdist-{run_id}"
+        self.turnstile, self.lock, self.two_ranks = (Path(f"{base}.{name}") for name in ("turnstile", "lock", "ranks"))
+
+    @contextlib.contextmanager
+    def hold(self, exclusive: bool, two_ranks: bool) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            gate, lock = stack.enter_context(open(self.turnstile, "a")), stack.enter_context(open(self.lock, "a"))
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            finally:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+            stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+            if two_ranks:
+                ranks = stack.enter_context(open(self.two_ranks, "a"))
+                fcntl.flock(ranks, fcntl.LOCK_EX)
+                stack.callback(fcntl.flock, ranks, fcntl.LOCK_UN)
+            yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Hold the locks over set-up (module fixtures included), call and teardown; only in an xdist worker (not in
+    a pytest a test starts, which inherits the worker's environment)."""
+    worker = getattr(item.config, "workerinput", None)
+    if worker is None:
+        yield
+        return
+    locks = RunLocks(worker["testrunuid"])
+    with locks.hold(exclusive=item.get_closest_marker("serial") is not None,
+                    two_ranks=item.get_closest_marker("two_ranks") is not None):
+        yield

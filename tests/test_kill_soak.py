@@ -34,6 +34,7 @@ soak = _soak_module()
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # the kills are timed from the uninterrupted run's phase lengths: no other test may load the CPU
 def test_three_kills_mid_step_validation_and_write_then_the_same_run():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--kills", "3", "--seed", "0"], cwd=REPO,
                           capture_output=True, text=True, timeout=900)

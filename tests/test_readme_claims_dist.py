@@ -36,6 +36,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.two_ranks
 def test_ranks_agree_on_the_stop_step_when_one_rank_gets_the_signal(folder, tmp_path):
     msrun = shutil.which("msrun", path=os.path.dirname(sys.executable)) or shutil.which("msrun")
     assert msrun, "msrun not found"

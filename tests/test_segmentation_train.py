@@ -190,6 +190,7 @@ DIST_WORKER = str(Path(__file__).resolve().parent / "seg_train_dist_worker.py")
 
 
 @pytest.mark.slow  # three FPN-S12 processes (one alone, two under msrun), each compiling one step: ~1-3 min
+@pytest.mark.two_ranks
 def test_msrun_two_ranks_equal_one_process_on_the_concatenated_batch(ade, tmp_path):
     """Weights after one unclipped SGD step: equal on both ranks and to one process on both ranks' images,
     and the mIoU of the split validation set (histograms all-reduced) equals the single process's."""

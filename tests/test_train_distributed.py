@@ -65,6 +65,7 @@ def _check(out: Path, reference: tuple[dict, dict]) -> float:
     return worst
 
 
+@pytest.mark.two_ranks
 def test_msrun_two_ranks_equal_one_process(folder, reference, tmp_path):
     msrun = shutil.which("msrun", path=os.path.dirname(sys.executable)) or shutil.which("msrun")
     assert msrun, "msrun not found"
@@ -82,6 +83,7 @@ def mpirun() -> str:
     return require_mpirun()
 
 
+@pytest.mark.two_ranks
 def test_mpirun_two_ranks_equal_one_process(mpirun, folder, reference, tmp_path):
     args = [mpirun, "-n", "2", "--oversubscribe", "--allow-run-as-root", "-x", "PATH", "-x", "PYTHONPATH",
             "-x", "GLOG_v", "-x", "MS_SCHED_PORT", sys.executable, WORKER, str(folder), str(tmp_path), "8", "True"]
@@ -112,6 +114,7 @@ def _expected_scales(applied: list[bool], start: float = 2.0 ** 12, window: int 
     return out
 
 
+@pytest.mark.two_ranks
 def test_msrun_two_ranks_agree_on_overflow_skip(tmp_path: Path) -> None:
     """Only rank 1 reports overflow (as the NPU float-status register would): both ranks must skip."""
     from train_overflow_worker import ACCUM_BAD, ACCUM_STEPS, PLAIN_BAD, PLAIN_STEPS

@@ -125,6 +125,7 @@ def test_amp_levels_close_to_fp32(deploy_assets):  # noqa: F811
 
 
 @pytest.mark.parametrize("launcher", ["msrun", "mpirun"])
+@pytest.mark.two_ranks
 def test_two_ranks_all_reduce(deploy_assets, tmp_path, launcher):  # noqa: F811
     """Real data-parallel validation (2 processes): 7 + 6 samples, all-reduced to the 13-sample result."""
     if launcher == "mpirun":
