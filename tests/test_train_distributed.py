@@ -150,51 +150,12 @@ def test_msrun_two_ranks_agree_on_overflow_skip(tmp_path: Path) -> None:
             assert not states["accum.overflow"][0].any(), "the pending micro-batch flag was not reset"
 
 
-def test_overflow_flag_reduction_is_or(monkeypatch: pytest.MonkeyPatch) -> None:
-    """1 process: with a fake flag all-reduce (this rank + the others' sum), any rank's overflow skips the step."""
-    import mindspore as ms
-    from mindspore import Parameter, Tensor, nn
-    from train_overflow_worker import BATCH, CLASSES, FEATURES, InjectedOverflow, build
+def test_overflow_flag_reduction_is_or() -> None:
+    """1 process: with a fake flag all-reduce (this rank + the others' sum), any rank's overflow skips the step.
 
-    from mindcv_poolformer.train import step as step_mod
-
-    class OtherRanks(nn.Cell):
-        """Stands in for the flag AllReduce SUM: this rank's flag plus the other ranks' summed flags."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.others = Parameter(Tensor(np.zeros(1, np.float32)), name="test.others", requires_grad=False)
-
-        def construct(self, flag: Tensor) -> Tensor:
-            return flag + self.others
-
-    class SameGradients(nn.Cell):
-        """A gradient 'all-reduce' over identical ranks: the identity; it makes the step distributed."""
-
-        def construct(self, grads: tuple) -> tuple:
-            return grads
-
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    try:
-        monkeypatch.setattr(step_mod, "_Update", InjectedOverflow)
-        step, update = build(3, lambda params: SameGradients(), 1, None)
-        assert update.distributed
-        update.flag_reducer = OtherRanks()
-        rng = np.random.default_rng(0)
-        for local, others in ((0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (0, 0)):
-            update.inject.set_data(Tensor(float(local), ms.float32))
-            update.flag_reducer.others.set_data(Tensor(np.full(1, others, np.float32)))
-            before = {p.name: p.asnumpy().copy() for p in step.get_parameters()}
-            x = Tensor(rng.standard_normal((BATCH, FEATURES)).astype(np.float32))
-            y = Tensor(rng.integers(0, CLASSES, BATCH).astype(np.int32))
-            _, applied = step(x, y)
-            expect = local == 0 and others == 0
-            assert bool(applied.asnumpy()) is expect, (local, others)
-            after = {p.name: p.asnumpy() for p in step.get_parameters()}
-            assert bool(np.array_equal(after["0.weight"], before["0.weight"])) is not expect, (local, others)
-            assert bool(np.array_equal(after["adam_m.0.weight"], before["adam_m.0.weight"])) is not expect
-            if not expect:
-                assert float(after["loss_scale.value"]) == float(before["loss_scale.value"]) / 2
-    finally:
-        ms.set_context(mode=mode)
+    Run in a fresh interpreter: MindSpore's graph parser resolved the replaced ``flag_reducer`` Cell to the
+    namespace of another Cell of the step when many graphs had been compiled in the same process before
+    (seen once in a long pytest-xdist worker), so the check must not depend on what ran earlier."""
+    done = run_python([str(REPO / "tests" / "train_overflow_worker.py"), "--flag-or"], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "flag-or: 6 cases ok" in done.stdout

@@ -122,5 +122,52 @@ def main() -> None:
     np.savez(out / f"rank{dist.rank}.npz", **record)
 
 
+def check_flag_or() -> None:
+    """With a fake flag all-reduce (this rank's flag + the other ranks' summed flags), any rank's overflow skips
+    the step, and only then: weights and AdamW moments untouched, the dynamic loss scale halved."""
+
+    class OtherRanks(nn.Cell):
+        """Stands in for the flag AllReduce SUM: this rank's flag plus the other ranks' summed flags."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.others = Parameter(Tensor(np.zeros(1, np.float32)), name="test.others", requires_grad=False)
+
+        def construct(self, flag: Tensor) -> Tensor:
+            return flag + self.others
+
+    class SameGradients(nn.Cell):
+        """A gradient 'all-reduce' over identical ranks: the identity; it makes the step distributed."""
+
+        def construct(self, grads: tuple) -> tuple:
+            return grads
+
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    step_mod._Update = InjectedOverflow
+    step, update = build(3, lambda params: SameGradients(), 1, None)
+    assert update.distributed
+    update.flag_reducer = OtherRanks()
+    rng = np.random.default_rng(0)
+    cases = ((0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (0, 0))
+    for local, others in cases:
+        update.inject.set_data(Tensor(float(local), ms.float32))
+        update.flag_reducer.others.set_data(Tensor(np.full(1, others, np.float32)))
+        before = {p.name: p.asnumpy().copy() for p in step.get_parameters()}
+        x = Tensor(rng.standard_normal((BATCH, FEATURES)).astype(np.float32))
+        y = Tensor(rng.integers(0, CLASSES, BATCH).astype(np.int32))
+        _, applied = step(x, y)
+        expect = local == 0 and others == 0
+        assert bool(applied.asnumpy()) is expect, (local, others)
+        after = {p.name: p.asnumpy() for p in step.get_parameters()}
+        assert bool(np.array_equal(after["0.weight"], before["0.weight"])) is not expect, (local, others)
+        assert bool(np.array_equal(after["adam_m.0.weight"], before["adam_m.0.weight"])) is not expect
+        if not expect:
+            assert float(after["loss_scale.value"]) == float(before["loss_scale.value"]) / 2
+    print(f"flag-or: {len(cases)} cases ok")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--flag-or"]:
+        check_flag_or()
+    else:
+        main()
