@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import yaml
@@ -27,9 +27,19 @@ from .errors import ConfigError
 from .models.registry import IMAGENET_MEAN, IMAGENET_STD, list_models, model_info
 
 __all__ = ["ConfigError", "Option", "SCHEMA", "SECTIONS", "INERT_KEYS", "MINDCV_KEYS", "MINDCV_DEFAULTS", "Config",
-           "is_mindcv_recipe", "load_config", "model_defaults", "parse_cli", "format_help", "script_accepts"]
+           "is_mindcv_recipe", "load_config", "model_defaults", "parse_cli", "format_help", "script_accepts",
+           "settings_from"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
+
+
+def settings_from(cls: type, cfg: Mapping[str, Any]) -> Any:
+    """Build the settings record ``cls`` (a dataclass of config keys) from a parsed config.
+
+    A field without a default must be in ``cfg``; a field with one may be absent (a config built
+    by hand for a test or a bench), and then takes the record's default.
+    """
+    return cls(**{f.name: cfg[f.name] if f.default is MISSING else cfg.get(f.name, f.default) for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..config import settings_from
 from ..data.listing import ImageList, augmentation_seed, epoch_order, list_image_folder, shard_indices
 from ..errors import ConfigError
 from ..transforms import ImageReader, Preprocess, create_transforms
@@ -223,9 +224,6 @@ class SoftTargetMixer:
 # ---------------------------------------------------------------------------------------------- pipelines
 
 
-_OPTIONAL = {"num_classes": None, "num_samples": None, "strict_data": False, "deterministic_augment": True}
-
-
 @dataclass(frozen=True)
 class TrainDataSettings:
     """The config keys the training pipeline reads (their meaning: ``config.SCHEMA``), and no others."""
@@ -266,8 +264,7 @@ class TrainDataSettings:
     def from_config(cls, cfg: Mapping[str, Any]) -> TrainDataSettings:
         """The pipeline's keys of a parsed config (``num_classes``, ``num_samples``, ``strict_data``,
         ``deterministic_augment`` may be absent)."""
-        return cls(**{f.name: cfg.get(f.name, _OPTIONAL[f.name]) if f.name in _OPTIONAL else cfg[f.name]
-                      for f in fields(cls)})
+        return settings_from(cls, cfg)
 
 
 def _train_transforms(s: TrainDataSettings, fused_decode: bool = False) -> list:

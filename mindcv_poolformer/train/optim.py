@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn
+
+from ..config import settings_from
 
 __all__ = ["WEIGHT_DECAY_FILTERS", "OptimizerSettings", "is_decayed", "split_decay", "param_groups",
            "create_optimizer"]
@@ -74,7 +76,7 @@ class OptimizerSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> OptimizerSettings:
         """The optimizer's keys of a parsed config."""
-        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+        return settings_from(cls, cfg)
 
 
 def create_optimizer(net: nn.Cell, settings: OptimizerSettings, lr: np.ndarray | float) -> nn.Optimizer:

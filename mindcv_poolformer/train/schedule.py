@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..config import settings_from
+
 __all__ = ["ScheduleSettings", "scaled_lr", "build_lr_schedule"]
-
-_OPTIONAL = frozenset({"lr_scale_batch", "max_iters", "lr_epoch_stair"})
-
 
 @dataclass(frozen=True)
 class ScheduleSettings:
@@ -41,7 +40,7 @@ class ScheduleSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ScheduleSettings:
         """The schedule's keys of a parsed config (``lr_scale_batch``, ``max_iters``, ``lr_epoch_stair``: optional)."""
-        return cls(**{f.name: cfg.get(f.name) if f.name in _OPTIONAL else cfg[f.name] for f in fields(cls)})
+        return settings_from(cls, cfg)
 
 
 def scaled_lr(lr: float, global_batch: int, lr_scale_batch: int | None) -> float:
