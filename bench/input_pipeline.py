@@ -108,7 +108,7 @@ def ours_pipeline(data_dir: Path, workers: int, warm: bool, interpolation: str |
     from mindcv_poolformer.train.data import TrainDataSettings, build_train_dataset, prepare_data_dir
 
     cfg = ours_cfg(data_dir, workers, interpolation)
-    listing = prepare_data_dir(cfg)
+    listing = prepare_data_dir(cfg["data_dir"], cfg["train_split"], cfg["val_split"], with_val=False)
     if warm:
         listing.verified[:] = b"\x01" * len(listing.verified)
     return lambda: build_train_dataset(TrainDataSettings.from_config(cfg), 0, 0, 1, listing=listing).dataset
@@ -260,9 +260,11 @@ def _before(cfg, epochs: int) -> None:
 def _after(cfg, epochs: int) -> None:
     """Today's: one listing from prepare_data_dir feeds every epoch's shard and the validation set."""
     from mindcv_poolformer.train.data import TrainDataSettings, build_train_dataset, build_val_dataset, prepare_data_dir
+    from mindcv_poolformer.transforms import Preprocess
 
-    listing = prepare_data_dir(cfg)
-    build_val_dataset(cfg, listing.val)
+    listing = prepare_data_dir(cfg["data_dir"], cfg["train_split"], cfg["val_split"])
+    build_val_dataset(listing.val, Preprocess.from_config(cfg), cfg["batch_size"],
+                      num_parallel_workers=cfg["num_parallel_workers"], strict=cfg["strict_data"])
     for epoch in range(epochs):
         build_train_dataset(TrainDataSettings.from_config(cfg), epoch, 0, 8, listing=listing)
 

@@ -1,4 +1,5 @@
-"""One Preprocess record: every script evaluates at the model record's crop, and the sidecar carries it unchanged."""
+"""One Preprocess record (and one SegPreprocess for Semantic FPN): every script evaluates at the model record's
+preprocessing, and the sidecar carries it unchanged."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mindcv_poolformer.config import ConfigError
+from mindcv_poolformer.config import ConfigError, model_defaults, parse_cli
+from mindcv_poolformer.data.ade20k import SegPreprocess
+from mindcv_poolformer.errors import ScriptError
 from mindcv_poolformer.transforms import Preprocess, eval_transform_pil
 
 # timm's ImageNet constants and mmseg's ADE20K config values, written out independently of the package
@@ -16,6 +19,15 @@ IMAGENET = ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 
 ADE20K = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 # REFERENCE.md: M-sized PoolFormers evaluate at crop_pct 0.95, S-sized at 0.9
 M36 = Preprocess(224, 0.95, "bicubic", *IMAGENET)
+# mmseg configs/poolformer test_pipeline: Resize(scale=(2048, 512), keep_ratio=True), ResizeToMultiple(32)
+FPN_TEST = SegPreprocess((2048, 512), 32, *ADE20K)
+# a segmentation sidecar as export.py has written it since segmentation export exists (flat keys predict reads)
+SEG_SIDECAR = {"model": "fpn_poolformer_s12", "task": "segmentation", "num_classes": 150,
+               "preprocessing": {"resize": "...", "seg_scale": [256, 64], "size_divisor": 32,
+                                 "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]},
+               "image_size": None, "seg_scale": [256, 64], "size_divisor": 32, "mean": [123.675, 116.28, 103.53],
+               "std": [58.395, 57.12, 57.375], "crop_pct": None, "interpolation": "bilinear", "file_format": "MINDIR",
+               "batch": None}
 
 
 def test_sidecar_round_trips_and_older_sidecars_read():
@@ -78,4 +90,63 @@ def test_validate_predict_and_export_take_the_model_records_preprocessing(monkey
         assert export.main([*model, "--ckpt_path", "w.ckpt"]) == 2
         assert seen["validate"][-1] == seen["predict"][-1] == seen["export"][-1] == want
     assert export.main(["--model", "fpn_poolformer_s12", "--ckpt_path", "w.ckpt"]) == 2
-    assert (seen["export"][-1].mean, seen["export"][-1].std) == ADE20K
+    assert seen["export"][-1] == FPN_TEST
+    assert export.main(["--model", "fpn_poolformer_s12", "--ckpt_path", "w.ckpt", "--seg_scale", "256,64",
+                        "--seg_size_divisor", "16"]) == 2
+    assert seen["export"][-1] == SegPreprocess((256, 64), 16, *ADE20K)
+
+
+def _parsed(model: str, *flags: str):
+    return parse_cli(["--model", model, *flags], prog="validate.py", defaults=model_defaults(model))
+
+
+def test_seg_record_from_model_config_and_sidecar_agree():
+    """The FPN's test preprocessing is the same record whether it comes from the model, a config or a sidecar."""
+    assert SegPreprocess.for_model("fpn_poolformer_s12") == SegPreprocess() == FPN_TEST
+    assert SegPreprocess.from_config(_parsed("fpn_poolformer_s12")) == FPN_TEST
+    flags = ("--seg_scale", "256,64", "--seg_size_divisor", "16", "--mean", "1,2,3", "--std", "4,5,6")
+    assert SegPreprocess.from_config(_parsed("fpn_poolformer_s12", *flags)) == SegPreprocess((256, 64), 16, (1, 2, 3),
+                                                                                             (4, 5, 6))
+    small = SegPreprocess((256, 64), 32, *ADE20K)
+    assert SegPreprocess.from_sidecar(SEG_SIDECAR) == small == SegPreprocess.for_model("fpn_poolformer_s12", (256, 64))
+    written = json.loads(json.dumps({**SEG_SIDECAR, **small.to_sidecar()}))
+    assert SegPreprocess.from_sidecar(written) == small
+    keys = SegPreprocess.SIDECAR_KEYS
+    assert {k: written[k] for k in keys} == {k: SEG_SIDECAR[k] for k in keys}  # the keys and values old sidecars hold
+
+
+def test_seg_record_is_the_test_pipeline_and_rejects_bad_values():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # fits (256, 64) and is a multiple of 32: no resize
+    want = ((image - np.asarray(ADE20K[0])) / np.asarray(ADE20K[1])).transpose(2, 0, 1)[None]
+    got = SegPreprocess((256, 64), 32, *ADE20K)(image)
+    assert got.dtype == np.float32 and got.shape == (1, 3, 64, 96)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+    # 100x150 at (256, 64): factor min(256/150, 64/100) = 0.64 -> 96x64, already multiples of 32; divisor 40 -> 120x80
+    assert SegPreprocess((256, 64), 32)(rng.integers(0, 256, (100, 150, 3), dtype=np.uint8)).shape == (1, 3, 64, 96)
+    assert SegPreprocess((256, 64), 40)(rng.integers(0, 256, (100, 150, 3), dtype=np.uint8)).shape == (1, 3, 80, 120)
+    with pytest.raises(ConfigError, match=r"seg_scale: .*\[512\]"):
+        SegPreprocess((512,))
+    with pytest.raises(ConfigError, match="seg_size_divisor: .* got 0"):
+        SegPreprocess((2048, 512), 0)
+    with pytest.raises(ConfigError, match="mean/std"):
+        SegPreprocess((2048, 512), 32, ADE20K[0], (1.0, 0.0, 1.0))
+
+
+@pytest.mark.parametrize("missing", SegPreprocess.SIDECAR_KEYS)
+def test_seg_sidecar_missing_a_key_is_one_line(missing, tmp_path, capsys):
+    import mindcv_poolformer.deploy.predict as predict
+
+    meta = {k: v for k, v in SEG_SIDECAR.items() if k != missing}
+    with pytest.raises(ScriptError, match=f"fpn.json: key '{missing}' is missing"):
+        SegPreprocess.from_sidecar(meta, "fpn.json")
+    # predict refuses it before loading anything (the MINDIR here is not even one)
+    mindir = tmp_path / "fpn.mindir"
+    mindir.write_bytes(b"not a graph")
+    (tmp_path / "fpn.mindir.json").write_text(json.dumps(meta))
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(image)
+    capsys.readouterr()
+    assert predict.main([str(image), "--mindir", str(mindir), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"key '{missing}' is missing" in err and not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mindcv_poolformer.data.ade20k import ade20k_classes, ade20k_palette, overlay_classes
+from mindcv_poolformer.data.ade20k import SegPreprocess, ade20k_classes, ade20k_palette, overlay_classes
 from mindcv_poolformer.deploy.artifacts import load_mindir, load_segmentation_network
 from mindcv_poolformer.deploy.export import export_model
 from mindcv_poolformer.deploy.predict import main
@@ -45,7 +45,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     Image.fromarray(skdata.chelsea()[:200, :300]).save(base / "cat.jpg", quality=92)
     Image.fromarray(skdata.coffee()[:150, :170]).save(base / "coffee.png")
     result = export_model(MODEL, str(ckpt), "MINDIR", str(base / "fpn"), batch_size=2, image_size=64,
-                          seg_scale=SCALE)
+                          preprocess=SegPreprocess(SCALE))
     return {"base": base, "ckpt": ckpt, "mindir": Path(result.path), "cat": base / "cat.jpg",
             "coffee": base / "coffee.png"}
 
@@ -97,7 +97,7 @@ def test_predict_writes_class_and_overlay_pngs(assets, tmp_path, capsys):
             expected = np.floor(0.5 * image + 0.5 * ade20k_palette()[classes].astype(np.float64) + 0.5)
             assert np.array_equal(overlay, expected.astype(np.uint8))
             if kind == "ckpt":
-                direct = predict_map(net, image, SCALE, 32)
+                direct = predict_map(net, image, SegPreprocess(SCALE, 32))
                 assert np.array_equal(classes, direct)
                 assert len(np.unique(classes)) > 3  # the random head does give a varied map
             maps[kind, name] = classes

@@ -22,7 +22,8 @@ def test_mindcv_recipe_loads_unchanged():
     assert cfg.loss_scale == 1024 and cfg.distribute is True
     # and means what it means to MindCV (0.2's filter_bias_and_bn True, its fixed loss scale, clip at 15)
     assert cfg.recipe_defaults == "mindcv" and cfg.weight_decay_filter == "norm_and_bias"
-    assert plan_loss_scale(cfg) == LossScalePlan(1024.0, False) and cfg.clip_value == 15.0 and cfg.warmup_lr == 0.0
+    assert plan_loss_scale(cfg.loss_scale_type, cfg.amp_level, cfg.loss_scale) == LossScalePlan(1024.0, False)
+    assert cfg.clip_value == 15.0 and cfg.warmup_lr == 0.0
 
 
 @pytest.mark.parametrize("variant,drop_path,crop", [("s12", 0.1, 0.9), ("s24", 0.1, 0.9), ("s36", 0.2, 0.9),
@@ -46,7 +47,8 @@ def test_other_recipes_load(name):
 
 def test_loss_scale_plans():
     def plan(**kw):
-        p = plan_loss_scale(load_config(overrides={"device_target": "CPU", **kw}))
+        cfg = load_config(overrides={"device_target": "CPU", **kw})
+        p = plan_loss_scale(cfg.loss_scale_type, cfg.amp_level, cfg.loss_scale)
         return p.value, p.dynamic
 
     # dynamic under mixed precision on every device: overflow skipping works on CPU with our step
@@ -80,11 +82,10 @@ def test_run_dir_guard(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "poolformer_s12-e0001-s00000010.safetensors").write_bytes(b"x")
-    cfg = load_config(overrides={"ckpt_save_dir": str(run)})
     with pytest.raises(ConfigError, match="already holds a run"):
-        check_run_dir(cfg)
-    check_run_dir(load_config(overrides={"ckpt_save_dir": str(run), "resume": "auto"}))
-    check_run_dir(load_config(overrides={"ckpt_save_dir": str(run), "overwrite": True}))
+        check_run_dir(str(run))
+    check_run_dir(str(run), resume="auto")
+    check_run_dir(run, overwrite=True)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from mindcv_poolformer.train.data import (
     materialize_digits,
     shard_indices,
 )
+from mindcv_poolformer.transforms import Preprocess
 
 
 @pytest.fixture(scope="module")
@@ -132,27 +133,26 @@ def test_split_folders_are_listed_once_per_run(folder, monkeypatch):
     monkeypatch.setattr(train_data, "list_image_folder", lambda root, split="", *a, **k: calls.append(split)
                         or original(root, split, *a, **k))
     cfg = _cfg(folder, val_while_train=True)
-    listing = prepare_data_dir(cfg)
+    listing = prepare_data_dir(cfg["data_dir"], cfg["train_split"], cfg["val_split"])
     assert calls == ["train", "val"]
     for epoch in range(3):
         for rank in range(2):
             build_train_dataset(TrainDataSettings.from_config(cfg), epoch, rank, 2, listing=listing)
-    build_val_dataset(cfg, listing.val, 0, 2)
+    build_val_dataset(listing.val, Preprocess.from_config(cfg), 8, 0, 2)
     assert calls == ["train", "val"]
 
 
 def test_val_set_from_the_listing_is_create_eval_datasets(folder):
     from mindcv_poolformer.evaluation.classification import create_eval_dataset
     from mindcv_poolformer.train.data import build_val_dataset, prepare_data_dir
-    from mindcv_poolformer.transforms import Preprocess
 
     cfg = _cfg(folder, val_while_train=True, batch_size=3)
-    listing = prepare_data_dir(cfg)
+    listing = prepare_data_dir(cfg["data_dir"], cfg["train_split"], cfg["val_split"])
+    preprocess = Preprocess(32, 1.0, cfg["interpolation"], cfg["mean"], cfg["std"])
     for rank, world in ((0, 1), (1, 3)):
-        ours = build_val_dataset(cfg, listing.val, rank, world)
-        ref, _, _ = create_eval_dataset(str(folder), "val", 3, Preprocess(32, 1.0, cfg["interpolation"], cfg["mean"],
-                                                                          cfg["std"]),
-                                        1, rank, world, class_names=listing.train.classes)
+        ours = build_val_dataset(listing.val, preprocess, 3, rank, world)
+        ref, _, _ = create_eval_dataset(str(folder), "val", 3, preprocess, 1, rank, world,
+                                        class_names=listing.train.classes)
         a = list(ours.create_tuple_iterator(output_numpy=True, num_epochs=1))
         b = list(ref.create_tuple_iterator(output_numpy=True, num_epochs=1))
         assert len(a) == len(b) > 0 and all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1])

@@ -25,11 +25,12 @@ from importlib import resources
 import numpy as np
 
 from ..config import ConfigError
-from ..models.registry import ADE20K_MEAN, ADE20K_STD
+from ..errors import ScriptError
+from ..models.registry import ADE20K_MEAN, ADE20K_STD, ModelInfo, model_info
 
-__all__ = ["CorruptFileError", "ADE20K_MEAN", "ADE20K_STD", "IGNORE_INDEX", "SegSample", "SegmentationList",
-           "ade20k_classes", "ade20k_palette", "list_ade20k", "load_sample", "rescale_size", "multiple_size",
-           "inference_resize", "normalise", "overlay_classes", "warn_skipped"]
+__all__ = ["CorruptFileError", "ADE20K_MEAN", "ADE20K_STD", "ADE20K_TEST", "IGNORE_INDEX", "SegPreprocess", "SegSample",
+           "SegmentationList", "ade20k_classes", "ade20k_palette", "list_ade20k", "load_sample", "rescale_size",
+           "multiple_size", "inference_resize", "normalise", "overlay_classes", "warn_skipped"]
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -216,3 +217,69 @@ def warn_skipped(skipped: Sequence[str], what: str) -> None:
     if skipped:
         print(f"warning: {len(skipped)} {what} skipped (first: {skipped[0]}); --strict_data True makes this an "
               "error", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class SegPreprocess:
+    """A Semantic FPN's test preprocessing: keep-ratio resize to fit ``scale``, sides up to ``size_divisor``, mean/std.
+
+    The segmentation counterpart of ``transforms.Preprocess`` (a classifier's centre crop has no
+    place in a whole-image test): one record shared by the eval loop, the training task's
+    validation and prediction grid, the export sidecar and the predictor, built from the model
+    record (``for_model``), a parsed config (``from_config``: ``seg_scale``, ``seg_size_divisor``,
+    ``mean``, ``std``) or a sidecar (``from_sidecar``: the keys export.py has always written). The
+    defaults are mmseg's ADE20K test pipeline; mean/std are on the 0-255 scale.
+    """
+    scale: tuple[int, ...] = (2048, 512)
+    size_divisor: int = 32
+    mean: tuple[float, ...] = ADE20K_MEAN
+    std: tuple[float, ...] = ADE20K_STD
+
+    SIDECAR_KEYS = ("seg_scale", "size_divisor", "mean", "std")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", tuple(int(v) for v in self.scale))
+        object.__setattr__(self, "size_divisor", int(self.size_divisor))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if len(self.scale) != 2 or min(self.scale) < 1:
+            raise ConfigError(f"seg_scale: expected two positive sizes (long, short), got {list(self.scale)}")
+        if self.size_divisor < 1:
+            raise ConfigError(f"seg_size_divisor: expected an integer >= 1 (1 = off), got {self.size_divisor}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ConfigError(f"mean/std: expected 3 values each with std > 0, got mean={list(self.mean)} "
+                              f"std={list(self.std)}")
+
+    @classmethod
+    def for_model(cls, model: str | ModelInfo, scale: Sequence[int] = (2048, 512), size_divisor: int = 32
+                  ) -> SegPreprocess:
+        """The model record's normalisation with the test resize ``scale`` / ``size_divisor`` (mmseg's ADE20K ones)."""
+        info = model_info(model) if isinstance(model, str) else model
+        return cls(scale, size_divisor, info.mean, info.std)
+
+    @classmethod
+    def from_config(cls, cfg) -> SegPreprocess:
+        """``seg_scale``, ``seg_size_divisor``, ``mean``, ``std`` of a parsed config."""
+        return cls(cfg["seg_scale"], cfg["seg_size_divisor"], cfg["mean"], cfg["std"])
+
+    @classmethod
+    def from_sidecar(cls, meta: dict, source: str = "sidecar") -> SegPreprocess:
+        """The preprocessing a segmentation sidecar records (``to_sidecar``'s keys); a missing key is a
+        ScriptError naming it and ``source`` (the sidecar's path)."""
+        for key in cls.SIDECAR_KEYS:
+            if key not in meta:
+                raise ScriptError(f"{source}: key {key!r} is missing (a segmentation sidecar records "
+                                  f"{', '.join(cls.SIDECAR_KEYS)})")
+        return cls(meta["seg_scale"], meta["size_divisor"], meta["mean"], meta["std"])
+
+    def to_sidecar(self) -> dict:
+        """The sidecar's keys for this record (the layout export.py has always written)."""
+        return {"seg_scale": list(self.scale), "size_divisor": self.size_divisor, "mean": list(self.mean),
+                "std": list(self.std)}
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """An HWC uint8 RGB image -> the network input ``1CHW`` float32 (``inference_resize``, then ``normalise``)."""
+        return normalise(inference_resize(image, self.scale, self.size_divisor), self.mean, self.std)
+
+
+ADE20K_TEST = SegPreprocess()  # mmseg's ADE20K test pipeline (configs/poolformer): (2048, 512), 32, ADE20K mean/std

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +33,7 @@ from .._runtime import configure_device
 from .._script import run_script
 from ..backends import apply_backend
 from ..config import model_defaults, parse_cli
-from ..data.ade20k import ade20k_classes, ade20k_palette
+from ..data.ade20k import SegPreprocess, ade20k_classes, ade20k_palette
 from ..data.listing import scan_image_folder
 from ..errors import CheckpointError, ConfigError, ScriptError
 from ..models.fpn import Resize
@@ -215,13 +214,10 @@ def export_segmentation(
     batch_size: int = 1,
     image_size: int = 224,
     num_classes: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
+    preprocess: SegPreprocess | None = None,
     labels: list[str] | None = None,
     overwrite: bool = False,
     seed: int = 0,
-    seg_scale: Sequence[int] = (2048, 512),
-    size_divisor: int = 32,
 ) -> ExportResult:
     """Export a Semantic FPN: MINDIR with dynamic N, H and W, checked at two input sizes; AIR at one size.
 
@@ -229,13 +225,12 @@ def export_segmentation(
     2048x512 would be 630 MB per image), and the predictor's single bilinear resize to the original
     image size is then mmseg's own order (resizing input-size logits again would be a second,
     different interpolation). ``image_size`` is the side of the check inputs, not a fixed input size.
-    ``mean``/``std`` default to the model record's (mmseg's ADE20K normalisation).
+    ``preprocess`` is the test preprocessing the sidecar records (default: the model record's
+    normalisation with mmseg's ADE20K test resize).
     """
     import mindspore as ms
 
-    info = model_info(model)
-    mean = info.mean if mean is None else mean
-    std = info.std if std is None else std
+    preprocess = preprocess or SegPreprocess.for_model(model)
 
     if file_format == "ONNX":
         raise ScriptError(f"ONNX export of the segmentation model {model} is not supported; export MINDIR")
@@ -292,13 +287,9 @@ def export_segmentation(
         "output": SEGMENTATION_OUTPUT,
         "preprocessing": {"resize": "keep the aspect ratio to fit seg_scale (long, short), then resize each "
                                     "side up to a multiple of size_divisor; bilinear (mmseg's test pipeline)",
-                          "seg_scale": [int(v) for v in seg_scale], "size_divisor": int(size_divisor),
-                          "mean": [float(m) for m in mean], "std": [float(v) for v in std]},
+                          **preprocess.to_sidecar()},
         "image_size": hw,
-        "seg_scale": [int(v) for v in seg_scale],
-        "size_divisor": int(size_divisor),
-        "mean": [float(m) for m in mean],
-        "std": [float(v) for v in std],
+        **preprocess.to_sidecar(),  # the flat keys predict reads (SegPreprocess.from_sidecar)
         "crop_pct": None,
         "interpolation": "bilinear",
         "file_format": file_format,
@@ -316,21 +307,19 @@ def export_model(
     batch_size: int = 1,
     image_size: int = 224,
     num_classes: int | None = None,
-    preprocess: Preprocess | None = None,
+    preprocess: Preprocess | SegPreprocess | None = None,
     labels: list[str] | None = None,
     overwrite: bool = False,
     seed: int = 0,
-    seg_scale: Sequence[int] = (2048, 512),
-    size_divisor: int = 32,
 ) -> ExportResult:
     """Export ``model`` + ``ckpt_path`` and verify the artifact (MINDIR reloaded, ONNX in onnxruntime).
 
     MINDIR gets a dynamic batch dimension; ONNX has a fixed ``batch_size`` (MindSpore 2.10 refuses
     dynamic shapes for ONNX). Raises ScriptError if the artifact's outputs differ from the network
     by more than the tolerance, leaving the file for inspection. ``preprocess`` is the eval
-    preprocessing the sidecar records (default: the model record's at ``image_size``); its ``size``
-    is the graph's input side. Segmentation models go to ``export_segmentation`` with the record's
-    mean/std (``seg_scale``/``size_divisor`` are only recorded for them).
+    preprocessing the sidecar records (default: the model record's at ``image_size``): a classifier's
+    ``Preprocess``, whose ``size`` is the graph's input side, or a segmentation model's
+    ``SegPreprocess``, for ``export_segmentation`` (checked at ``image_size``).
     """
     import mindspore as ms
 
@@ -338,10 +327,14 @@ def export_model(
     if file_format not in SUFFIXES:
         raise ConfigError(f"file_format: {file_format!r} is not one of {', '.join(SUFFIXES)}")
     _check_backend(file_format)
+    segmentation = model_info(model).task == "segmentation"
+    kind = SegPreprocess if segmentation else Preprocess
+    if preprocess is not None and not isinstance(preprocess, kind):
+        raise TypeError(f"preprocess: {model} takes a {kind.__name__}, not a {type(preprocess).__name__}")
+    if segmentation:
+        return export_segmentation(model, ckpt_path, file_format, file_name, batch_size, image_size, num_classes,
+                                   preprocess, labels, overwrite, seed)
     preprocess = preprocess or Preprocess.for_model(model, image_size)
-    if model_info(model).task == "segmentation":
-        return export_segmentation(model, ckpt_path, file_format, file_name, batch_size, preprocess.size, num_classes,
-                                   preprocess.mean, preprocess.std, labels, overwrite, seed, seg_scale, size_divisor)
     image_size = preprocess.size
     if image_size % 32:
         raise ConfigError(f"image_resize: {image_size} must be a multiple of 32 (the network downsamples by 32)")
@@ -415,10 +408,11 @@ def main(argv: list[str] | None = None) -> int:
             labels = read_labels(cfg.labels)
         elif cfg.data_dir:
             _, labels, _ = scan_image_folder(cfg.data_dir, cfg.val_split)
+        segmentation = model_info(cfg.model).task == "segmentation"
+        preprocess = SegPreprocess.from_config(cfg) if segmentation else Preprocess.from_config(cfg)
         result = export_model(cfg.model, cfg.ckpt_path, cfg.file_format, cfg.file_name, cfg.batch_size,
-                              num_classes=cfg.num_classes, preprocess=Preprocess.from_config(cfg), labels=labels,
-                              overwrite=cfg.overwrite, seed=cfg.seed, seg_scale=cfg.seg_scale,
-                              size_divisor=cfg.seg_size_divisor)
+                              image_size=cfg.image_resize, num_classes=cfg.num_classes, preprocess=preprocess,
+                              labels=labels, overwrite=cfg.overwrite, seed=cfg.seed)
         print(f"wrote {result.path} ({result.file_format}); {result.note}")
         print(f"wrote {result.sidecar}")
         return 0

@@ -6,7 +6,8 @@
 A segmentation model (``--model fpn_*`` with a checkpoint, or a MINDIR whose sidecar says
 ``task: segmentation``) writes ``<stem>_classes.png`` (class ids, uint8) and ``<stem>_overlay.png``
 (palette 50% over the image) per image into ``--output_dir`` and prints the top-k classes by area;
-the pipeline is mmseg's test one (``evaluation.segmentation.predict_map``), at the original size.
+the pipeline is mmseg's test one (``data.ade20k.SegPreprocess``, ``evaluation.segmentation.predict_map``), at the
+original size, with the sidecar's resize and normalisation (MINDIR) or the config's (checkpoint).
 
 The eval transform is the reference one (``transforms.Preprocess``, ``eval_transform_pil``); its
 settings come from the artifact's JSON sidecar (MINDIR/ONNX) or from the model's record and the
@@ -28,12 +29,12 @@ from .._atomic import atomic_path, atomic_write_json
 from .._runtime import configure_device
 from .._script import run_script
 from ..config import SCHEMA, model_defaults, parse_cli
-from ..data.ade20k import ade20k_classes, ade20k_palette, overlay_classes
+from ..data.ade20k import SegPreprocess, ade20k_classes, ade20k_palette, overlay_classes
 from ..errors import ConfigError, ScriptError
-from ..evaluation.segmentation import logits_to_map, preprocess_image
+from ..evaluation.segmentation import logits_to_map
 from ..models.registry import model_info
 from ..transforms import Preprocess
-from .artifacts import load_mindir, load_network, load_segmentation_network, read_labels, read_sidecar
+from .artifacts import load_mindir, load_network, load_segmentation_network, read_labels, read_sidecar, sidecar_path
 
 __all__ = ["Predictor", "SegPredictor", "load_predictor", "load_seg_predictor", "main", "predict_segmentation",
            "softmax"]
@@ -124,18 +125,14 @@ def load_predictor(cfg) -> Predictor:
 class SegPredictor:
     """``1CHW float32 -> stride-4 logits`` plus the test pipeline, class names and palette of a segmentation model."""
     run: Callable[[np.ndarray], object]
-    scale: Sequence[int]
-    divisor: int
-    mean: Sequence[float]
-    std: Sequence[float]
+    preprocess: SegPreprocess  # an HWC uint8 image -> its 1CHW float32 input
     labels: list[str]
     palette: np.ndarray
     source: str
 
     def classes(self, image: np.ndarray) -> np.ndarray:
         """Class ids ``(H, W)`` of an HWC uint8 RGB image, at its size (the ops of ``predict_map``)."""
-        x = preprocess_image(image, self.scale, self.divisor, self.mean, self.std)
-        return logits_to_map(self.run(x), image.shape[:2])
+        return logits_to_map(self.run(self.preprocess(image)), image.shape[:2])
 
 
 def _seg_palette(classes: int, given: list | None) -> np.ndarray:
@@ -147,11 +144,11 @@ def _seg_palette(classes: int, given: list | None) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (classes, 3), dtype=np.uint8)
 
 
-def _is_segmentation(cfg) -> bool:
+def _is_segmentation(model: str, mindir: str | None, onnx: str | None) -> bool:
     """Segmentation if the MINDIR's sidecar says so, or (checkpoint) if the model's registry entry does."""
-    if cfg.mindir and os.path.isfile(cfg.mindir):
-        return read_sidecar(cfg.mindir).get("task") == "segmentation"
-    return not cfg.onnx and model_info(cfg.model).task == "segmentation"
+    if mindir and os.path.isfile(mindir):
+        return read_sidecar(mindir).get("task") == "segmentation"
+    return not onnx and model_info(model).task == "segmentation"
 
 
 def load_seg_predictor(cfg) -> SegPredictor:
@@ -161,16 +158,16 @@ def load_seg_predictor(cfg) -> SegPredictor:
     kind, path = _one_source(cfg, ("ckpt_path", "mindir"), "segmentation: give exactly one of --ckpt_path CKPT "
                              "(with --model fpn_*) or --mindir FILE", "; ONNX export is MINDIR-only here")
     meta = read_sidecar(path) if kind == "mindir" else {}
+    preprocess = (SegPreprocess.from_config(cfg) if kind == "ckpt_path"
+                  else SegPreprocess.from_sidecar(meta, sidecar_path(path)))
     print(configure_device(cfg, mode=cfg.mode if kind == "ckpt_path" else ms.GRAPH_MODE), flush=True)
     if kind == "ckpt_path":
         net, classes = load_segmentation_network(cfg.model, path, cfg.num_classes)
         run = lambda x: net(ms.Tensor(x))  # noqa: E731
-        scale, divisor, mean, std = cfg.seg_scale, cfg.seg_size_divisor, cfg.mean, cfg.std
     else:
         graph = load_mindir(path, [None, 3, None, None])
         run = lambda x: graph(ms.Tensor(x))  # noqa: E731
         classes = int(meta["num_classes"])
-        scale, divisor, mean, std = meta["seg_scale"], int(meta["size_divisor"]), meta["mean"], meta["std"]
     if classes > 255:
         raise ConfigError(f"segmentation: {classes} classes do not fit the uint8 class PNG (255 means none)")
     if cfg.labels:
@@ -179,7 +176,7 @@ def load_seg_predictor(cfg) -> SegPredictor:
         labels = list(meta["labels"])
     else:
         labels = ade20k_classes() if classes == 150 else [f"class_{i}" for i in range(classes)]
-    return SegPredictor(run, scale, divisor, mean, std, labels, _seg_palette(classes, meta.get("palette")), path)
+    return SegPredictor(run, preprocess, labels, _seg_palette(classes, meta.get("palette")), path)
 
 
 def predict_segmentation(predictor: SegPredictor, files: Sequence[str], output_dir: str,
@@ -270,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                         defaults={"batch_size": 8, **model_defaults(first.model)})
         if not files:
             raise ConfigError("no images given (usage: python -m mindcv_poolformer.predict IMG... --ckpt_path CKPT)")
-        if _is_segmentation(cfg):
+        if _is_segmentation(cfg.model, cfg.mindir, cfg.onnx):
             return _main_segmentation(cfg, files)
         predictor = load_predictor(cfg)
         results, errors = predict_files(predictor, files, cfg.topk)

@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..data.ade20k import (
+    ADE20K_TEST,
     CorruptFileError,
+    SegPreprocess,
     ade20k_classes,
-    inference_resize,
     list_ade20k,
     load_sample,
-    normalise,
     warn_skipped,
 )
 from ..data.listing import shard_indices
@@ -30,22 +30,18 @@ from ..deploy.artifacts import load_segmentation_network
 from ..errors import ConfigError
 from .miou import IoUHistogram
 
-__all__ = ["predict_map", "preprocess_image", "logits_to_map", "evaluate_segmentation",
-           "validate_segmentation", "format_segmentation_table"]
+__all__ = ["predict_map", "logits_to_map", "evaluate_segmentation", "validate_segmentation",
+           "format_segmentation_table"]
 
 
-def predict_map(net, image: np.ndarray, scale: Sequence[int] = (2048, 512), divisor: int = 32,
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
-    """Class ids ``(H, W)`` int64 of an HWC uint8 RGB image at its own size (mmseg's whole-image test)."""
+def predict_map(net, image: np.ndarray, preprocess: SegPreprocess = ADE20K_TEST) -> np.ndarray:
+    """Class ids ``(H, W)`` int64 of an HWC uint8 RGB image at its own size (mmseg's whole-image test).
+
+    ``preprocess`` is the test pipeline's input (the one every predict backend applies too).
+    """
     import mindspore as ms
 
-    return logits_to_map(net(ms.Tensor(preprocess_image(image, scale, divisor, mean, std))), image.shape[:2])
-
-
-def preprocess_image(image: np.ndarray, scale: Sequence[int] = (2048, 512), divisor: int = 32,
-                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
-    """The test pipeline's network input ``1CHW`` float32; shared by validation and every predict backend."""
-    return normalise(inference_resize(image, scale, divisor), *(() if mean is None else (mean, std)))
+    return logits_to_map(net(ms.Tensor(preprocess(image))), image.shape[:2])
 
 
 def logits_to_map(logits, size: Sequence[int]) -> np.ndarray:
@@ -64,8 +60,7 @@ def logits_to_map(logits, size: Sequence[int]) -> np.ndarray:
 
 
 def evaluate_segmentation(net, images: Sequence[str], labels: Sequence[str], num_classes: int, *,
-                          reduce_zero_label: bool = True, scale: Sequence[int] = (2048, 512), divisor: int = 32,
-                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                          preprocess: SegPreprocess = ADE20K_TEST, reduce_zero_label: bool = True,
                           strict: bool = True, distributed: bool = False) -> tuple[IoUHistogram, list[str]]:
     """Accumulate the histograms of the given pairs (this rank's); returns them (reduced if ``distributed``) and
     the files skipped here."""
@@ -82,7 +77,7 @@ def evaluate_segmentation(net, images: Sequence[str], labels: Sequence[str], num
             skipped.append(image_path)
             hist.skipped += 1
             continue
-        hist.update(predict_map(net, sample.image, scale, divisor, mean, std), sample.label)
+        hist.update(predict_map(net, sample.image, preprocess), sample.label)
     if distributed:
         hist.all_reduce()
     return hist, skipped
@@ -97,6 +92,7 @@ def validate_segmentation(cfg, amp_level: str, rank: int = 0, group_size: int = 
     if cfg.ckpt_path.lower().endswith(".mindir"):
         raise ConfigError("ckpt_path: validating an exported segmentation MINDIR is not supported; pass the "
                           ".safetensors/.ckpt/.pth checkpoint")
+    preprocess = SegPreprocess.from_config(cfg)
     pairs = list_ade20k(cfg.data_dir, cfg.val_split)
     net, num_classes = load_segmentation_network(cfg.model, cfg.ckpt_path, cfg.num_classes)
     if apply_amp is not None:
@@ -106,9 +102,8 @@ def validate_segmentation(cfg, amp_level: str, rank: int = 0, group_size: int = 
         rows = shard_indices(rows, rank, group_size, even=False)
     start = time.perf_counter()
     hist, skipped = evaluate_segmentation(
-        net, [pairs.images[i] for i in rows], [pairs.labels[i] for i in rows], num_classes,
-        reduce_zero_label=cfg.reduce_zero_label, scale=cfg.seg_scale, divisor=cfg.seg_size_divisor,
-        mean=cfg.mean, std=cfg.std, strict=cfg.strict_data, distributed=group_size > 1)
+        net, [pairs.images[i] for i in rows], [pairs.labels[i] for i in rows], num_classes, preprocess=preprocess,
+        reduce_zero_label=cfg.reduce_zero_label, strict=cfg.strict_data, distributed=group_size > 1)
     seconds = time.perf_counter() - start
     metrics = hist.compute()
     if rank == 0:
@@ -120,8 +115,8 @@ def validate_segmentation(cfg, amp_level: str, rank: int = 0, group_size: int = 
             "per_class_iou": {n: (None if np.isnan(v) else 100 * float(v)) for n, v in zip(names, metrics.iou)},
             "per_class_acc": {n: (None if np.isnan(v) else 100 * float(v)) for n, v in zip(names, metrics.acc)},
             "num_samples": metrics.num_images, "skipped": metrics.skipped,
-            "model": cfg.model, "ckpt": cfg.ckpt_path, "amp_level": amp_level, "seg_scale": list(cfg.seg_scale),
-            "seg_size_divisor": cfg.seg_size_divisor, "reduce_zero_label": cfg.reduce_zero_label,
+            "model": cfg.model, "ckpt": cfg.ckpt_path, "amp_level": amp_level, "seg_scale": list(preprocess.scale),
+            "seg_size_divisor": preprocess.size_divisor, "reduce_zero_label": cfg.reduce_zero_label,
             "data": os.path.abspath(pairs.root), "ranks": group_size, "seconds": seconds}
 
 

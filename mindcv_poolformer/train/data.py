@@ -42,6 +42,7 @@ __all__ = [
     "prepare_data_dir",
     "SoftTargetMixer",
     "build_train_dataset",
+    "SegTrainDataSettings",
     "TrainData",
     "TrainDataSettings",
 ]
@@ -115,28 +116,29 @@ class DataListing:
             self.verified = bytearray(len(self.train.files))
 
 
-def prepare_data_dir(cfg: Mapping[str, Any]) -> DataListing:
-    """Check (or, for ``dataset: digits``, create) ``data_dir`` before a run writes anything; list it once.
+def prepare_data_dir(data_dir: str | os.PathLike | None, train_split: str = "train", val_split: str = "val", *,
+                     dataset: str = "imagenet", num_classes: int | None = None, with_val: bool = True) -> DataListing:
+    """Check (or, for ``dataset="digits"``, create) ``data_dir`` before a run writes anything; list it once.
 
     The training split must have class folders that all hold images, at least as many classes
-    as ``num_classes``; the validation split (when ``val_while_train``) likewise, with no class
-    the training split lacks. Raises ConfigError naming the path and what is expected. The
-    listing returned is the one every epoch and the validation set use.
+    as ``num_classes``; the validation split (when ``with_val``: the config's ``val_while_train``)
+    likewise, with no class the training split lacks. Raises ConfigError naming the path (and the
+    config key) and what is expected. The listing returned is the one every epoch and the
+    validation set use.
     """
-    if not cfg["data_dir"]:
+    if not data_dir:
         raise DataError("data_dir: no dataset directory given (pass --data_dir DIR, the folder holding "
-                        f"{cfg['train_split']}/ and {cfg['val_split']}/)")
-    root = Path(cfg["data_dir"])
-    if cfg["dataset"] == "digits":
+                        f"{train_split}/ and {val_split}/)")
+    root = Path(data_dir)
+    if dataset == "digits":
         materialize_digits(root)
-    train = list_image_folder(str(root), cfg["train_split"], split_key="train_split")
-    num_classes = cfg.get("num_classes")
+    train = list_image_folder(str(root), train_split, split_key="train_split")
     if num_classes and num_classes < len(train.classes):
         raise DataError(f"num_classes: {num_classes} is fewer than the {len(train.classes)} class folders of "
                         f"{train.path}; pass --num_classes {len(train.classes)} (or more), or leave it unset")
     val = None
-    if cfg.get("val_while_train", True):
-        val = list_image_folder(str(root), cfg["val_split"], class_names=train.classes, split_key="val_split")
+    if with_val:
+        val = list_image_folder(str(root), val_split, class_names=train.classes, split_key="val_split")
     return DataListing(root, train, val)
 
 
@@ -267,6 +269,30 @@ class TrainDataSettings:
         return settings_from(cls, cfg)
 
 
+@dataclass(frozen=True)
+class SegTrainDataSettings:
+    """The config keys the segmentation training pipeline reads (``data/seg_train.py``; meaning: ``config.SCHEMA``)."""
+    batch_size: int
+    seg_crop_size: Sequence[int]
+    seg_scale: Sequence[int]
+    seg_ratio_range: Sequence[float]
+    cat_max_ratio: float
+    hflip: float
+    seg_photometric: bool
+    mean: Sequence[float]
+    std: Sequence[float]
+    reduce_zero_label: bool
+    seed: int
+    num_parallel_workers: int
+    shuffle: bool
+    strict_data: bool
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> SegTrainDataSettings:
+        """The segmentation pipeline's keys of a parsed config (all required)."""
+        return settings_from(cls, cfg)
+
+
 def _train_transforms(s: TrainDataSettings, fused_decode: bool = False) -> list:
     # crop_pct is an eval setting: the training crop is RandomResizedCrop's
     return create_transforms(True, s.image_resize, interpolation=s.interpolation, mean=s.mean, std=s.std,
@@ -344,20 +370,21 @@ def build_train_dataset(s: TrainDataSettings, epoch: int, rank: int = 0, world: 
     return TrainData(dataset, len(mine) // batch)
 
 
-def build_val_dataset(cfg: Mapping[str, Any], images: ImageList, rank: int = 0, world: int = 1) -> Any:
-    """The validation batches of ``rank`` from the run's listing (``evaluate.create_eval_dataset``'s pipeline).
+def build_val_dataset(images: ImageList, preprocess: Preprocess, batch_size: int, rank: int = 0, world: int = 1, *,
+                      num_parallel_workers: int = 1, strict: bool = False) -> Any:
+    """The validation batches of ``rank`` from the run's listing, in ``preprocess`` (the eval pipeline of
+    ``evaluation.classification.create_eval_dataset``).
 
     Returns None for an empty shard (more ranks than images). Unreadable images come out with label
-    -1, or raise with ``strict_data``.
+    -1, or raise with ``strict`` (the config's ``strict_data``).
     """
     rows = np.arange(len(images.files))
     if world > 1:
         rows = shard_indices(rows, rank, world, even=False)
         if not len(rows):
             return None
-    reader = ImageReader([images.files[i] for i in rows], images.labels[rows], strict=bool(cfg.get("strict_data")),
-                         substitute=False)
-    workers = _workers(cfg["num_parallel_workers"])
-    ops = Preprocess.from_config(cfg).transforms(decode=False)
-    dataset = reader.dataset(workers).map(ops, input_columns="image", num_parallel_workers=workers)
-    return dataset.batch(int(cfg["batch_size"]), drop_remainder=False)
+    reader = ImageReader([images.files[i] for i in rows], images.labels[rows], strict=bool(strict), substitute=False)
+    workers = _workers(num_parallel_workers)
+    dataset = reader.dataset(workers).map(preprocess.transforms(decode=False), input_columns="image",
+                                          num_parallel_workers=workers)
+    return dataset.batch(int(batch_size), drop_remainder=False)

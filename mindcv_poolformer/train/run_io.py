@@ -68,15 +68,15 @@ def _check_writable(directory: Path) -> None:
                           "pass a directory you can write to") from None
 
 
-def check_run_dir(cfg: Mapping[str, Any]) -> None:
+def check_run_dir(ckpt_save_dir: str | os.PathLike, resume: str | None = None, overwrite: bool = False) -> None:
     """Refuse to write into a ckpt_save_dir that holds another run, unless resuming or overwriting.
 
     With ``overwrite`` the previous run's checkpoints and run files are removed (by the caller on
     rank 0, via ``clear_run_dir``), so metrics.csv never mixes two runs.
     """
-    directory = Path(cfg["ckpt_save_dir"])
+    directory = Path(ckpt_save_dir)
     existing = _checkpoints_in(directory) + [directory / f for f in RUN_FILES[:3] if (directory / f).exists()]
-    if existing and not cfg["resume"] and not cfg["overwrite"]:
+    if existing and not resume and not overwrite:
         raise ConfigError(f"ckpt_save_dir: {directory} already holds a run ({existing[0].name}, ...); "
                           "pass --resume auto to continue it, --overwrite True to replace it, or another "
                           "--ckpt_save_dir")

@@ -20,13 +20,29 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError
-from ..data.ade20k import IGNORE_INDEX, SegmentationList, ade20k_palette, list_ade20k, load_sample, warn_skipped
+from ..data.ade20k import (
+    IGNORE_INDEX,
+    SegmentationList,
+    SegPreprocess,
+    ade20k_palette,
+    list_ade20k,
+    load_sample,
+    warn_skipped,
+)
 from ..data.listing import shard_indices
 from ..data.seg_train import build_segmentation_train_dataset
 from ..data.texture_mosaics import ensure_texture_mosaics
 from ..evaluation.classification import evaluate
 from ..evaluation.segmentation import evaluate_segmentation, predict_map
-from .data import DataError, TrainDataSettings, build_train_dataset, build_val_dataset, prepare_data_dir
+from ..transforms import Preprocess
+from .data import (
+    DataError,
+    SegTrainDataSettings,
+    TrainDataSettings,
+    build_train_dataset,
+    build_val_dataset,
+    prepare_data_dir,
+)
 from .loss import SegmentationCrossEntropy, create_loss
 
 __all__ = ["ClassificationTask", "SegmentationTask", "make_task", "check_segmentation_labels"]
@@ -50,7 +66,9 @@ class ClassificationTask:
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.cfg = cfg
-        self.listing = prepare_data_dir(cfg)  # listed once: every epoch and validation use it
+        # listed once: every epoch and validation use it
+        self.listing = prepare_data_dir(cfg["data_dir"], cfg["train_split"], cfg["val_split"], dataset=cfg["dataset"],
+                                        num_classes=cfg["num_classes"], with_val=cfg["val_while_train"])
         self.eval_data = None
 
     def num_classes(self) -> int:
@@ -65,7 +83,10 @@ class ClassificationTask:
 
     def prepare_validation(self, rank: int, world: int) -> None:
         if self.cfg["val_while_train"]:
-            self.eval_data = build_val_dataset(self.cfg, self.listing.val, rank, world)  # labels: training classes
+            cfg = self.cfg
+            self.eval_data = build_val_dataset(self.listing.val, Preprocess.from_config(cfg), cfg["batch_size"], rank,
+                                               world, num_parallel_workers=cfg["num_parallel_workers"],
+                                               strict=cfg["strict_data"])  # labels: training classes
 
     def train_dataset(self, epoch: int, rank: int, world: int, num_classes: int):
         return build_train_dataset(TrainDataSettings.from_config(self.cfg), epoch, rank, world, num_classes,
@@ -140,6 +161,8 @@ class SegmentationTask:
         labels = self.train_pairs.labels + (self.val_pairs.labels if self.val_pairs else [])
         check_segmentation_labels(labels, int(cfg["num_classes"]), bool(cfg["reduce_zero_label"]),
                                   int(cfg["num_parallel_workers"]))
+        self.preprocess = SegPreprocess.from_config(cfg)  # validation and the prediction grid
+        self.train_settings = SegTrainDataSettings.from_config(cfg)
         self.rank, self.world = 0, 1
 
     def num_classes(self) -> int:
@@ -156,8 +179,8 @@ class SegmentationTask:
         self.rank, self.world = rank, world
 
     def train_dataset(self, epoch: int, rank: int, world: int, num_classes: int):
-        return _segmentation_train_dataset(self.cfg, self.train_pairs, self.num_train(), epoch, rank, world,
-                                           num_classes)
+        return _segmentation_train_dataset(self.train_settings, self.train_pairs, self.num_train(), epoch, rank,
+                                           world, num_classes)
 
     def _val_rows(self) -> np.ndarray:
         rows = np.arange(len(self.val_pairs.images))
@@ -169,9 +192,8 @@ class SegmentationTask:
         cfg, rows = self.cfg, self._val_rows()
         hist, skipped = evaluate_segmentation(
             net, [self.val_pairs.images[i] for i in rows], [self.val_pairs.labels[i] for i in rows],
-            self.num_classes(), reduce_zero_label=cfg["reduce_zero_label"], scale=cfg["seg_scale"],
-            divisor=cfg["seg_size_divisor"], mean=cfg["mean"], std=cfg["std"], strict=cfg["strict_data"],
-            distributed=distributed)
+            self.num_classes(), preprocess=self.preprocess, reduce_zero_label=cfg["reduce_zero_label"],
+            strict=cfg["strict_data"], distributed=distributed)
         metrics = hist.compute()
         if metrics.skipped and self.rank == 0:
             warn_skipped(skipped or ["(on another rank)"], f"unreadable validation pair(s) of {metrics.skipped}")
@@ -182,10 +204,12 @@ class SegmentationTask:
         """``predictions.png``: image / ground truth / prediction of the first ``count`` validation images."""
         if self.val_pairs is None or self.rank != 0:
             return
-        write_prediction_grid(net, self.val_pairs, self.cfg, run_dir / "predictions.png", count)
+        write_prediction_grid(net, self.val_pairs, self.num_classes(), bool(self.cfg["reduce_zero_label"]),
+                              self.preprocess, run_dir / "predictions.png", count)
 
 
-def write_prediction_grid(net, pairs, cfg: Mapping[str, Any], path: Path, count: int = 6) -> None:
+def write_prediction_grid(net, pairs: SegmentationList, num_classes: int, reduce_zero_label: bool,
+                          preprocess: SegPreprocess, path: Path, count: int = 6) -> None:
     """A grid a person can look at: one row per validation image, columns image | ground truth | prediction."""
     try:
         import matplotlib
@@ -196,7 +220,6 @@ def write_prediction_grid(net, pairs, cfg: Mapping[str, Any], path: Path, count:
         _LOG.info("matplotlib is not installed: %s not written", path)
         return
 
-    num_classes = int(cfg["num_classes"])
     palette = ade20k_palette()
     if num_classes > len(palette):
         palette = np.random.default_rng(0).integers(0, 256, (num_classes, 3), dtype=np.uint8)
@@ -209,8 +232,8 @@ def write_prediction_grid(net, pairs, cfg: Mapping[str, Any], path: Path, count:
     rows = min(count, len(pairs.images))
     fig, axes = plt.subplots(rows, 3, figsize=(6, 2 * rows), squeeze=False)
     for r in range(rows):
-        sample = load_sample(pairs.images[r], pairs.labels[r], num_classes, cfg["reduce_zero_label"])
-        pred = predict_map(net, sample.image, cfg["seg_scale"], cfg["seg_size_divisor"], cfg["mean"], cfg["std"])
+        sample = load_sample(pairs.images[r], pairs.labels[r], num_classes, reduce_zero_label)
+        pred = predict_map(net, sample.image, preprocess)
         for c, (img, title) in enumerate(((sample.image, "image"), (colour(sample.label), "ground truth"),
                                           (colour(pred.astype(np.int64)), "prediction"))):
             axes[r][c].imshow(img, interpolation="nearest")
@@ -224,19 +247,18 @@ def write_prediction_grid(net, pairs, cfg: Mapping[str, Any], path: Path, count:
     os.replace(tmp, path)
 
 
-def _segmentation_train_dataset(cfg: Mapping[str, Any], pairs, n_train: int, epoch: int, rank: int, world: int,
-                                num_classes: int):
+def _segmentation_train_dataset(s: SegTrainDataSettings, pairs: SegmentationList, n_train: int, epoch: int, rank: int,
+                                world: int, num_classes: int):
     """The rank's training batches of one data epoch: (image float32 NCHW, label int32 NHW, 255 ignored)."""
     if n_train < len(pairs.images):  # num_samples: the first n pairs of the sorted listing
         pairs = SegmentationList(pairs.root, pairs.images[:n_train], pairs.labels[:n_train])
     return build_segmentation_train_dataset(
-        pairs, batch_size=int(cfg["batch_size"]), crop_size=tuple(int(v) for v in cfg["seg_crop_size"]),
-        scale=tuple(int(v) for v in cfg["seg_scale"]), ratio_range=tuple(cfg["seg_ratio_range"]),
-        cat_max_ratio=float(cfg["cat_max_ratio"]), flip_prob=float(cfg["hflip"]),
-        photometric=bool(cfg["seg_photometric"]), mean=cfg["mean"], std=cfg["std"],
-        reduce_zero_label=bool(cfg["reduce_zero_label"]), ignore_index=255, num_classes=num_classes,
-        seed=int(cfg["seed"]), rank=rank, world=world, epoch=epoch, num_workers=int(cfg["num_parallel_workers"]),
-        shuffle=bool(cfg["shuffle"]), strict=bool(cfg["strict_data"]))
+        pairs, batch_size=int(s.batch_size), crop_size=tuple(int(v) for v in s.seg_crop_size),
+        scale=tuple(int(v) for v in s.seg_scale), ratio_range=tuple(s.seg_ratio_range),
+        cat_max_ratio=float(s.cat_max_ratio), flip_prob=float(s.hflip), photometric=bool(s.seg_photometric),
+        mean=s.mean, std=s.std, reduce_zero_label=bool(s.reduce_zero_label), ignore_index=255,
+        num_classes=num_classes, seed=int(s.seed), rank=rank, world=world, epoch=epoch,
+        num_workers=int(s.num_parallel_workers), shuffle=bool(s.shuffle), strict=bool(s.strict_data))
 
 
 def make_task(cfg: Mapping[str, Any]) -> ClassificationTask | SegmentationTask:

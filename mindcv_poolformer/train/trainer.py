@@ -80,17 +80,17 @@ class LossScalePlan:
     dynamic: bool
 
 
-def plan_loss_scale(cfg: Mapping[str, Any]) -> LossScalePlan:
-    """Resolve ``loss_scale_type`` (auto: dynamic under mixed precision, fixed in fp32).
+def plan_loss_scale(loss_scale_type: str, amp_level: str, loss_scale: float) -> LossScalePlan:
+    """Resolve ``loss_scale_type`` (auto: dynamic under mixed precision, any ``amp_level`` but O0; fixed in fp32).
 
     Steps with non-finite gradients are skipped in every mode (see ``step.py``); a dynamic scale
     also halves on them and doubles after 1000 clean steps. It starts at ``loss_scale`` unless that
     is left at 1, where it starts at 2**16.
     """
-    kind = cfg["loss_scale_type"]
+    kind = loss_scale_type
     if kind == "auto":
-        kind = "dynamic" if cfg["amp_level"] != "O0" else "fixed"
-    value = float(cfg["loss_scale"])
+        kind = "dynamic" if amp_level != "O0" else "fixed"
+    value = float(loss_scale)
     if kind == "dynamic" and value == 1.0:
         value = 2.0 ** 16
     return LossScalePlan(value, kind == "dynamic")
@@ -105,7 +105,7 @@ def validate_train_config(cfg: Mapping[str, Any]) -> LossScalePlan:
     if cfg.get("val_amp_level") and cfg["val_amp_level"] != cfg["amp_level"] and cfg["val_while_train"]:
         _LOG.info("val_amp_level %s is validate.py's amp level (as in MindCV); validation during training runs at "
                   "amp_level %s, as MindCV's train.py does", cfg["val_amp_level"], cfg["amp_level"])
-    return plan_loss_scale(cfg)
+    return plan_loss_scale(cfg["loss_scale_type"], cfg["amp_level"], cfg["loss_scale"])
 
 
 def has_training_state(path: str | os.PathLike) -> bool:
@@ -279,7 +279,7 @@ class Trainer:
         self.plan = validate_train_config(cfg)
         _setup_context(cfg)
         self.task = make_task(cfg)  # lists (and checks) the data once: every epoch and validation use it
-        check_run_dir(cfg)
+        check_run_dir(cfg["ckpt_save_dir"], cfg["resume"], cfg["overwrite"])
         self.dist = dist or init_distributed(cfg["distribute"], cfg["device_target"])
         rank, world = self.dist.rank, self.dist.world
         self.run_dir = Path(cfg["ckpt_save_dir"])
