@@ -109,17 +109,19 @@ def test_seg_record_from_model_config_and_sidecar_agree():
                                                                                              (4, 5, 6))
     small = SegPreprocess((256, 64), 32, *ADE20K)
     assert SegPreprocess.from_sidecar(SEG_SIDECAR) == small == SegPreprocess.for_model("fpn_poolformer_s12", (256, 64))
-    written = json.loads(json.dumps({**SEG_SIDECAR, **small.to_sidecar()}))
+    written = json.loads(json.dumps(small.to_sidecar()))
+    assert written == {k: SEG_SIDECAR[k] for k in SegPreprocess.SIDECAR_KEYS}  # the keys and values old sidecars hold
     assert SegPreprocess.from_sidecar(written) == small
-    keys = SegPreprocess.SIDECAR_KEYS
-    assert {k: written[k] for k in keys} == {k: SEG_SIDECAR[k] for k in keys}  # the keys and values old sidecars hold
+    # the normalisation is the record's: a classifier's record gives ImageNet's
+    assert SegPreprocess.for_model("poolformer_s12") == SegPreprocess((2048, 512), 32, *IMAGENET)
 
 
 def test_seg_record_is_the_test_pipeline_and_rejects_bad_values():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # fits (256, 64) and is a multiple of 32: no resize
-    want = ((image - np.asarray(ADE20K[0])) / np.asarray(ADE20K[1])).transpose(2, 0, 1)[None]
-    got = SegPreprocess((256, 64), 32, *ADE20K)(image)
+    mean, std = (10.0, 20.0, 30.0), (2.0, 3.0, 4.0)
+    want = ((image - np.asarray(mean)) / np.asarray(std)).transpose(2, 0, 1)[None]
+    got = SegPreprocess((256, 64), 32, mean, std)(image)
     assert got.dtype == np.float32 and got.shape == (1, 3, 64, 96)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
     # 100x150 at (256, 64): factor min(256/150, 64/100) = 0.64 -> 96x64, already multiples of 32; divisor 40 -> 120x80

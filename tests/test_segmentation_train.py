@@ -109,6 +109,41 @@ def _weights(run: Path) -> dict:
     return {k: np.asarray(v) for k, v in read_state_dict(str(final)).items() if not k.startswith("train_state.")}
 
 
+def test_task_reads_the_configs_test_and_train_preprocessing(ade, tmp_path, monkeypatch):
+    """Validation, the prediction grid and the training batches use the config's seg_scale/divisor/mean/std."""
+    import mindcv_poolformer.train.tasks as tasks
+    from mindcv_poolformer.data.ade20k import SegPreprocess
+
+    mean, std = [100.0, 110.0, 120.0], [50.0, 51.0, 52.0]
+    cfg = load_config(overrides=seg_overrides(ade, tmp_path / "run", seg_scale=[96, 64], seg_size_divisor=16,
+                                              mean=mean, std=std, reduce_zero_label=False, num_classes=4))
+    want = SegPreprocess((96, 64), 16, (100.0, 110.0, 120.0), (50.0, 51.0, 52.0))
+    seen: dict = {}
+
+    def fake_eval(net, images, labels, num_classes, **kw):
+        seen["eval"] = kw
+        raise ConfigError("stop")
+
+    def fake_predict(net, image, preprocess):
+        seen["grid"] = preprocess
+        return np.zeros(image.shape[:2], np.int64)
+
+    monkeypatch.setattr(tasks, "evaluate_segmentation", fake_eval)
+    monkeypatch.setattr(tasks, "predict_map", fake_predict)
+    monkeypatch.setattr(tasks, "build_segmentation_train_dataset", lambda pairs, **kw: seen.setdefault("train", kw))
+    task = tasks.make_task(cfg)
+    with pytest.raises(ConfigError, match="stop"):
+        task.evaluate(None, distributed=False)
+    assert seen["eval"]["preprocess"] == want and seen["eval"]["reduce_zero_label"] is False
+    task.finish(type("Net", (), {"set_train": lambda self, mode: None})(), tmp_path, count=1)
+    assert seen["grid"] == want
+    task.train_dataset(0, 0, 1, 4)
+    train = seen["train"]
+    assert (train["scale"], train["crop_size"], list(train["mean"]), list(train["std"])) == ((96, 64), (32, 32), mean,
+                                                                                             std)
+    assert train["reduce_zero_label"] is False and train["batch_size"] == 4 and train["num_classes"] == 4
+
+
 @pytest.mark.slow  # three short FPN-S12 runs, each compiling the step (about 1-3 min each on 2 busy cores)
 def test_short_run_learns_and_resumes_exactly(ade, tmp_path):
     """12 iterations: mIoU above what any constant prediction reaches, rows per validation, the PNG grid; then a
