@@ -29,12 +29,25 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.ops.operations.math_ops import NPUClearFloatStatusV2
 
-__all__ = ["WithLoss", "TrainStep", "ApplyAccumulated", "LossScaleState", "status_register_target"]
+__all__ = ["WithLoss", "TrainStep", "ApplyAccumulated", "LossScaleState", "OrderedGradReducer", "grad_reducer",
+           "status_register_target"]
 
 _grad_scale = ops.MultitypeFuncGraph("grad_scale")
 _ema_update = ops.MultitypeFuncGraph("ema_update")
 _accumulate = ops.MultitypeFuncGraph("accumulate")
 _zero = ops.MultitypeFuncGraph("zero")
+_flatten_f32 = ops.MultitypeFuncGraph("flatten_f32")
+_unflatten_like = ops.MultitypeFuncGraph("unflatten_like")
+
+
+@_flatten_f32.register("Tensor")
+def _flatten_f32_tensor(grad: Tensor) -> Tensor:
+    return ops.cast(grad, ms.float32).reshape(-1)
+
+
+@_unflatten_like.register("Tensor", "Tensor")
+def _unflatten_like_tensor(flat: Tensor, like: Tensor) -> Tensor:
+    return ops.cast(flat, like.dtype).reshape(like.shape)
 
 
 @_grad_scale.register("Tensor", "Tensor")
@@ -117,6 +130,60 @@ class LossScaleState(nn.Cell):
                 good = 0 if grow else good
             out.append(float(value))
         return out
+
+
+class OrderedGradReducer(nn.Cell):
+    """Mean of the gradients over ranks in a fixed number of AllReduces that run one after another.
+
+    Why not ``nn.DistributedGradReducer`` on CPU: MindSpore's CPU collectives
+    (``cluster/rpc/core/collective_ops_impl.cc``) pair messages between ranks by arrival, not by op,
+    and only a mutex orders the AllReduce kernels inside one process. The reducer's per-gradient
+    AllReduces are independent graph nodes, launched as the backward pass makes each gradient ready,
+    so under load two ranks can take them in different orders: then rank 0's gradient A is summed
+    with rank 1's gradient B (silently when their sizes match, or ``memcpy_s error ... dest size is 4,
+    src size is 128`` and a crashed step when they differ; we saw both in 2-rank CPU runs). Here the
+    gradients are packed, in parameter order, into flat float32 buckets of at most ``bucket`` elements,
+    and each bucket's AllReduce waits for the previous one's result (``ops.depend``), so every rank
+    issues the same collectives in the same order. The sum is the same per element, so the result
+    equals ``DistributedGradReducer(mean=True)``'s (the mean is the sum times ``1/degree``, as there).
+    HCCL/NCCL order collectives on a stream, so Ascend and GPU keep MindSpore's reducer.
+    """
+
+    def __init__(self, parameters: tuple, degree: int, bucket: int = 1 << 22) -> None:
+        super().__init__(auto_prefix=False)
+        sizes = [int(np.prod(p.shape)) for p in parameters]
+        ranges: list[list[int]] = []  # [start, end) of each bucket, in parameter order
+        for i, size in enumerate(sizes):
+            if not ranges or (sum(sizes[ranges[-1][0]:i]) + size > bucket and i > ranges[-1][0]):
+                ranges.append([i, i])
+            ranges[-1][1] = i + 1
+        self.ranges = tuple((a, b) for a, b in ranges)
+        # each gradient's [begin, end) in its bucket, sliced out statically: ``ops.split`` with a list of
+        # sizes unrolls into a recursion past the graph compiler's depth limit at ~100 parameters, and
+        # ``SplitV`` has no CPU kernel
+        self.slices = tuple((int(sum(sizes[a:i])), int(sum(sizes[a:i + 1]))) for a, b in ranges for i in range(a, b))
+        self.hyper_map = ops.HyperMap()
+        self.allreduce = ops.AllReduce(ops.ReduceOp.SUM)
+        self.degree_inv = Tensor(1.0 / degree, ms.float32)
+
+    def construct(self, grads: tuple) -> tuple:
+        pieces = ()
+        previous = self.degree_inv
+        for start, end in self.ranges:
+            flat = ops.concat(self.hyper_map(_flatten_f32, grads[start:end]))
+            summed = self.allreduce(ops.depend(flat, previous)) * self.degree_inv
+            previous = summed
+            for i in range(start, end):
+                begin, stop = self.slices[i]
+                pieces = pieces + (summed[begin:stop],)
+        return self.hyper_map(_unflatten_like, pieces, grads)
+
+
+def grad_reducer(parameters: tuple, degree: int, device_target: str) -> nn.Cell:
+    """The gradient mean over ranks for ``device_target``: ordered buckets on CPU (see above), MindSpore's elsewhere."""
+    if device_target == "CPU":
+        return OrderedGradReducer(parameters, degree)
+    return nn.DistributedGradReducer(parameters, mean=True, degree=degree)
 
 
 class _Update(nn.Cell):

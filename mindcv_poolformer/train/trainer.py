@@ -64,7 +64,7 @@ from .run_io import (
     resolve_resume,
 )
 from .schedule import ScheduleSettings, build_lr_schedule
-from .step import ApplyAccumulated, LossScaleState, TrainStep, WithLoss
+from .step import ApplyAccumulated, LossScaleState, TrainStep, WithLoss, grad_reducer
 from .tasks import make_task
 
 __all__ = ["LossScalePlan", "plan_loss_scale", "validate_train_config", "has_training_state",
@@ -271,7 +271,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, dist: DistInfo | None = None) -> None:
         import mindspore as ms
-        from mindspore import ParameterTuple, nn
+        from mindspore import ParameterTuple
 
 
         self.cfg = cfg
@@ -320,7 +320,7 @@ class Trainer:
         self.scaler = LossScaleState(self.plan.value, self.plan.dynamic)
         reducer = None
         if world > 1:
-            reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=world)
+            reducer = grad_reducer(self.optimizer.parameters, world, ms.get_context("device_target"))
         self.ema = None
         if cfg["ema"]:
             # same order as optimizer.parameters (grouped by weight decay), which the step zips them with
