@@ -136,8 +136,13 @@ SCHEMA: dict[str, Option] = {
     "ratio": _o(list, [0.75, 1.333], "RandomResizedCrop aspect range", _AUG, length=2),
     "hflip": _o(float, 0.5, "horizontal flip probability", _AUG, low=0, high=1),
     "vflip": _o(float, 0.0, "vertical flip probability", _AUG, low=0, high=1),
-    "interpolation": _o(str, "bicubic", "resize interpolation", _AUG,
+    "interpolation": _o(str, "bicubic", "eval resize interpolation; also training's when train_interpolation is "
+                        "null (random: bicubic at eval)", _AUG,
                         choices=("bicubic", "bilinear", "nearest", "area", "random")),
+    "train_interpolation": _o(str, None, "training interpolation (RandomResizedCrop and RandAugment's geometric ops): "
+                              "random = bilinear or bicubic drawn per image and op (timm's default, the official "
+                              "recipe's); null: interpolation's (MindCV's one setting for both)", _AUG,
+                              choices=("random", "bilinear", "bicubic"), nullable=True),
     "crop_pct": _o(float, 0.9, "eval: resize short side to image_resize / crop_pct, then center crop", _AUG,
                    low=0, high=1, low_open=True),
     "color_jitter": _o(list, None, "brightness/contrast/saturation jitter (or one float)", _AUG, nullable=True),

@@ -84,8 +84,11 @@ def _build_eval():
     return net, (ms.Tensor(np.zeros((BATCH, 3, SIZE, SIZE), np.float32)),)
 
 
-def _build_train_step(amp_level: str):
-    """The training step of ``Trainer.__init__`` (same calls, same order) for the Ascend S12 recipe."""
+def _build_train_step(amp_level: str, **overrides):
+    """The training step of ``Trainer.__init__`` (same calls, same order) for the Ascend S12 recipe.
+
+    ``overrides``: other recipe keys (bench/step_kernels.py compiles it without drop path too).
+    """
     from mindcv_poolformer import create_model
     from mindcv_poolformer.amp import apply_amp
     from mindcv_poolformer.backends import backend_all_finite
@@ -98,7 +101,7 @@ def _build_train_step(amp_level: str):
     from mindcv_poolformer.train.trainer import validate_train_config
 
     cfg = load_config(CONFIG, {"amp_level": amp_level, "batch_size": BATCH, "num_classes": CLASSES,
-                               "distribute": False})
+                               "distribute": False, **overrides})
     plan = validate_train_config(cfg)
     net = create_model(cfg["model"], num_classes=CLASSES, in_channels=cfg["in_channels"], backend="ascend",
                        drop_path_rate=cfg["drop_path_rate"], drop_rate=cfg["drop_rate"])

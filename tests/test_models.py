@@ -231,8 +231,8 @@ def _lowbias32(x: np.ndarray) -> np.ndarray:
 
 def _reference_uniform(key: int, counter: int, stream: int, count: int) -> np.ndarray:
     with np.errstate(over="ignore"):
-        base = _lowbias32(_lowbias32(_lowbias32(np.uint32(key)) ^ np.uint32(counter)) ^ np.uint32(stream))
-        words = _lowbias32(base ^ np.arange(count, dtype=np.uint32))
+        base = _lowbias32(_lowbias32(np.uint32(key)) ^ np.uint32(counter))
+        words = _lowbias32(base ^ (np.uint32(stream << 20) | np.arange(count, dtype=np.uint32)))
     return (words >> np.uint32(8)).astype(np.float32) / np.float32(1 << 24)
 
 
@@ -249,9 +249,16 @@ class _Uniform(ms.nn.Cell):
 
 def test_counter_uniform_is_lowbias32_bit_for_bit():
     """The graph's int32 hash (wrapping products, masked arithmetic shifts) equals the uint32 reference exactly."""
-    for key, counter, stream in [(0, 0, 0), (-1, 7, 3), (0x12345678, 2**31 - 1, 21), (-(2**31), 123456, 0)]:
+    for key, counter, stream in [(0, 0, 0), (-1, 7, 3), (0x12345678, 2**31 - 1, 21), (-(2**31), 123456, 2047)]:
         got = _Uniform(stream, 257)(ms.Tensor(key, ms.int32), ms.Tensor(counter, ms.int32)).asnumpy()
         np.testing.assert_array_equal(got, _reference_uniform(key & 0xFFFFFFFF, counter, stream, 257))
+    # the streams of one counter index disjoint words, so no two layers of a step share one
+    words = np.concatenate([_Uniform(b, 4096)(ms.Tensor(5, ms.int32), ms.Tensor(9, ms.int32)).asnumpy()
+                            for b in range(4)])
+    assert len(np.unique(words)) > len(words) - 40  # 24-bit values of 16k distinct words: ~8 equal by chance
+    for stream, count in ((2048, 4), (-1, 4), (0, (1 << 20) + 1)):
+        with pytest.raises(ValueError, match="counter_uniform"):
+            counter_uniform(ms.Tensor(0, ms.int32), ms.Tensor(0, ms.int32), stream, count)
 
 
 def test_counter_masks_keep_rate_and_independence():

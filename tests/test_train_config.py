@@ -36,6 +36,7 @@ def test_official_recipes(variant, drop_path, crop):
     assert (cfg.label_smoothing, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob) == (0.1, 0.8, 1.0, 0.5)
     assert cfg.auto_augment == "rand-m9-mstd0.5-inc1" and (cfg.re_prob, cfg.re_mode) == (0.25, "pixel")
     assert (cfg.batch_size, cfg.device_target, cfg.distribute, cfg.interpolation) == (128, "Ascend", True, "bicubic")
+    assert cfg.train_interpolation == "random"  # timm train.py's --train-interpolation default, which the official runs
     assert cfg.amp_level != "O0" and cfg.filter_bias_and_bn and cfg.weight_decay_filter == "all_1d"
     assert cfg.recipe_defaults == "ours" and cfg.val_amp_level is None
 
@@ -64,6 +65,11 @@ def test_config_errors_are_one_line():
         load_config(overrides={"gradient_accumulation_steps": 0})
     with pytest.raises(ConfigError, match="warmup_lr"):
         load_config(cli_overrides={"warmup_lr": "fast"})
+    with pytest.raises(ConfigError) as bad:
+        load_config(cli_overrides={"train_interpolation": "lanczos"})
+    assert str(bad.value) == "train_interpolation: 'lanczos' is not one of random, bilinear, bicubic"
+    # a MindCV recipe has one interpolation for both (MindCV's create_transforms), so it trains at its own
+    assert load_config(DATA / "mindcv_poolformer_s12_ascend.yaml").train_interpolation is None
 
 
 def test_distribute_without_launcher(monkeypatch):
@@ -100,6 +106,9 @@ def test_train_script_errors(tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     typo = run_python(["train.py", "--lr_scale_bacth", "1024"])
     assert typo.returncode == 2 and "lr_scale_batch" in typo.stderr
+    interp = run_python(["train.py", "--train_interpolation", "lanczos"])
+    assert interp.returncode == 2 and "train_interpolation: 'lanczos' is not one of random, bilinear, bicubic" in \
+        interp.stderr and "Traceback" not in interp.stderr
 
 
 def test_saved_config_roundtrip(tmp_path):

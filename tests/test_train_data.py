@@ -166,3 +166,96 @@ def test_fused_decode_path_when_augmenting_in_all_workers(folder):
     batches = _batches(cfg, 0)
     assert len(batches) == 5 and {b[0].shape for b in batches} == {(8, 3, 32, 32)}
     assert all(np.allclose(t.sum(axis=1), 1.0, atol=1e-5) for _, t in batches)
+
+
+@pytest.fixture(scope="module")
+def folder48(tmp_path_factory):
+    """48x48 images, so a 32-pixel crop resamples and bilinear differs from bicubic."""
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny48"), per_class_train=3, per_class_val=1, size=48)
+
+
+def _normalised(rgb: np.ndarray, cfg) -> np.ndarray:
+    mean, std = np.array(cfg["mean"], np.float32), np.array(cfg["std"], np.float32)
+    return ((rgb.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+
+
+def _train_references(cfg, files) -> dict[str, np.ndarray]:
+    """Each file's whole-image crop resized to 32 by MindSpore's own C++ resize, bilinear and bicubic."""
+    from mindspore.dataset import vision
+
+    out = {}
+    for name, inter in (("bilinear", vision.Inter.BILINEAR), ("bicubic", vision.Inter.BICUBIC)):
+        out[name] = np.stack([_normalised(vision.Resize((32, 32), inter)(vision.Decode()(np.fromfile(f, np.uint8))),
+                                          cfg) for f in files])
+    return out
+
+
+def _interpolations_used(cfg, refs) -> list[str]:
+    """Which interpolation made each training image (the epoch is unshuffled: row i is file i)."""
+    images = np.concatenate([img for img, _ in _batches(cfg, 0)])
+    used = []
+    for i, img in enumerate(images):
+        hits = [name for name, ref in refs.items() if np.allclose(img, ref[i], atol=1e-4)]
+        assert len(hits) == 1, (i, hits)
+        used.append(hits[0])
+    return used
+
+
+def test_train_interpolation_random_draws_both_per_image_per_seed(folder48):
+    """random: bilinear or bicubic per image (timm's RandomResizedCropAndInterpolation), the same draws for
+    the same seed, other draws for another; a fixed train_interpolation is used for every image whatever
+    interpolation (eval's) says; unset, training follows interpolation."""
+    from mindcv_poolformer.data.listing import list_image_folder
+
+    files = list_image_folder(str(folder48), "train").files
+    # the whole image, no flip, no mixing: the interpolation is the only random choice
+    base = {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "hflip": 0.0, "shuffle": False, "label_smoothing": 0.0,
+            "batch_size": 6}
+    refs = _train_references(_cfg(folder48, **base), files)
+    assert not np.allclose(refs["bilinear"], refs["bicubic"], atol=1e-4)
+    seed0 = _interpolations_used(_cfg(folder48, train_interpolation="random", interpolation="bilinear", **base), refs)
+    assert 5 <= seed0.count("bicubic") <= len(files) - 5, seed0
+    assert _interpolations_used(_cfg(folder48, train_interpolation="random", **base), refs) == seed0
+    assert _interpolations_used(_cfg(folder48, train_interpolation="random", seed=7, **base), refs) != seed0
+    assert set(_interpolations_used(_cfg(folder48, train_interpolation="bicubic", interpolation="bilinear", **base),
+                                    refs)) == {"bicubic"}
+    assert set(_interpolations_used(_cfg(folder48, interpolation="bilinear", **base), refs)) == {"bilinear"}
+
+
+def test_train_interpolation_reaches_randaugment():
+    """RandAugment's rotate/shear/translate resample as timm's: both filters at random, else the one given."""
+    from PIL import Image
+
+    from mindcv_poolformer.train import data as train_data
+    from mindcv_poolformer.transforms import RandAugment
+
+    def resample(**kw) -> tuple:
+        cfg = load_config(overrides={"auto_augment": "rand-m9-mstd0.5-inc1", "interpolation": "bicubic", **kw})
+        (op,) = [t for t in train_data._train_transforms(TrainDataSettings.from_config(cfg))
+                 if isinstance(t, RandAugment)]
+        return op.resample
+
+    assert resample(train_interpolation="random") == (Image.BILINEAR, Image.BICUBIC)
+    assert resample(train_interpolation="bilinear") == (Image.BILINEAR,)
+    assert resample() == (Image.BICUBIC,)
+
+
+def test_interpolation_still_controls_eval(folder48):
+    """The validation set resizes with interpolation (PIL, as timm's eval), never with train_interpolation."""
+    from PIL import Image
+
+    from mindcv_poolformer.train.data import build_val_dataset, prepare_data_dir
+
+    def val_images(**kw) -> np.ndarray:
+        cfg = _cfg(folder48, val_while_train=True, batch_size=4, **kw)
+        listing = prepare_data_dir(cfg)
+        return np.concatenate([b[0] for b in build_val_dataset(cfg, listing.val).create_tuple_iterator(
+            output_numpy=True, num_epochs=1)]), listing.val.files, cfg
+
+    images, files, cfg = val_images(interpolation="bicubic", train_interpolation="bilinear")
+    # crop_pct 1: the short side resized to 32, the whole 32x32 kept
+    ref = {name: np.stack([_normalised(np.asarray(Image.open(f).convert("RGB").resize((32, 32), flt)), cfg)
+                           for f in files]) for name, flt in (("bicubic", Image.BICUBIC), ("bilinear", Image.BILINEAR))}
+    assert np.allclose(images, ref["bicubic"], atol=1e-4) and not np.allclose(images, ref["bilinear"], atol=1e-4)
+    assert np.allclose(val_images(interpolation="bilinear", train_interpolation="bicubic")[0], ref["bilinear"],
+                       atol=1e-4)

@@ -125,15 +125,24 @@ def hash32(x: Tensor) -> Tensor:
     return ops.bitwise_xor(x, _shift_right(x, 16))
 
 
+_STREAM_SHIFT = 20  # word index = stream << 20 | sample: up to 2**20 samples, 2**11 streams in an int32
+
+
 def counter_uniform(key: Tensor, counter: Tensor, stream: int, count: int) -> Tensor:
     """``count`` uniforms in [0, 1) (24 bits, float32): a pure function of (key, counter, stream, index).
 
     A counter-based generator (as Philox is): nothing is carried from one call to the next, so the
-    values of any step can be drawn again from the checkpointed counter. Each word is the hash of a
-    chain of hashes; for fixed (key, counter, stream) the ``count`` words are distinct (a bijection).
+    values of any step can be drawn again from the checkpointed counter. Word ``i`` of ``stream`` is
+    ``hash(base ^ (stream << 20 | i))`` with ``base = hash(hash(key) ^ counter)``: the words of one
+    counter are distinct over all streams (a bijection), and ``base`` is the same for every stream, so
+    the graph computes it once per step and each drop-path layer adds one hash, not three.
     """
-    base = hash32(ops.bitwise_xor(hash32(ops.bitwise_xor(hash32(key), counter)), Tensor(stream, mstype.int32)))
-    words = hash32(ops.bitwise_xor(base, ops.arange(0, count, 1, dtype=mstype.int32)))
+    if not (0 <= stream < 1 << (31 - _STREAM_SHIFT) and 0 < count <= 1 << _STREAM_SHIFT):
+        raise ValueError(f"counter_uniform: stream {stream} must be in [0, {1 << (31 - _STREAM_SHIFT)}) and count "
+                         f"{count} in [1, {1 << _STREAM_SHIFT}]")
+    base = hash32(ops.bitwise_xor(hash32(key), counter))
+    first = stream << _STREAM_SHIFT
+    words = hash32(ops.bitwise_xor(base, ops.arange(first, first + count, 1, dtype=mstype.int32)))
     return ops.cast(_shift_right(words, 8), mstype.float32) * (1.0 / (1 << 24))
 
 

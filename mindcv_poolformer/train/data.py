@@ -261,11 +261,12 @@ class TrainDataSettings:
     num_samples: int | None = None
     strict_data: bool = False
     deterministic_augment: bool = True
+    train_interpolation: str | None = None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> TrainDataSettings:
         """The pipeline's keys of a parsed config (``num_classes``, ``num_samples``, ``strict_data``,
-        ``deterministic_augment`` may be absent)."""
+        ``deterministic_augment``, ``train_interpolation`` may be absent)."""
         return settings_from(cls, cfg)
 
 
@@ -294,8 +295,10 @@ class SegTrainDataSettings:
 
 
 def _train_transforms(s: TrainDataSettings, fused_decode: bool = False) -> list:
-    # crop_pct is an eval setting: the training crop is RandomResizedCrop's
-    return create_transforms(True, s.image_resize, interpolation=s.interpolation, mean=s.mean, std=s.std,
+    # crop_pct is an eval setting: the training crop is RandomResizedCrop's. Interpolation is split as in
+    # timm's train.py (--train-interpolation, default random; --interpolation serves eval): null = one for both.
+    interpolation = s.train_interpolation or s.interpolation
+    return create_transforms(True, s.image_resize, interpolation=interpolation, mean=s.mean, std=s.std,
                              decode=fused_decode, fused_decode=fused_decode, scale=s.scale, ratio=s.ratio,
                              hflip=s.hflip, vflip=s.vflip, color_jitter=s.color_jitter, auto_augment=s.auto_augment,
                              re_prob=s.re_prob, re_mode=s.re_mode, re_scale=s.re_scale, re_ratio=s.re_ratio,
