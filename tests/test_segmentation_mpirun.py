@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +99,28 @@ def _rank_logs(logs: Path) -> dict[int, dict[str, str]]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, which the container's init may never reap, does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def _check_scheduler_ended(ranks: dict[int, dict[str, str]], wait: float = 30.0) -> None:
+    """The MindSpore scheduler that rank 0 started for mpirun ends with the job; one left over is ended here."""
+    found = re.findall(r"started the MindSpore scheduler \(pid (\d+)\)", ranks[0]["stdout"] + ranks[1]["stdout"])
+    assert len(found) == 1, "no line about the scheduler rank 0 starts"
+    pid = int(found[0])
+    deadline = time.monotonic() + wait
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the MindSpore scheduler (pid {pid}) was still running {wait:.0f} s after the job; ended it")
+
+
 def _tails(logs: Path) -> str:
     return "\n".join(f"--- {p.relative_to(logs)}\n{p.read_text(errors='replace')[-1500:]}"
                      for p in sorted(logs.glob("*/rank.*/*")))
@@ -126,6 +150,7 @@ def test_mpirun_two_ranks_smoke(mpirun, ade, tmp_path):
     assert final.exists() and has_training_state(final), sorted(p.name for p in run.iterdir())
     assert (run / "fpn_poolformer_s12-best.safetensors").exists() and (run / "config.yaml").exists()
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
+    _check_scheduler_ended(ranks)
 
 
 def test_mpirun_bad_label_in_rank1_share_both_ranks_exit2(mpirun, ade, tmp_path):
@@ -150,10 +175,12 @@ def test_mpirun_bad_label_in_rank1_share_both_ranks_exit2(mpirun, ade, tmp_path)
     codes = sorted((p.name, p.read_text().strip()) for p in rcs.iterdir())
     assert codes == [("rc.0", "2"), ("rc.1", "2")], f"{codes}\n{_tails(logs)}"
     errors = []
-    for rank, texts in _rank_logs(logs).items():
+    ranks = _rank_logs(logs)
+    for rank, texts in ranks.items():
         lines = [ln for ln in texts["stderr"].splitlines() if ln.startswith("train.py: error:")]
         assert len(lines) == 1 and "Traceback" not in texts["stderr"], (rank, texts["stderr"][-3000:])
         errors.append(lines[0])
     assert errors[0] == errors[1], errors
     assert f"{bad} has label value 9" in errors[0] and "num_classes 3" in errors[0], errors[0]
     assert not run.exists(), sorted(p.name for p in run.rglob("*"))
+    _check_scheduler_ended(ranks)
