@@ -263,3 +263,82 @@ def test_msrun_two_ranks_equal_one_process_on_the_concatenated_batch(ade, tmp_pa
     texts = [(d / f"rank{r}.txt").read_text().split() for d, r in ((single, 0), (dist, 0), (dist, 1))]
     assert [t[0] for t in texts] == ["1", "2", "2"]
     assert float(texts[1][2]) == float(texts[2][2]) == pytest.approx(float(texts[0][2]), abs=0.2)
+
+
+def _simulated_ranks(world: int, run, monkeypatch) -> list[str | None]:
+    """``run(rank)`` in ``world`` threads whose ``all_reduce_sum`` is a float32 sum across them (as MindSpore's CPU
+    AllReduce); the error message each rank raised (None: it passed)."""
+    import threading
+
+    import mindcv_poolformer.train.tasks as tasks
+
+    barrier, parts, lock = threading.Barrier(world, timeout=60), {}, threading.Lock()
+
+    def all_reduce(values: np.ndarray) -> np.ndarray:
+        assert values.dtype == np.float32
+        with lock:
+            parts[threading.get_ident()] = values.copy()
+        barrier.wait()
+        total = np.sum(np.stack(list(parts.values())), axis=0, dtype=np.float32)
+        barrier.wait()
+        return total
+
+    monkeypatch.setattr(tasks, "all_reduce_sum", all_reduce)
+    messages: list[str | None] = [None] * world
+
+    def rank_main(rank: int) -> None:
+        try:
+            run(rank)
+        except ConfigError as exc:
+            messages[rank] = str(exc)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return messages
+
+
+@pytest.mark.parametrize("world, n, bad", [
+    (2, 9, {7: "value"}),                   # only rank 1 reads it
+    (3, 9, {8: "value", 4: "unreadable"}),  # the lowest index is rank 1's, the other rank 2's
+    (3, 9, {5: "unreadable"}),              # ranks 0 and 1 learn the reason by reading that one file
+    (2, 9, {3: "value", 6: "value"}),       # rank 1's 3 before rank 0's 6
+    (2, 9, {}),
+    (2, 4200, {4151: "value"}),             # an index past the 12-bit low part of the all-reduced slot
+])
+def test_label_check_shared_over_ranks_names_the_lowest_bad_file(tmp_path, monkeypatch, world, n, bad):
+    """Each rank reads labels[rank::world]; all raise the error one process raises: the lowest failing index."""
+    from PIL import Image
+
+    from mindcv_poolformer.train.tasks import check_segmentation_labels
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.array([[0, 1], [2, 3]], np.uint8)).save(good)  # classes 0..2 after reduce_zero_label
+    labels = [str(good)] * n
+    for index, kind in bad.items():
+        path = tmp_path / f"bad{index}.png"
+        if kind == "value":
+            Image.fromarray(np.array([[1, 4 + index % 7], [255, 0]], np.uint8)).save(path)
+        else:
+            path.write_bytes(b"not a png")
+        labels[index] = str(path)
+    read: list[str] = []
+    import mindcv_poolformer.train.tasks as tasks
+
+    real_top = tasks._label_top
+    monkeypatch.setattr(tasks, "_label_top", lambda p, rzl: read.append(p) or real_top(p, rzl))
+    messages = _simulated_ranks(world, lambda r: check_segmentation_labels(labels, 3, True, 2, r, world), monkeypatch)
+    if not bad:
+        assert messages == [None] * world
+        assert len(read) == n  # every file read once over all ranks, not once per rank
+        return
+    lowest = min(bad)
+    expect = (f"has label value {4 + lowest % 7}" if bad[lowest] == "value" else "is not a readable PNG")
+    assert len(set(messages)) == 1, messages
+    assert messages[0].startswith(f"data: {tmp_path / f'bad{lowest}.png'} {expect}"), messages[0]
+    assert "\n" not in messages[0]
+    with pytest.raises(ConfigError) as single:
+        check_segmentation_labels(labels, 3, True, 2)
+    assert str(single.value) == messages[0]

@@ -278,10 +278,11 @@ class Trainer:
         apply_mindcv_resume(cfg)
         self.plan = validate_train_config(cfg)
         _setup_context(cfg)
-        self.task = make_task(cfg)  # lists (and checks) the data once: every epoch and validation use it
-        check_run_dir(cfg["ckpt_save_dir"], cfg["resume"], cfg["overwrite"])
+        self.task = make_task(cfg)  # lists the data once: every epoch and validation use it
         self.dist = dist or init_distributed(cfg["distribute"], cfg["device_target"])
         rank, world = self.dist.rank, self.dist.world
+        self.task.check_data(rank, world)  # shared over the ranks, all agreeing; before anything is written
+        check_run_dir(cfg["ckpt_save_dir"], cfg["resume"], cfg["overwrite"])
         self.run_dir = Path(cfg["ckpt_save_dir"])
         if self.dist.is_main:
             if cfg["overwrite"] and not cfg["resume"]:
