@@ -28,11 +28,22 @@ __all__ = ["DistInfo", "all_reduce_sum", "detect_launcher", "mpi_env", "bootstra
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
+# The scheduler serves until MPI rank 0, which started it, has exited, and then leaves without
+# MindSpore's own finalisation. Left to finalise itself, it closes its server as soon as the last
+# worker has unregistered, while that worker is still tearing down its TCP client: MindSpore 2.10's
+# client event thread then crashes on the closed connection (SIGSEGV in libmindspore_cluster.so under
+# TCPClient::Finalize, seen on rank 1 in CI and in 1 of ~10 loaded 2-rank runs). Staying up until
+# the workers are gone keeps every worker's teardown on an open connection.
 _SCHEDULER_CODE = (
+    "import os, time\n"
     "import mindspore as ms\n"
     "from mindspore.communication import init\n"
+    "parent = os.getppid()\n"
     "ms.set_device('CPU')\n"
     "init()\n"
+    "while os.getppid() == parent:\n"
+    "    time.sleep(0.2)\n"
+    "os._exit(0)\n"
 )
 
 
@@ -92,8 +103,8 @@ def bootstrap_mpi_scheduler() -> None:
         _LOG.info("mpirun: started the MindSpore scheduler (pid %d) on %s:%d", proc.pid, host, port)
 
         def _reap() -> None:
-            # The scheduler exits once every worker has finalised, which happens in MindSpore's own exit
-            # handler after this one; so it is not waited for here, only collected if already done.
+            # The scheduler exits once this process has (see _SCHEDULER_CODE), after MindSpore's own exit
+            # handler finalised the workers; so it is not waited for here, only collected if already done.
             proc.poll()
 
         atexit.register(_reap)
