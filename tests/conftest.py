@@ -16,6 +16,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("GLOG_v", "3")
+# MindSpore's CPU collectives give up on a peer after MS_NODE_TIMEOUT (30 s by default). The 2-rank tests'
+# ranks compile their first step at different speeds on a loaded 2-core host, and one reached its first
+# AllReduce more than 30 s after the other ("Ring ReduceScatter wait receiving [0,1] failed" at load 15);
+# every subprocess the tests start inherits this.
+os.environ.setdefault("MS_NODE_TIMEOUT", "180")
 
 import mindspore as ms  # noqa: E402
 
