@@ -9,7 +9,8 @@ erasing 0.25, mixup 0.8 / cutmix 1.0, batch 128; the recipe's ``train_interpolat
 fixed bicubic / bilinear to compare with MindCV at equal interpolation), iterated to the end of an epoch over 2,000 real
 JPEGs (crops of the scikit-image / scikit-learn photos re-encoded at 500x375, quality 90, written
 once into ``--cache_dir`` as a 10-class ImageFolder). "ours (first epoch)" checks every JPEG
-before the C++ decoder sees it; "ours (later epochs)" has them checked already. MindCV's row is
+before the C++ decoder sees it (``transforms._decodes_in_cpp``: a marker scan for these baseline JPEGs);
+"ours (later epochs)" has them checked already. MindCV's row is
 its own ``create_dataset`` + ``create_transforms`` + ``create_loader`` with the values of MindCV's
 S12 recipe (tests/data/mindcv_poolformer_s12_ascend.yaml: bilinear, ``randaug-m9-mstd0.5-inc1``).
 Rows run in interleaved rounds (ours, MindCV, MindCV, ours, ...) and each cell is the median round.
@@ -196,6 +197,14 @@ def pipeline_table(data_dir: Path, workers: list[int], rounds: int) -> tuple[str
         if peer:
             lines.append(f"| {name} / {peer} | " + " | ".join(
                 f"{statistics.median(a / b for a, b in zip(rates[name][w], rates[peer][w])):.2f}x"
+                for w in workers) + " |")
+    lines += ["", "CPU time per image, ours / MindCV within each round (median of rounds; below 1.00x ours costs "
+              "less). Unlike img/s it does not move with what the other processes on the host take:", "",
+              f"| ours row / MindCV row | {head} |", "|---|" + "---:|" * len(workers)]
+    for name, _, peer in rows:
+        if peer:
+            lines.append(f"| {name} / {peer} | " + " | ".join(
+                f"{statistics.median(a / b for a, b in zip(cpu[name][w], cpu[peer][w])):.2f}x"
                 for w in workers) + " |")
     return "\n".join(lines), {"rounds": rates, "cpu_rounds": cpu, "median": med, "median_cpu": med_cpu}
 

@@ -1,8 +1,9 @@
 """The training input pipeline: C++ decoding behind the corrupt-file guard, and per-batch mixing.
 
 MindSpore 2.10's C++ JPEG decoder kills the process on some damaged headers (a DHT count of 0xff:
-SIGSEGV; an SOS table selector of 0xff: SIGBUS), where PIL raises. So every JPEG passes a PIL
-check before the C++ decoder sees it, and anything else is decoded by PIL and handed on losslessly.
+SIGSEGV; an SOS table selector of 0xff: SIGBUS), where PIL raises. So every JPEG passes a check before the C++
+decoder sees it (a marker scan for baseline JPEGs, else a 1/8-scale PIL decode; the scan must never
+admit a file that decode refuses), and anything else is decoded by PIL and handed on losslessly.
 """
 
 from __future__ import annotations
@@ -81,6 +82,93 @@ def test_only_checked_jpegs_go_to_the_cpp_decoder(photo, damaged):
         except Exception:  # PIL raises OSError, SyntaxError, ... for broken files
             passed = False
         assert not passed, name
+
+
+def _pil_check(data: bytes) -> bool:
+    """The 1/8-scale PIL decode that guarded every file before the marker scan: the reference verdict."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return False
+            img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+        return True
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        return False
+
+
+def test_marker_scan_takes_baseline_jpegs_without_decoding(photo, damaged, monkeypatch):
+    """Baseline JPEGs pass the cheap scan (no PIL decode); progressive, CMYK, PNG and damaged files do not."""
+    baseline = [_jpeg(photo), _jpeg(photo.convert("L")), _jpeg(photo, subsampling=0), _jpeg(photo, subsampling=1),
+                _jpeg(photo, optimize=True)]
+    assert all(transforms._plain_baseline_jpeg(d) for d in baseline)
+    png = io.BytesIO()
+    photo.save(png, "PNG")
+    others = [_jpeg(photo, progressive=True), _jpeg(photo.convert("CMYK")), png.getvalue(), *damaged.values()]
+    assert not any(transforms._plain_baseline_jpeg(d) for d in others)
+
+    def no_decode(*_args, **_kwargs):
+        raise AssertionError("a baseline JPEG was decoded by PIL")
+
+    monkeypatch.setattr(transforms.Image, "open", no_decode)
+    assert all(transforms._decodes_in_cpp(d) for d in baseline)
+
+
+def _header_fault(data: bytes, fault: str) -> bytes:
+    """A baseline JPEG with one header field broken the way ``fault`` names (each a libjpeg error)."""
+    out = bytearray(data)
+    dht, dqt, sof = data.find(b"\xff\xc4") + 4, data.find(b"\xff\xdb") + 4, data.find(b"\xff\xc0") + 4
+    if fault == "huffman code overfull":  # 3 codes of length 1, the table's symbol count unchanged
+        counts = out[dht + 1:dht + 17]
+        k = max(i for i, c in enumerate(counts) if c >= 3)
+        out[dht + 1], out[dht + 1 + k] = counts[0] + 3, counts[k] - 3
+    elif fault == "more than 256 symbols":  # an extra, unused AC table 3: 45 + 255 codes of lengths 15, 16
+        counts = bytes(14) + bytes([45, 255])
+        out[dht - 4:dht - 4] = b"\xff\xc4" + (2 + 17 + 300).to_bytes(2, "big") + bytes([0x13]) + counts + bytes(300)
+    elif fault == "quantisation precision":
+        out[dqt] = 0x20 | (out[dqt] & 15)
+    elif fault == "empty image":
+        out[sof + 1:sof + 3] = b"\x00\x00"
+    return bytes(out)
+
+
+@pytest.mark.parametrize("fault", ["huffman code overfull", "more than 256 symbols", "quantisation precision",
+                                   "empty image"])
+def test_marker_scan_refuses_each_header_fault(photo, fault):
+    """Each fault libjpeg raises on: the PIL decode refuses the file, and so does the scan."""
+    data = _header_fault(_jpeg(photo), fault)
+    assert not _pil_check(data)
+    assert not transforms._plain_baseline_jpeg(data)
+
+
+def test_marker_scan_admits_only_what_the_decode_passes(photo):
+    """Fuzz: a damaged file the scan admits is one the 1/8-scale PIL decode also passes (never the reverse)."""
+    import random
+
+    bases = [_jpeg(photo.resize((64, 48))), _jpeg(photo.resize((48, 64)).convert("L")),
+             _jpeg(photo.resize((64, 48)), subsampling=0)]
+    rng = random.Random(0)
+    admitted = passed = 0
+    for _ in range(1500):
+        data = bytearray(rng.choice(bases))
+        scan = data.find(b"\xff\xda") + 14
+        for _ in range(rng.choice((1, 1, 2))):
+            i = rng.randrange(scan) if rng.random() < 0.7 else rng.randrange(len(data))
+            kind = rng.random()
+            if kind < 0.7:
+                data[i] = rng.choice((rng.randrange(256), 0xFF, 0x00))
+            elif kind < 0.85:
+                del data[i]
+            else:
+                data.insert(i, rng.randrange(256))
+        if rng.random() < 0.1:
+            data = data[:rng.randrange(len(data))]
+        data = bytes(data)
+        fast, reference = transforms._plain_baseline_jpeg(data), _pil_check(data)
+        assert reference or not fast, data.hex()
+        admitted += fast
+        passed += reference
+    assert 0.6 * passed < admitted <= passed  # the scan takes most decodable files, so the test has teeth
 
 
 def test_pil_fallback_reaches_cpp_exactly(jpeg_folder):

@@ -11,7 +11,8 @@ epoch's shard and the validation set are cut from it, never from a fresh listing
 
 Files are read inside the pipeline's parallel workers by ``transforms.ImageReader`` and decoded
 by MindSpore's C++ ``RandomCropDecodeResize`` (only the crop's rows of a JPEG), each JPEG checked
-once by PIL first (the C++ decoder crashes on some damaged headers). An unreadable file is
+once first (the C++ decoder crashes on some damaged headers): a marker scan for baseline JPEGs,
+a 1/8-scale PIL decode for the rest (``transforms._decodes_in_cpp``). An unreadable file is
 replaced by the next image of the rank's epoch order (deterministic, and the epoch keeps its
 length on every rank) and reported, or with ``strict_data`` stops the run.
 """
