@@ -248,8 +248,9 @@ def test_interpolation_still_controls_eval(folder48):
 
     def val_images(**kw) -> np.ndarray:
         cfg = _cfg(folder48, val_while_train=True, batch_size=4, **kw)
-        listing = prepare_data_dir(cfg)
-        return np.concatenate([b[0] for b in build_val_dataset(cfg, listing.val).create_tuple_iterator(
+        listing = prepare_data_dir(cfg["data_dir"], cfg["train_split"], cfg["val_split"])
+        data = build_val_dataset(listing.val, Preprocess.from_config(cfg), cfg["batch_size"])
+        return np.concatenate([b[0] for b in data.create_tuple_iterator(
             output_numpy=True, num_epochs=1)]), listing.val.files, cfg
 
     images, files, cfg = val_images(interpolation="bicubic", train_interpolation="bilinear")
