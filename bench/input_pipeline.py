@@ -193,19 +193,17 @@ def pipeline_table(data_dir: Path, workers: list[int], rounds: int) -> tuple[str
                      + " / ".join(f"{med_cpu[name][w]:.2f}" for w in workers) + " |")
     lines += ["", "Within-round ratios, ours / MindCV at the same interpolation (median of rounds):", "",
               f"| ours row / MindCV row | {head} |", "|---|" + "---:|" * len(workers)]
-    for name, _, peer in rows:
-        if peer:
-            lines.append(f"| {name} / {peer} | " + " | ".join(
-                f"{statistics.median(a / b for a, b in zip(rates[name][w], rates[peer][w])):.2f}x"
-                for w in workers) + " |")
+
+    def ratio_rows(per_round: dict) -> list[str]:
+        return [f"| {name} / {peer} | " + " | ".join(
+            f"{statistics.median(a / b for a, b in zip(per_round[name][w], per_round[peer][w])):.2f}x"
+            for w in workers) + " |" for name, _, peer in rows if peer]
+
+    lines += ratio_rows(rates)
     lines += ["", "CPU time per image, ours / MindCV within each round (median of rounds; below 1.00x ours costs "
               "less). Unlike img/s it does not move with what the other processes on the host take:", "",
               f"| ours row / MindCV row | {head} |", "|---|" + "---:|" * len(workers)]
-    for name, _, peer in rows:
-        if peer:
-            lines.append(f"| {name} / {peer} | " + " | ".join(
-                f"{statistics.median(a / b for a, b in zip(cpu[name][w], cpu[peer][w])):.2f}x"
-                for w in workers) + " |")
+    lines += ratio_rows(cpu)
     return "\n".join(lines), {"rounds": rates, "cpu_rounds": cpu, "median": med, "median_cpu": med_cpu}
 
 
