@@ -87,8 +87,8 @@ def _segmentation_loss():
 
     Not ``ops.cross_entropy(ignore_index=255)``: besides dividing by the non-ignored pixels only (not
     mmseg's ``avg_non_ignore=False``), its masked-fill NLL keeps several more full-size float32 maps
-    for backward; at 512x512 it took 2.6 GB per image against 0.62 GB (bench/seg_memory.py's results),
-    enough to make batch 8 not fit in 24 GB.
+    for backward; at 512x512 it took 2.6 GB per image against 0.62 GB,
+    enough to make batch 8 not fit in 24 GB (bench/results/fpn-memory-20261202.md).
     """
     from mindcv_poolformer.train.loss import SegmentationCrossEntropy
 
