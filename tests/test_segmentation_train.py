@@ -100,7 +100,7 @@ def test_loss_gradient_is_mmseg_and_keeps_few_full_size_maps(tmp_path):
 
     The resized logits (150 classes at the label size) are a training step's largest tensors: the
     loss's forward + backward may hold at most 6 of them at once (it holds ~4; ``ops.cross_entropy``
-    with ``ignore_index``, which the segmentation bench once used, held ~16 and made batch 8 at
+    with ``ignore_index``, which the segmentation bench once used, held 16-18 and made batch 8 at
     512x512 exceed 24 GB). Own process: the peak resident set is the process's.
     """
     torch = pytest.importorskip("torch")
