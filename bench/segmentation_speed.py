@@ -3,7 +3,8 @@
     python bench/segmentation_speed.py [--model fpn_poolformer_s12] [--batch 8] [--size 512] [--rounds 2] [--iters 3]
 
 Rows: inference (eval mode, stride-4 logits) and a training step (train mode: forward, bilinear resize
-of the logits to the label size, cross entropy with ignore_index 255, backward, AdamW update) for
+of the logits to the label size, mmseg's cross entropy with ignore_index 255 averaged over every
+pixel (ours: the trainer's ``SegmentationCrossEntropy``), backward, AdamW update) for
 ours in GRAPH mode on the CPU backend, and for mmseg 1.2.2's ``EncoderDecoder`` built from its own
 ADE20K config (``tests/mmseg_reference.py``) in PyTorch eager and ``torch.compile`` (inductor).
 Every framework runs the same weights: mmseg's randomised state dict, saved as an mmseg checkpoint
@@ -82,15 +83,16 @@ def _inputs(batch: int, size: int):
 
 
 def _segmentation_loss():
-    """mmseg's decode-head loss: logits resized (bilinear) to the labels, cross entropy ignoring 255."""
-    from mindspore import nn, ops
+    """The trainer's loss (``SegmentationCrossEntropy``): mmseg's decode-head loss, resize + CE ignoring 255.
 
-    class SegmentationCE(nn.Cell):
-        def construct(self, logits, labels):
-            logits = ops.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
-            return ops.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    Not ``ops.cross_entropy(ignore_index=255)``: besides dividing by the non-ignored pixels only (not
+    mmseg's ``avg_non_ignore=False``), its masked-fill NLL keeps several more full-size float32 maps
+    for backward; at 512x512 it took 2.6 GB per image against 0.62 GB,
+    enough to make batch 8 not fit in 24 GB (bench/results/fpn-memory-20261202.md).
+    """
+    from mindcv_poolformer.train.loss import SegmentationCrossEntropy
 
-    return SegmentationCE()
+    return SegmentationCrossEntropy(IGNORE_INDEX)
 
 
 def _ours(task: str, model: str, workdir: Path, batch: int, size: int, iters: int) -> dict:
@@ -142,7 +144,8 @@ def _torch(mode: str, task: str, model: str, workdir: Path, batch: int, size: in
 
     def loss(inp, labels):
         out = F.interpolate(logits(inp), size=labels.shape[1:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(out, labels, ignore_index=IGNORE_INDEX)
+        # mmseg's CrossEntropyLoss(avg_non_ignore=False): per-pixel CE, then the mean over every pixel
+        return F.cross_entropy(out, labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
 
     reference.train()
     loss_fn = torch.compile(loss) if mode == "compile" else loss

@@ -4,6 +4,7 @@ run whose mIoU rises above chance, exact resume mid-run, and bad input through t
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -61,6 +62,71 @@ def test_loss_is_mmseg_decode_head_loss():
     assert float(ours) == pytest.approx(expected, rel=1e-5)
     non_ignore = CrossEntropyLoss(avg_non_ignore=True)(up, torch.from_numpy(labels), ignore_index=255).item()
     assert abs(non_ignore - expected) > 1e-2  # the two averages differ here, so the check above tells them apart
+
+
+_LOSS_GRAD_CHILD = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+from mindcv_poolformer.train.loss import SegmentationCrossEntropy
+
+def peak_mb():
+    line = [s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith("VmHWM")][0]
+    return int(line.split()[1]) / 1024
+
+class Grad(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.loss = SegmentationCrossEntropy(255)
+        self.grad = ops.GradOperation()
+
+    def construct(self, logits, labels):
+        return self.grad(self.loss)(logits, labels)
+
+ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+data = np.load(sys.argv[1])
+logits, labels = ms.Tensor(data["logits"]), ms.Tensor(data["labels"].astype(np.int32))
+before = peak_mb()
+np.save(sys.argv[2], Grad()(logits, labels).asnumpy())
+print(json.dumps({"peak_increase_mb": peak_mb() - before}))
+"""
+
+
+@pytest.mark.slow
+def test_loss_gradient_is_mmseg_and_keeps_few_full_size_maps(tmp_path):
+    """The loss's gradient (GRAPH mode) equals mmseg's in torch, and its backward holds few label-size logit maps.
+
+    The resized logits (150 classes at the label size) are a training step's largest tensors: the
+    loss's forward + backward may hold at most 6 of them at once (it holds ~4; ``ops.cross_entropy``
+    with ``ignore_index``, which the segmentation bench once used, held 16-18 and made batch 8 at
+    512x512 exceed 24 GB). Own process: the peak resident set is the process's.
+    """
+    torch = pytest.importorskip("torch")
+    from mmseg_reference import _import_mmseg
+
+    _import_mmseg()
+    from mmseg.models.losses import CrossEntropyLoss
+    from mmseg.models.utils import resize
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (2, 150, 64, 64)).astype(np.float32)
+    labels = rng.integers(0, 150, (2, 256, 256)).astype(np.int64)
+    labels[rng.random(labels.shape) < 0.2] = 255
+    np.savez(tmp_path / "inputs.npz", logits=logits, labels=labels)
+    (tmp_path / "loss_grad.py").write_text(_LOSS_GRAD_CHILD)  # GRAPH mode compiles from a source file, not -c
+    proc = run_python([str(tmp_path / "loss_grad.py"), str(tmp_path / "inputs.npz"), str(tmp_path / "grad.npy")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    increase = json.loads(proc.stdout.strip().splitlines()[-1])["peak_increase_mb"]
+
+    x = torch.from_numpy(logits).requires_grad_(True)
+    up = resize(x, size=(256, 256), mode="bilinear", align_corners=False)
+    CrossEntropyLoss(avg_non_ignore=False)(up, torch.from_numpy(labels), ignore_index=255).backward()
+    expected = x.grad.numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "grad.npy"), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    full_size_mb = labels.size * 150 * 4 / 2**20
+    assert increase < 6 * full_size_mb, f"{increase:.0f} MB = {increase / full_size_mb:.1f} full-size logit maps"
 
 
 def test_config_selects_the_task():
