@@ -308,7 +308,8 @@ class Trainer:
 
         ms.set_seed(int(cfg["seed"]))  # identical initial weights on every rank
         ckpt = cfg["ckpt_path"] or None
-        head = {"dropout": float(cfg["head_dropout"]), "sync_bn": bool(cfg["sync_bn"])} \
+        head = {"dropout": float(cfg["head_dropout"]), "sync_bn": bool(cfg["sync_bn"]),
+                "frozen_stages": int(cfg["frozen_stages"])} \
             if self.task.name == "segmentation" else {}
         self.net = create_model(cfg["model"], pretrained=cfg["pretrained"], num_classes=self.num_classes,
                                 in_channels=cfg["in_channels"], checkpoint_path=ckpt,
