@@ -153,9 +153,13 @@ def test_short_run_learns_and_resumes_exactly(ade, tmp_path):
 
 @pytest.mark.slow  # two one-step FPN-S12 runs, each compiling the step
 @pytest.mark.parametrize("frozen_stages", [0, -1])
-def test_frozen_stages_key_freezes_the_stem_or_trains_it(ade, tmp_path, frozen_stages):
+def test_frozen_stages_key_freezes_the_stem_or_trains_it(ade, tmp_path, frozen_stages, caplog):
     """``frozen_stages: 0`` (the default, mmseg's) keeps the stem out of the optimizer, so one AdamW step with
-    decay on every parameter leaves it bit-identical while the stage after it moves; -1 updates the stem too."""
+    decay on every parameter leaves it bit-identical while the stage after it moves; -1 updates the stem too.
+    The run's closing timing line names the compile of its first step."""
+    import logging
+    import re
+
     from mindcv_poolformer.train.trainer import Trainer
 
     cfg = load_config(overrides=seg_overrides(ade, tmp_path / "run", max_iters=1, val_while_train=False,
@@ -164,7 +168,10 @@ def test_frozen_stages_key_freezes_the_stem_or_trains_it(ade, tmp_path, frozen_s
     backbone = trainer.net.backbone
     before = {p.name: p.asnumpy().copy() for p in backbone.get_parameters()}
     optimized = {p.name for p in trainer.optimizer.parameters}
-    trainer.fit()
+    with caplog.at_level(logging.INFO, logger="mindcv_poolformer"):
+        trainer.fit()
+    timing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("timing: setup ")]
+    assert len(timing) == 1 and float(re.search(r"first step ([0-9.]+) s \(graph compile\)", timing[0])[1]) > 1
     stem = [p.name for p in backbone.patch_embed.get_parameters()]
     later = [p.name for p in backbone.network[0].get_parameters()]
     assert stem and later
