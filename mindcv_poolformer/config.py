@@ -173,6 +173,10 @@ SCHEMA: dict[str, Option] = {
     "head_dropout": _o(float, 0.1, "segmentation: Dropout2d rate before the FPN head's classifier (mmseg's "
                        "dropout_ratio); it draws from MindSpore's kernel RNG, so a resumed run's masks differ", _MODEL,
                        low=0, high=1),
+    "frozen_stages": _o(int, 0, "segmentation: backbone cells kept at their initial weights (no gradient, no "
+                        "weight decay): 0 the 7x7 stem, as mmseg's configs; k > 0 also the first k network entries; "
+                        "-1 none, as the official sail-sg code (from scratch a frozen stem stays random)", _MODEL,
+                        low=-1),
     "sync_bn": _o(bool, False, "segmentation: the head's BatchNorm as SyncBatchNorm across the data-parallel ranks "
                   "(mmseg's SyncBN; MindSpore's is Ascend-only)", _MODEL),
     "pretrained": _o(bool, False, "load <model> weights from the local weights cache", _MODEL),
@@ -546,7 +550,7 @@ def _resolve_task(cfg: Config, explicit: set[str]) -> None:
                           f"{'fpn_poolformer_*' if cfg['task'] == 'segmentation' else 'poolformer_*'} model or "
                           f"task: {model_task}")
     if cfg["task"] != "segmentation":
-        for key, default in (("sync_bn", False), ("head_dropout", 0.1)):
+        for key, default in (("sync_bn", False), ("head_dropout", 0.1), ("frozen_stages", 0)):
             if key in explicit and cfg[key] != default:
                 raise ConfigError(f"{key}: {cfg[key]} applies to segmentation models only (model {cfg.model} "
                                   "classifies); remove it")
@@ -554,6 +558,10 @@ def _resolve_task(cfg: Config, explicit: set[str]) -> None:
         raise ConfigError(f"sync_bn: True needs device_target Ascend (MindSpore's SyncBatchNorm is Ascend-only), got "
                           f"{cfg['device_target']}; use sync_bn False")
     if cfg["task"] == "segmentation":
+        entries = 2 * len(model_info(cfg.model).depths) - 1  # the stages and the downsamples between them
+        if cfg["frozen_stages"] > entries:
+            raise ConfigError(f"frozen_stages: {cfg['frozen_stages']} is more than the {entries} backbone entries of "
+                              f"{cfg.model}; use -1 (train all), 0 (freeze the stem) .. {entries}")
         if "dataset" not in explicit:
             cfg["dataset"] = "ade20k"
         elif cfg["dataset"] not in _SEGMENTATION_DATASETS:
@@ -613,7 +621,8 @@ SECTIONS: dict[str, frozenset[str]] = {
                         "train_split", "shuffle",
                         "num_samples", "drop_remainder", "aug_repeats", "aug_splits", "deterministic_augment",
                         "drop_rate", "drop_path_rate", "ema", "ema_decay", "val_amp_level", "seg_crop_size",
-                        "seg_ratio_range", "cat_max_ratio", "seg_photometric", "head_dropout", "sync_bn"}),
+                        "seg_ratio_range", "cat_max_ratio", "seg_photometric", "head_dropout", "frozen_stages",
+                        "sync_bn"}),
     "eval": frozenset({"val_amp_level", "json", "eval_shuffle"}),
     "export": frozenset({"file_format", "file_name", "labels", "overwrite"}),
     "predict": frozenset({"labels", "topk", "mindir", "onnx", "output_dir", "json"}),

@@ -137,6 +137,12 @@ def test_config_selects_the_task():
         load_config(overrides={"model": "poolformer_s12", "task": "segmentation"})
     with pytest.raises(ConfigError, match="dataset: digits is a classification dataset"):
         load_config(overrides={"model": "fpn_poolformer_s12", "dataset": "digits"})
+    assert load_config(overrides={"model": "fpn_poolformer_s12"})["frozen_stages"] == 0  # mmseg's: the stem
+    assert load_config(overrides={"model": "fpn_poolformer_s12", "frozen_stages": 7})["frozen_stages"] == 7
+    with pytest.raises(ConfigError, match="frozen_stages: 8 is more than the 7 backbone entries"):
+        load_config(overrides={"model": "fpn_poolformer_s12", "frozen_stages": 8})
+    with pytest.raises(ConfigError, match="frozen_stages: -1 applies to segmentation models only"):
+        load_config(overrides={"model": "poolformer_s12", "frozen_stages": -1})
 
 
 def test_metrics_log_rows_by_step_and_old_files(tmp_path):
@@ -244,6 +250,39 @@ def test_short_run_learns_and_resumes_exactly(ade, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow  # two one-step FPN-S12 runs, each compiling the step
+@pytest.mark.parametrize("frozen_stages", [0, -1])
+def test_frozen_stages_key_freezes_the_stem_or_trains_it(ade, tmp_path, frozen_stages, caplog):
+    """``frozen_stages: 0`` (the default, mmseg's) keeps the stem out of the optimizer, so one AdamW step with
+    decay on every parameter leaves it bit-identical while the stage after it moves; -1 updates the stem too.
+    The run's closing timing line names the compile of its first step."""
+    import logging
+    import re
+
+    from mindcv_poolformer.train.trainer import Trainer
+
+    cfg = load_config(overrides=seg_overrides(ade, tmp_path / "run", max_iters=1, val_while_train=False,
+                                              frozen_stages=frozen_stages))
+    trainer = Trainer(cfg)
+    backbone = trainer.net.backbone
+    before = {p.name: p.asnumpy().copy() for p in backbone.get_parameters()}
+    optimized = {p.name for p in trainer.optimizer.parameters}
+    with caplog.at_level(logging.INFO, logger="mindcv_poolformer"):
+        trainer.fit()
+    timing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("timing: setup ")]
+    assert len(timing) == 1 and float(re.search(r"first step ([0-9.]+) s \(graph compile\)", timing[0])[1]) > 1
+    stem = [p.name for p in backbone.patch_embed.get_parameters()]
+    later = [p.name for p in backbone.network[0].get_parameters()]
+    assert stem and later
+    moved = {p.name for p in backbone.get_parameters() if not np.array_equal(p.asnumpy(), before[p.name])}
+    # (norm1's shift gets no gradient, exactly: average pooling minus identity cancels a per-channel constant)
+    assert moved & set(later) and set(later) <= optimized
+    if frozen_stages == 0:
+        assert not moved & set(stem) and not optimized & set(stem)
+    else:
+        assert set(stem) <= moved and set(stem) <= optimized
 
 
 def _bad_run(args: list[str], run: Path) -> str:

@@ -41,7 +41,8 @@ def test_official_recipes(variant, drop_path, crop):
     assert cfg.recipe_defaults == "ours" and cfg.val_amp_level is None
 
 
-@pytest.mark.parametrize("name", ["demo/digits_cpu.yaml", "poolformer/poolformer_s12_finetune.yaml"])
+@pytest.mark.parametrize("name", ["demo/digits_cpu.yaml", "demo/texture_mosaics_cpu.yaml",
+                                  "poolformer/poolformer_s12_finetune.yaml"])
 def test_other_recipes_load(name):
     load_config(REPO / "configs" / name)
 

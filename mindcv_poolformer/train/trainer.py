@@ -274,6 +274,9 @@ class Trainer:
         from mindspore import ParameterTuple
 
 
+        # seconds by phase, for the run's closing timing line (the demo's time budget is read from it)
+        self.timing = {"setup": -time.perf_counter(), "first_step": 0.0, "validation": 0.0, "checkpoints": 0.0,
+                       "outputs": 0.0}
         self.cfg = cfg
         apply_mindcv_resume(cfg)
         self.plan = validate_train_config(cfg)
@@ -309,7 +312,8 @@ class Trainer:
 
         ms.set_seed(int(cfg["seed"]))  # identical initial weights on every rank
         ckpt = cfg["ckpt_path"] or None
-        head = {"dropout": float(cfg["head_dropout"]), "sync_bn": bool(cfg["sync_bn"])} \
+        head = {"dropout": float(cfg["head_dropout"]), "sync_bn": bool(cfg["sync_bn"]),
+                "frozen_stages": int(cfg["frozen_stages"])} \
             if self.task.name == "segmentation" else {}
         self.net = create_model(cfg["model"], pretrained=cfg["pretrained"], num_classes=self.num_classes,
                                 in_channels=cfg["in_channels"], checkpoint_path=ckpt,
@@ -354,6 +358,7 @@ class Trainer:
             self._resume_auto()
         elif cfg["resume"]:
             self._resume(resolve_resume(cfg["resume"]))
+        self.timing["setup"] += time.perf_counter()
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -467,9 +472,11 @@ class Trainer:
         self.saved_step = self.global_step
         if not self.dist.is_main:
             return
+        start = time.perf_counter()
         state = self.state_dict(finished_epochs, micro_in_epoch)
         label = finished_epochs + (1 if micro_in_epoch else 0)  # the epoch the file belongs to, from 1
         path = self.manager.save(state, label, self.global_step, top1, is_best)
+        self.timing["checkpoints"] += time.perf_counter() - start
         self.result.last_checkpoint = str(path)
         if self.nonfinite_streak == 0:
             self.checkpoint_before_streak = str(path)
@@ -481,6 +488,14 @@ class Trainer:
 
         The score (top-1 or mIoU, %) picks the best checkpoint; None when there is nothing to validate.
         """
+        self._flush()  # the pending steps' compute counts as training, not validation
+        start = time.perf_counter()
+        try:
+            return self._validate()
+        finally:
+            self.timing["validation"] += time.perf_counter() - start
+
+    def _validate(self) -> tuple[dict[str, float | None], float | None, float | None]:
         self._flush()  # a run that diverged stops before validating, as when each step was read at once
         distributed = self.dist.world > 1
         found = self.task.evaluate(self.net, distributed)
@@ -522,7 +537,7 @@ class Trainer:
                       f"{self.total_epochs} epochs x {self.steps_per_epoch} steps")
             _LOG.info("training %s (%s): %s, global batch %d, peak lr %.3e, %d rank(s)", cfg["model"],
                       self.task.name, length, self.global_batch, float(self.lrs.max()), self.dist.world)
-        self.window[3] = time.perf_counter()
+        self.window[3] = fit_start = time.perf_counter()
         self._pending = []
         self._read_scale()
         self.drop_path_key.set_counter(self.global_step * self.accum)  # checkpoints are at optimizer steps
@@ -542,9 +557,21 @@ class Trainer:
                 if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                     break
         if self.result.interrupted is None and (not self.max_iters or self.global_step >= self.max_iters):
+            start = time.perf_counter()
             self.task.finish(self.net, self.run_dir)
+            self.timing["outputs"] = time.perf_counter() - start
         self.result.best_top1 = self.best_top1
+        self._log_timing(time.perf_counter() - fit_start)
         return self.result
+
+    def _log_timing(self, fit_seconds: float) -> None:
+        """One line of where the run's time went: the training steps are the rest of ``fit`` after the others."""
+        t = self.timing
+        steps = fit_seconds - t["first_step"] - t["validation"] - t["checkpoints"] - t["outputs"]
+        if self.dist.is_main:
+            _LOG.info("timing: setup %.1f s (data, model, optimizer), first step %.1f s (graph compile), training "
+                      "steps %.1f s, validation %.1f s, checkpoints %.1f s, final outputs %.1f s", t["setup"],
+                      t["first_step"], steps, t["validation"], t["checkpoints"], t["outputs"])
 
     def _stop_requested(self) -> bool:
         """Whether any rank got SIGINT/SIGTERM: ranks must agree, or the others would wait in the all-reduce."""
@@ -585,7 +612,10 @@ class Trainer:
                     break
                 if micro < self.skip_micro:
                     continue
+                first = time.perf_counter() if micro == self.skip_micro and epoch == self.start_epoch else None
                 loss, applied = run_step() if run_step is not None else self.step(images, targets)
+                if first is not None:  # GRAPH mode compiles in this call; the kernels may still run after it
+                    self.timing["first_step"] = time.perf_counter() - first
                 boundary = (micro + 1) % self.accum == 0
                 if self.apply_accumulated is not None and boundary:
                     applied = self.apply_accumulated()
