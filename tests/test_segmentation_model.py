@@ -373,3 +373,52 @@ def test_every_backend_gives_the_model_as_written(mmseg_s12, tmp_path):
         net.set_train(False)
         outputs.append(net(x).asnumpy())
     assert np.abs(outputs[0] - outputs[1]).max() <= TOL * np.abs(outputs[0]).max()
+
+
+@pytest.mark.slow  # one mmseg backward and one compiled MindSpore backward of FPN-S12: ~1 min
+def test_training_gradients_equal_mmseg(tmp_path):
+    """Train mode (BatchNorm on batch statistics), head dropout off, the stem trained: the loss and the gradient
+    of every parameter, through the compiled graph and the device backend a training run uses, against
+    mmseg's decode-head loss (``avg_non_ignore=False``) backpropagated in torch. Logit parity alone would
+    not see a wrong backward (a kernel's, a resize's, the loss's)."""
+    torch = require("torch")
+    import torch.nn.functional as F
+
+    from mindcv_poolformer.train.loss import SegmentationCrossEntropy
+    from mindcv_poolformer.train.step import WithLoss
+
+    model = mmseg_model("s12", seed=0, frozen_stages=-1).train()
+    model.decode_head.dropout = None
+    rng = np.random.RandomState(0)
+    x = rng.randn(2, 3, 64, 64).astype(np.float32)
+    label = rng.randint(0, 150, size=(2, 64, 64)).astype(np.int64)
+    label[:, :8] = 255
+    path = _save_mmseg(model, tmp_path / "mmseg.pth")
+    logits = model.decode_head(model.extract_feat(torch.from_numpy(x)))
+    up = F.interpolate(logits, size=label.shape[1:], mode="bilinear", align_corners=False)
+    ref_loss = F.cross_entropy(up, torch.from_numpy(label), ignore_index=255, reduction="none").mean()
+    ref_loss.backward()
+    named = dict(model.named_parameters())
+    grads = {k: named[k].grad.numpy() if k in named else v.numpy() for k, v in model.state_dict().items()}
+    ref, _ = to_canonical(grads, "mmseg")
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    net = create_model("fpn_poolformer_s12", num_classes=150, checkpoint_path=path, frozen_stages=-1, dropout=0.0)
+    net.set_train(True)
+    with_loss = WithLoss(net, SegmentationCrossEntropy(255))
+    params = ms.ParameterTuple(net.trainable_params())
+    assert len(params) == len(named)
+    inputs, targets = ms.Tensor(x), ms.Tensor(label.astype(np.int32))
+    loss = float(with_loss(inputs, targets).asnumpy())
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    ours = ms.ops.GradOperation(get_by_list=True)(with_loss, params)(inputs, targets)
+    worst, name = 0.0, ""
+    for p, g in zip(params, ours):
+        scale = float(np.abs(ref[p.name]).max())
+        if scale < 1e-6:  # exactly zero analytically (norm1's shift: pool(x) - x cancels it), rounding in both
+            assert float(np.abs(g.asnumpy()).max()) < 1e-6, p.name
+            continue
+        diff = float(np.abs(g.asnumpy() - ref[p.name]).max()) / scale
+        worst, name = max((worst, name), (diff, p.name))
+    print(f"loss {loss:.6f} vs mmseg {ref_loss.item():.6f}; worst gradient |diff| / max|g|: {worst:.2e} ({name})")
+    assert worst <= 1e-4, f"{name}: gradient differs from mmseg's by {worst:.2e} of its scale"
