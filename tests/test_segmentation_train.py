@@ -15,10 +15,12 @@ from train_helpers import run_python
 
 from mindcv_poolformer.config import ConfigError, load_config
 
+from conftest import require
+
 
 def test_poly_schedule_is_mmengine_poly_lr():
     """Every step's learning rate equals mmengine's PolyLR (power 0.9, eta_min, by iteration) driving torch AdamW."""
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from mmengine.optim.scheduler import PolyLR
 
     from mindcv_poolformer.train.schedule import ScheduleSettings, build_lr_schedule
@@ -42,7 +44,7 @@ def test_poly_schedule_is_mmengine_poly_lr():
 
 def test_loss_is_mmseg_decode_head_loss():
     """Bilinear resize to the label size + cross-entropy with ignore 255, averaged over all pixels (mmseg's default)."""
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     import mindspore as ms
     from mmseg_reference import _import_mmseg
 
@@ -103,7 +105,7 @@ def test_loss_gradient_is_mmseg_and_keeps_few_full_size_maps(tmp_path):
     with ``ignore_index``, which the segmentation bench once used, held 16-18 and made batch 8 at
     512x512 exceed 24 GB). Own process: the peak resident set is the process's.
     """
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from mmseg_reference import _import_mmseg
 
     _import_mmseg()
