@@ -10,10 +10,10 @@ Semantic FPN segmentation on ADE20K (the same trainer; iteration-based, mIoU val
     python train.py --config configs/demo/texture_mosaics_cpu.yaml
 """
 
-import sys
 
 import mindcv_poolformer  # noqa: F401  (sets the fast oneDNN code path before any conv runs)
+from mindcv_poolformer.distributed import exit_process
 from mindcv_poolformer.train.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

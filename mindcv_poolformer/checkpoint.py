@@ -44,6 +44,7 @@ from .models.registry import model_info
 
 __all__ = [
     "CheckpointError",
+    "load_ms_checkpoint",
     "LoadReport",
     "check_architecture",
     "check_checkpoint",
@@ -160,6 +161,40 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _mem_available() -> int | None:
+    """Bytes the kernel can give without swapping (``MemAvailable``: free pages plus reclaimable cache)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def load_ms_checkpoint(path: str, **kwargs) -> dict:
+    """``ms.load_checkpoint``, with its memory guard counting reclaimable page cache as available.
+
+    MindSpore 2.10 refuses a ``.ckpt`` larger than ``sysconf(SC_AVPHYS_PAGES)`` (free pages only,
+    ``train/serialization.py::_get_available_memory``). On a host whose page cache is warm that is a few
+    hundred MB while GBs are available: an M48 checkpoint (294 MB) was refused with 248 MB "available"
+    during the test suite. Where ``/proc/meminfo`` gives ``MemAvailable`` the guard uses it instead.
+    """
+    import mindspore as ms
+    from mindspore.train import serialization
+
+    available = _mem_available()
+    original = getattr(serialization, "_get_available_memory", None)
+    if available is None or original is None:
+        return ms.load_checkpoint(path, **kwargs)
+    serialization._get_available_memory = lambda: max(available, original() or 0)
+    try:
+        return ms.load_checkpoint(path, **kwargs)
+    finally:
+        serialization._get_available_memory = original
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a checkpoint file into ``{name: array}`` in its own layout (floats as float32)."""
     path = str(path)
@@ -169,11 +204,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if suffix in TORCH_SUFFIXES:
         state = _read_torch(path)
     elif suffix in (".ckpt", ".safetensors"):
-        import mindspore as ms
-
         fmt = "safetensors" if suffix == ".safetensors" else "ckpt"
         try:
-            params = ms.load_checkpoint(path, format=fmt)
+            params = load_ms_checkpoint(path, format=fmt)
         except Exception as exc:  # MindSpore raises ValueError/RuntimeError for corrupt files
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{path}: not a readable {fmt} checkpoint ({first})") from None

@@ -18,32 +18,33 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 
 from .errors import ConfigError
 
 __all__ = ["DistInfo", "all_reduce_sum", "detect_launcher", "mpi_env", "bootstrap_mpi_scheduler", "check_launcher",
-           "init_distributed"]
+           "exit_process", "init_distributed"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
-# The scheduler serves until MPI rank 0, which started it, has exited, and then leaves without
-# MindSpore's own finalisation. Left to finalise itself, it closes its server as soon as the last
-# worker has unregistered, while that worker is still tearing down its TCP client: MindSpore 2.10's
-# client event thread then crashes on the closed connection (SIGSEGV in libmindspore_cluster.so under
-# TCPClient::Finalize, seen on rank 1 in CI and in 1 of ~10 loaded 2-rank runs). Staying up until
-# the workers are gone keeps every worker's teardown on an open connection.
+# The scheduler serves until MPI rank 0, which started it, has exited: the kernel kills it then
+# (``prctl(PR_SET_PDEATHSIG, SIGKILL)``; a Python watcher thread would not run while ``init()`` holds
+# the GIL). Its workers leave without unregistering (``exit_process``), so MindSpore's scheduler-side
+# finalisation, which waits for them, never runs, and no server closes under a worker's TCP client
+# teardown (SIGSEGV in libmindspore_cluster.so under TCPClient::Finalize, CI's rank 1).
 _SCHEDULER_CODE = (
-    "import os, time\n"
+    "import ctypes, os, signal, threading\n"
+    "parent = os.getppid()\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != parent:\n"
+    "    os._exit(0)\n"
     "import mindspore as ms\n"
     "from mindspore.communication import init\n"
-    "parent = os.getppid()\n"
     "ms.set_device('CPU')\n"
     "init()\n"
-    "while os.getppid() == parent:\n"
-    "    time.sleep(0.2)\n"
-    "os._exit(0)\n"
+    "threading.Event().wait()\n"
 )
 
 
@@ -109,7 +110,32 @@ def bootstrap_mpi_scheduler() -> None:
 
         atexit.register(_reap)
     os.environ["MS_ROLE"] = "MS_WORKER"
+    global _BOOTSTRAPPED
+    _BOOTSTRAPPED = True
     _wait_for_port(host, port, timeout=120.0)
+
+
+_BOOTSTRAPPED = False  # this process is a worker of the scheduler bootstrap_mpi_scheduler started
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the script with ``code``; a worker of our mpirun scheduler skips MindSpore's cluster finalisation.
+
+    MindSpore 2.10's exit handler (``ClearResAtexit -> FinalizeCluster -> TCPClient::Finalize``) crashes
+    now and then in the TCP client's event thread (SIGSEGV: CI's rank 1, and ~1 in 10 loaded 2-rank runs
+    here, with the scheduler still serving), turning a finished run into exit code 139. Our scheduler needs
+    no goodbye from its workers (it leaves when MPI rank 0 does, see ``_SCHEDULER_CODE``), so such a worker
+    flushes its output and leaves with ``os._exit`` once its run succeeded. A failed run exits normally:
+    MindSpore's finalisation waits for every rank, so mpirun, which ends the job when a rank exits
+    non-zero, does not kill a peer before it has reported the same error. Every other process exits
+    normally too: msrun's own scheduler waits for each worker's finalisation.
+    """
+    if not _BOOTSTRAPPED or code != 0:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _wait_for_port(host: str, port: int, timeout: float) -> None:

@@ -182,3 +182,22 @@ def test_convert_cli(tmp_path, s12_ckpt):
     bad = _cli(str(tmp_path / "missing.pth"), str(tmp_path / "o.ckpt"))
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"convert: error: checkpoint not found: {tmp_path / 'missing.pth'}"
+
+
+def test_ckpt_loads_when_only_the_page_cache_is_free(tmp_path, monkeypatch):
+    """MindSpore's .ckpt memory guard counts free pages only; ours counts MemAvailable (free + reclaimable cache)."""
+    import mindspore as ms
+    from mindspore.train import serialization
+
+    from mindcv_poolformer.checkpoint import load_ms_checkpoint, read_state_dict
+
+    path = str(tmp_path / "w.ckpt")
+    ms.save_checkpoint([{"name": "w", "data": ms.Tensor(np.arange(4096, dtype=np.float32))}], path)
+    real_sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else real_sysconf(name))
+    assert serialization._get_available_memory() == os.sysconf("SC_PAGE_SIZE")  # one free page, as MindSpore sees it
+    with pytest.raises(Exception, match="exceeds current available memory"):
+        ms.load_checkpoint(path)
+    np.testing.assert_array_equal(load_ms_checkpoint(path)["w"].asnumpy(), np.arange(4096, dtype=np.float32))
+    np.testing.assert_array_equal(read_state_dict(path)["w"], np.arange(4096, dtype=np.float32))
+    assert serialization._get_available_memory() == os.sysconf("SC_PAGE_SIZE")  # MindSpore's own guard restored

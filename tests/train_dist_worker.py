@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import tiny_overrides  # noqa: E402
 
 from mindcv_poolformer.config import load_config  # noqa: E402
+from mindcv_poolformer.distributed import exit_process  # noqa: E402
 from mindcv_poolformer.train.trainer import Trainer  # noqa: E402
 
 
@@ -41,3 +42,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # as train.py ends: under our mpirun scheduler without MindSpore's cluster finalisation

@@ -42,7 +42,7 @@ from .._runtime import configure_device
 from .._script import ScriptError
 from ..amp import apply_amp
 from ..backends import backend_all_finite
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, load_ms_checkpoint
 from ..config import Config, ConfigError
 from ..data.listing import augmentation_seed
 from ..distributed import DistInfo, all_reduce_sum, init_distributed
@@ -113,8 +113,6 @@ def has_training_state(path: str | os.PathLike) -> bool:
 
     A safetensors header is plain JSON (no Parameters are built); a ``.ckpt`` is read for those entries only.
     """
-    import mindspore as ms
-
     path = str(path)
     try:
         if path.endswith(".safetensors"):
@@ -124,7 +122,7 @@ def has_training_state(path: str | os.PathLike) -> bool:
             return any(name.startswith(STATE_PREFIX) for name in header)
         if not path.endswith(".ckpt"):
             return False
-        return bool(ms.load_checkpoint(path, choice_func=lambda name: name.startswith(STATE_PREFIX)))
+        return bool(load_ms_checkpoint(path, choice_func=lambda name: name.startswith(STATE_PREFIX)))
     except Exception as exc:  # struct/json/MindSpore raise several types for unreadable files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "empty after filter" in first:  # MindSpore's answer for a readable file without those entries
@@ -420,7 +418,7 @@ class Trainer:
 
         fmt = "safetensors" if path.suffix == ".safetensors" else "ckpt"
         try:
-            loaded = ms.load_checkpoint(str(path), format=fmt)
+            loaded = load_ms_checkpoint(str(path), format=fmt)
         except Exception as exc:  # MindSpore raises several types for unreadable files
             raise CheckpointError(f"resume: {path} is not a readable checkpoint ({str(exc).splitlines()[0]})") from None
         state = read_training_state(loaded)
