@@ -104,8 +104,8 @@ def bootstrap_mpi_scheduler() -> None:
         _LOG.info("mpirun: started the MindSpore scheduler (pid %d) on %s:%d", proc.pid, host, port)
 
         def _reap() -> None:
-            # The scheduler exits once this process has (see _SCHEDULER_CODE), after MindSpore's own exit
-            # handler finalised the workers; so it is not waited for here, only collected if already done.
+            # The kernel kills the scheduler when this process exits (see _SCHEDULER_CODE), so it is not
+            # waited for here, only collected if it is already done.
             proc.poll()
 
         atexit.register(_reap)

@@ -153,10 +153,13 @@ class OrderedGradReducer(nn.Cell):
         super().__init__(auto_prefix=False)
         sizes = [int(np.prod(p.shape)) for p in parameters]
         ranges: list[list[int]] = []  # [start, end) of each bucket, in parameter order
+        filled = 0  # elements in the last bucket
         for i, size in enumerate(sizes):
-            if not ranges or (sum(sizes[ranges[-1][0]:i]) + size > bucket and i > ranges[-1][0]):
+            if not ranges or (filled and filled + size > bucket):
                 ranges.append([i, i])
+                filled = 0
             ranges[-1][1] = i + 1
+            filled += size
         self.ranges = tuple((a, b) for a, b in ranges)
         # each gradient's [begin, end) in its bucket, sliced out statically: ``ops.split`` with a list of
         # sizes unrolls into a recursion past the graph compiler's depth limit at ~100 parameters, and

@@ -486,7 +486,9 @@ class Trainer:
 
         The score (top-1 or mIoU, %) picks the best checkpoint; None when there is nothing to validate.
         """
-        self._flush()  # the pending steps' compute counts as training, not validation
+        # a run that diverged stops before validating, as when each step was read at once; and the pending
+        # steps' compute counts as training, not validation
+        self._flush()
         start = time.perf_counter()
         try:
             return self._validate()
@@ -494,7 +496,6 @@ class Trainer:
             self.timing["validation"] += time.perf_counter() - start
 
     def _validate(self) -> tuple[dict[str, float | None], float | None, float | None]:
-        self._flush()  # a run that diverged stops before validating, as when each step was read at once
         distributed = self.dist.world > 1
         found = self.task.evaluate(self.net, distributed)
         if found is None:
