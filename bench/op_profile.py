@@ -1,11 +1,14 @@
 """Where the time of a PoolFormer forward / training step goes, per op, in GRAPH mode on the CPU.
 
     python bench/op_profile.py [--model poolformer_s12] [--batch 32] [--task infer|train] [--steps 2]
+    python bench/op_profile.py --model fpn_poolformer_s12 --batch 2 --image-size 256 --task train
 
 Runs MindSpore's Profiler around ``--steps`` warm steps and aggregates its per-kernel CPU times by
 (cell class that issued the op, op type), e.g. ``GELU / Erf``, so formulations can be compared by
-their real cost inside the network rather than in isolation. Writes the table as markdown to
-``bench/results/profile-<task>-<model>-b<batch>-<stamp>.md`` and prints it.
+their real cost inside the network rather than in isolation. A Semantic FPN model (``fpn_*``) trains
+on random labels with the trainer's segmentation loss (``SegmentationCrossEntropy``, 255 ignored).
+Writes the table as markdown to ``bench/results/profile-<task>-<model>-b<batch>-<stamp>.md`` and
+prints it.
 """
 
 from __future__ import annotations
@@ -47,16 +50,21 @@ def _build(task: str, model: str, batch: int, size: int):
         return net, (x,)
     from mindcv_poolformer.backends import backend_all_finite
     from mindcv_poolformer.config import load_config
-    from mindcv_poolformer.train.loss import create_loss
+    from mindcv_poolformer.train.loss import SegmentationCrossEntropy, create_loss
     from mindcv_poolformer.train.optim import OptimizerSettings, create_optimizer
     from mindcv_poolformer.train.step import LossScaleState, TrainStep, WithLoss
 
+    segmentation = model.startswith("fpn_")
     cfg = OptimizerSettings.from_config(load_config(overrides={"model": model, "opt": "adamw", "lr": 1e-3,
                                                                 "weight_decay": 0.05}))
-    step = TrainStep(WithLoss(net, create_loss("CE")), create_optimizer(net, cfg, 1e-3), LossScaleState(1.0, False),
+    loss = SegmentationCrossEntropy(255) if segmentation else create_loss("CE")
+    step = TrainStep(WithLoss(net, loss), create_optimizer(net, cfg, 1e-3), LossScaleState(1.0, False),
                      all_finite=backend_all_finite())
     step.set_train(True)
-    y = np.eye(1000, dtype=np.float32)[rs.randint(0, 1000, size=batch)]
+    if segmentation:
+        y = rs.randint(0, 150, size=(batch, size, size)).astype(np.int32)
+    else:
+        y = np.eye(1000, dtype=np.float32)[rs.randint(0, 1000, size=batch)]
     return step, (x, ms.Tensor(y))
 
 

@@ -343,3 +343,34 @@ def test_all_finite_kernel(library, dtype, bad):
         broken = [t.copy() for t in tensors]
         broken[index].reshape(-1)[position] = bad
         assert not bool(check(*[Tensor(t) for t in broken]).asnumpy()), (index, position)
+
+
+@pytest.mark.parametrize("shape", [(2, 150, 33, 35), (1, 3, 5), (3, 7, 130)])
+def test_class_log_softmax_matches_torch(library, shape):
+    """The segmentation loss's log_softmax over axis 1 and its gradient against torch's, in GRAPH mode.
+
+    Logits up to +-60 apart (classes far below the maximum, where a clamped exp would be visible), every
+    third pixel with class 1 at 300 (exp overflows unless the maximum is subtracted first), pixel counts
+    that are not a multiple of the kernel's 64-pixel runs, and a random upstream gradient.
+    """
+    torch = pytest.importorskip("torch")
+    from mindspore import nn, ops
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 20, shape).astype(np.float32)
+    x[:, 1].reshape(shape[0], -1)[:, ::3] = 300.0
+    weights = rng.normal(0, 1, shape).astype(np.float32)
+    op = kernels.cpu_kernels().log_softmax_channels
+
+    class Weighted(nn.Cell):
+        def construct(self, a, w):
+            return (op(a) * w).sum()
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    got = op(Tensor(x)).asnumpy()
+    got_grad = ops.GradOperation()(Weighted())(Tensor(x), Tensor(weights)).asnumpy()
+    tx = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+    expected = torch.log_softmax(tx, dim=1)
+    (expected * torch.from_numpy(weights.astype(np.float64))).sum().backward()
+    np.testing.assert_allclose(got, expected.detach().numpy(), rtol=1e-6, atol=2e-5)
+    np.testing.assert_allclose(got_grad, tx.grad.numpy(), rtol=1e-5, atol=1e-5)

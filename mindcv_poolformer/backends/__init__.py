@@ -19,7 +19,8 @@ from mindspore import nn
 from ..kernels import cpu_kernels
 from . import ascend, cpu
 
-__all__ = ["BACKENDS", "applied_backend", "apply_backend", "backend_all_finite", "resolve_backend"]
+__all__ = ["BACKENDS", "applied_backend", "apply_backend", "backend_all_finite", "backend_class_log_softmax",
+           "resolve_backend"]
 
 BACKENDS = ("auto", "cpu", "ascend", "none")
 _FOR_TARGET = {"CPU": "cpu", "Ascend": "ascend", "GPU": "none"}
@@ -67,3 +68,11 @@ def backend_all_finite(backend: str = "auto") -> Callable | None:
         return None
     kernels = cpu_kernels()
     return kernels.all_finite if kernels is not None else None
+
+
+def backend_class_log_softmax(backend: str = "auto") -> Callable | None:
+    """The backend's ``log_softmax`` over axis 1 (float32; the segmentation loss's classes), or None for MindSpore's."""
+    if resolve_backend(backend) != "cpu":
+        return None
+    kernels = cpu_kernels()
+    return kernels.log_softmax_channels if kernels is not None else None

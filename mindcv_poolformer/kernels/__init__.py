@@ -7,7 +7,8 @@ LayerScale + drop path + residual; norm2; the MLP's weight folds; and, where the
 the whole channel MLP as two cache-blocked GEMMs whose stores apply the bias + exact GELU and the
 bias + drop path + residual (fc1 also normalises its input at inference). Without AVX-512 the 1x1
 convs stay on oneDNN with separate bias + GELU and bias + residual kernels around them. One more
-kernel checks a training step's gradients for non-finite values.
+kernel checks a training step's gradients for non-finite values, and one pair is the class-axis
+log_softmax (and its gradient) of the segmentation loss.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``/``c++``)
 for this CPU (``-march=native``) and cached under ``$MINDCV_POOLFORMER_HOME/kernels`` (default
@@ -174,6 +175,15 @@ class CpuKernels:
 
         # one kernel for the training step's non-finite check over every gradient (float32/float16)
         self.all_finite = custom("AllFinite", lambda *shapes: [1], lambda *types: mstype.bool_)
+
+        # log_softmax over the class axis (axis 1) of a segmentation loss's logits: MindSpore's CPU
+        # LogSoftmaxGrad over that axis took 46% of an FPN-S12 training step (bench/op_profile.py)
+        log_softmax_grad = custom("LogSoftmaxChannelsGrad", lambda y, dy: y, lambda y, dy: y)
+
+        def log_softmax_bprop(x, out, dout):
+            return (log_softmax_grad(out, dout),)
+
+        self.log_softmax_channels = custom("LogSoftmaxChannels", lambda x: x, lambda x: x, log_softmax_bprop)
 
         # The MLP's 1x1 convs (fc1, fc2 and their input gradients) as a cache-blocked AVX-512 GEMM over the
         # whole batch where the library was compiled with AVX-512 (else None: oneDNN convs). MindSpore's

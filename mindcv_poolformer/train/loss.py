@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from mindspore import Tensor, nn, ops
 
+from ..backends import backend_class_log_softmax
+
 __all__ = ["SoftTargetCrossEntropy", "SoftTargetBCE", "SegmentationCrossEntropy", "create_loss"]
 
 
@@ -33,12 +35,18 @@ class SegmentationCrossEntropy(nn.Cell):
     mmseg's ``CrossEntropyLoss(avg_non_ignore=False)`` (its default, and the PoolFormer recipe's) divides
     the sum over the non-ignored pixels by *all* pixels of the batch, ignored ones included; so does this.
     Written from MindSpore ops rather than ``ops.cross_entropy``, whose ``ignore_index`` mean divides by
-    the non-ignored pixels only. Computed in float32.
+    the non-ignored pixels only. Computed in float32. The class-axis log_softmax is the backend's where it
+    has one (``backend``: ``auto`` follows MindSpore's device target): on the CPU a fused kernel, as
+    MindSpore's CPU LogSoftmaxGrad over axis 1 took 46% of an FPN-S12 training step.
     """
 
-    def __init__(self, ignore_index: int = 255) -> None:
+    def __init__(self, ignore_index: int = 255, backend: str = "auto") -> None:
         super().__init__()
         self.ignore_index = ignore_index
+        fused = backend_class_log_softmax(backend)
+        self.use_fused_log_softmax = fused is not None
+        if fused is not None:
+            self.fused_log_softmax = fused
 
     def construct(self, logits: Tensor, labels: Tensor) -> Tensor:
         logits = ops.interpolate(logits.astype("float32"), size=labels.shape[-2:], mode="bilinear",
@@ -46,7 +54,10 @@ class SegmentationCrossEntropy(nn.Cell):
         labels = labels.astype("int32")
         keep = labels != self.ignore_index
         safe = ops.where(keep, labels, ops.zeros_like(labels))
-        log_p = ops.log_softmax(logits, axis=1)
+        if self.use_fused_log_softmax:
+            log_p = self.fused_log_softmax(logits)
+        else:
+            log_p = ops.log_softmax(logits, axis=1)
         picked = ops.gather_elements(log_p, 1, safe.expand_dims(1)).squeeze(1)
         return -(picked * keep.astype("float32")).mean()  # the mean over every pixel: avg_non_ignore=False
 
