@@ -14,6 +14,8 @@
 // and, with AVX-512, the MLP's 1x1 convs as a batch GEMM that applies GeluBias / ResidualBias (and
 // the GELU's derivative in the backward) as it stores (MlpForward, MlpInference, MlpHiddenGrad).
 // d_b is the per-sample drop-path scale (ones at inference). Statistics accumulate in double.
+// Outside the block: AllFinite (a training step's gradient check) and LogSoftmaxChannels (+ Grad), the
+// segmentation loss's log_softmax over the class axis.
 //
 // Every entry point has MindSpore's aot signature; params holds the inputs then the outputs.
 
