@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .config import ConfigError
+from .kernels.image import affine_rgb, image_kernels_enabled, pil_rotate_matrix
 from .models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, model_info
 
 __all__ = [
@@ -560,11 +561,27 @@ def _apply_augment(img: Image.Image, draw: AugmentDraw, fill: tuple[int, ...]) -
         return getattr(ImageEnhance, base)(img).enhance(args[0])
     if base == "Rotate":
         return img.rotate(args[0], resample=draw.resample, fillcolor=fill)
-    width, height = img.size
-    matrix = {"ShearX": (1, args[0], 0, 0, 1, 0), "ShearY": (1, 0, 0, args[0], 1, 0),
-              "TranslateXRel": (1, 0, args[0] * width, 0, 1, 0),
-              "TranslateYRel": (1, 0, 0, 0, 1, args[0] * height)}[base]
-    return img.transform(img.size, Image.AFFINE, matrix, resample=draw.resample, fillcolor=fill)
+    return img.transform(img.size, Image.AFFINE, _affine_matrix(base, args[0], *img.size), resample=draw.resample,
+                         fillcolor=fill)
+
+
+def _affine_matrix(base: str, value: float, width: int, height: int) -> tuple[float, ...]:
+    """The inverse map timm's shear / translate op hands to ``Image.transform`` (AFFINE)."""
+    return {"ShearX": (1, value, 0, 0, 1, 0), "ShearY": (1, 0, 0, value, 1, 0),
+            "TranslateXRel": (1, 0, value * width, 0, 1, 0),
+            "TranslateYRel": (1, 0, 0, 0, 1, value * height)}[base]
+
+
+def _affine_array(image: np.ndarray, draw: AugmentDraw, fill: tuple[int, ...]) -> np.ndarray | None:
+    """A geometric draw on an HWC RGB array by the compiled kernel (Pillow's pixels); None: use Pillow."""
+    height, width = image.shape[:2]
+    if draw.name == "Rotate":
+        matrix = pil_rotate_matrix(draw.args[0], width, height)
+        if matrix is None:
+            return None
+    else:
+        matrix = _affine_matrix(draw.name, draw.args[0], width, height)
+    return affine_rgb(image, matrix, draw.resample, fill)
 
 
 class RandAugment:
@@ -595,6 +612,7 @@ class RandAugment:
         self.resample: tuple[int, ...] = ((Image.BILINEAR, Image.BICUBIC) if interpolation == "random"
                                           else (_PIL_INTERP[interpolation],))
         self.translate_pct = float(translate_pct)
+        image_kernels_enabled()  # build (or find) and check the kernel here, not in the first map worker
 
     @classmethod
     def from_parsed(cls, parsed: dict[str, Any], fill: Sequence[int], interpolation: str) -> RandAugment:
@@ -628,20 +646,33 @@ class RandAugment:
             draws.append(AugmentDraw(name, True, magnitude, args, resample))
         return draws
 
-    def apply(self, img: Image.Image, draws: Sequence[AugmentDraw]) -> Image.Image:
-        """The PIL image after the fired ``draws``, in order."""
+    def apply(self, img: Image.Image | np.ndarray, draws: Sequence[AugmentDraw]) -> Image.Image | np.ndarray:
+        """The image after the fired ``draws``, in order, of the type it came in (PIL or HWC uint8 array).
+
+        Geometric ops run on arrays in ``kernels.image.affine_rgb`` (Pillow's pixels, 3x cheaper for
+        translate and shear), the others in PIL; the image changes form only between the two.
+        """
+        current: Image.Image | np.ndarray = img
+        kernel = image_kernels_enabled()
         for draw in draws:
-            if draw.applied:
-                img = _apply_augment(img, draw, self.fill)
-        return img
+            if not draw.applied:
+                continue
+            if kernel and draw.name in _GEOMETRIC:
+                out = _affine_array(np.asarray(current), draw, self.fill)
+                if out is not None:
+                    current = out
+                    continue
+            pil = current if isinstance(current, Image.Image) else Image.fromarray(current)
+            current = _apply_augment(pil, draw, self.fill)
+        if isinstance(img, Image.Image):
+            return current if isinstance(current, Image.Image) else Image.fromarray(current)
+        return np.asarray(current)
 
     def __call__(self, img: Any) -> Any:
         draws = self.sample()
         if not any(d.applied for d in draws):
             return img
-        pil = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
-        out = self.apply(pil, draws)
-        return out if isinstance(img, Image.Image) else np.asarray(out)
+        return self.apply(img if isinstance(img, Image.Image) else np.asarray(img), draws)
 
 
 def _ms_inter(name: str):

@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -65,19 +66,20 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(keep))
 
 
-@cache
-def library_path() -> str | None:
-    """Path of the compiled kernel library, building it if needed; None (with one warning) if it cannot be built."""
+def _build(source_path: Path, flags: Sequence[str], without: str) -> str | None:
+    """Compile ``source_path`` into the cache home (once per source, compiler, flags and CPU); its path, or None.
+
+    ``without`` says, in the one warning, what runs instead when it cannot be built.
+    """
     compiler = _compiler()
     if compiler is None:
-        _LOG.warning("no C++ compiler found ($CXX, g++, c++): the PoolFormer blocks run MindSpore's generic CPU "
-                     "ops (correct, several times slower); install g++ to enable the fused CPU kernels")
+        _LOG.warning("no C++ compiler found ($CXX, g++, c++): %s; install g++ to enable the CPU kernels", without)
         return None
-    source = SOURCE.read_bytes()
+    source = source_path.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"poolformer_cpu-{key}.so"
+    target = _cache_dir() / f"{source_path.stem}-{key}.so"
     if target.is_file():
         return str(target)
     try:
@@ -89,18 +91,24 @@ def library_path() -> str | None:
     fd, partial = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=directory)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True,
+        result = subprocess.run([compiler, *flags, "-o", partial, str(source_path)], capture_output=True, text=True,
                                 timeout=300)
         if result.returncode != 0:
             detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            _LOG.warning("building the fused CPU kernels failed (%s: %s): the PoolFormer blocks run MindSpore's "
-                         "generic CPU ops instead", compiler, detail)
+            _LOG.warning("building %s failed (%s: %s): %s", source_path.name, compiler, detail, without)
             return None
         os.replace(partial, target)  # atomic: concurrent ranks each build and the last rename wins
     finally:
         if os.path.exists(partial):
             os.remove(partial)
     return str(target)
+
+
+@cache
+def library_path() -> str | None:
+    """Path of the compiled kernel library, building it if needed; None (with one warning) if it cannot be built."""
+    return _build(SOURCE, FLAGS, "the PoolFormer blocks run MindSpore's generic CPU ops (correct, several times "
+                                 "slower)")
 
 
 def kernels_enabled() -> bool:
