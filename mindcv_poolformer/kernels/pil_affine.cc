@@ -17,17 +17,10 @@ namespace {
 inline int floor_int(double v) { return v < 0.0 ? static_cast<int>(std::floor(v)) : static_cast<int>(v); }
 inline int clip_index(int v, int n) { return v < 0 ? 0 : (v < n ? v : n - 1); }
 
-// Geometry.c's BICUBIC macro on integer samples: p2..p4 in int arithmetic, as there (UINT8 promotes to int).
-inline double cubic_int(int v1, int v2, int v3, int v4, double d) {
-  double p1 = v2;
-  double p2 = -v1 + v3;
-  double p3 = 2 * (v1 - v2) + v3 - v4;
-  double p4 = -v1 + v2 - v3 + v4;
-  return p1 + d * (p2 + d * (p3 + d * p4));
-}
-
-// The same macro on the doubles of the first pass.
-inline double cubic_double(double v1, double v2, double v3, double v4, double d) {
+// Geometry.c's BICUBIC macro: on integer samples (T = int) p2..p4 in int arithmetic, as there (UINT8
+// promotes to int); on the doubles of the first pass (T = double) in double.
+template <typename T>
+inline double cubic(T v1, T v2, T v3, T v4, double d) {
   double p1 = v2;
   double p2 = -v1 + v3;
   double p3 = 2 * (v1 - v2) + v3 - v4;
@@ -56,7 +49,7 @@ void bicubic_pixel(const uint8_t* in, int h, int w, double xin, double yin, uint
   if (dy == 0.0) {  // Pillow's vertical pass returns its second row: row y + 1, in range here
     const uint8_t* row = in + (y + 1) * stride;
     for (int b = 0; b < 3; ++b) {
-      out[b] = dx == 0.0 ? row[c1 + b] : clamp_cubic(cubic_int(row[c0 + b], row[c1 + b], row[c2 + b], row[c3 + b], dx));
+      out[b] = dx == 0.0 ? row[c1 + b] : clamp_cubic(cubic<int>(row[c0 + b], row[c1 + b], row[c2 + b], row[c3 + b], dx));
     }
     return;
   }
@@ -70,27 +63,27 @@ void bicubic_pixel(const uint8_t* in, int h, int w, double xin, double yin, uint
       v3 = has2 ? static_cast<double>(in[(y + 2) * stride + c1 + b]) : v2;
       v4 = has3 ? static_cast<double>(in[(y + 3) * stride + c1 + b]) : v3;
     } else {
-      v1 = cubic_int(r0[c0 + b], r0[c1 + b], r0[c2 + b], r0[c3 + b], dx);
+      v1 = cubic<int>(r0[c0 + b], r0[c1 + b], r0[c2 + b], r0[c3 + b], dx);
       if (has1) {
         const uint8_t* r = in + (y + 1) * stride;
-        v2 = cubic_int(r[c0 + b], r[c1 + b], r[c2 + b], r[c3 + b], dx);
+        v2 = cubic<int>(r[c0 + b], r[c1 + b], r[c2 + b], r[c3 + b], dx);
       } else {
         v2 = v1;
       }
       if (has2) {
         const uint8_t* r = in + (y + 2) * stride;
-        v3 = cubic_int(r[c0 + b], r[c1 + b], r[c2 + b], r[c3 + b], dx);
+        v3 = cubic<int>(r[c0 + b], r[c1 + b], r[c2 + b], r[c3 + b], dx);
       } else {
         v3 = v2;
       }
       if (has3) {
         const uint8_t* r = in + (y + 3) * stride;
-        v4 = cubic_int(r[c0 + b], r[c1 + b], r[c2 + b], r[c3 + b], dx);
+        v4 = cubic<int>(r[c0 + b], r[c1 + b], r[c2 + b], r[c3 + b], dx);
       } else {
         v4 = v3;
       }
     }
-    out[b] = clamp_cubic(cubic_double(v1, v2, v3, v4, dy));
+    out[b] = clamp_cubic(cubic<double>(v1, v2, v3, v4, dy));
   }
 }
 

@@ -84,6 +84,17 @@ inline float Erf(float a) {
   return p / q;
 }
 
+// 2^f for f in [-0.5, 0.5]: the degree-6 polynomial both exponentials below share.
+inline float Exp2Fraction(float f) {
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  return p * f + 1.0f;
+}
+
 // exp(x) for x in [-16, 0] (here x = -z*z with |z| <= 4, where the GELU derivative needs it; below,
 // z * exp(-z*z) < 5e-7): 2^-m * 2^f with a degree-6 polynomial for 2^f, f in [-0.5, 0.5], and 2^-m
 // (m = 0..24) from the bits of m by selects, so the loops around it vectorise. Relative error ~2e-7.
@@ -92,13 +103,7 @@ inline float ExpNegativeSmall(float x) {
   float t = x * 1.44269504088896341f;
   float n = std::floor(t + 0.5f);
   float f = t - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
+  float p = Exp2Fraction(f);
   int m = static_cast<int>(-n);
   p *= (m & 1) ? 0.5f : 1.f;
   p *= (m & 2) ? 0.25f : 1.f;
@@ -115,13 +120,7 @@ inline float ExpNonPositive(float x) {
   float t = x * 1.44269504088896341f;
   float n = std::floor(t + 0.5f);
   float f = t - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
+  float p = Exp2Fraction(f);
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
