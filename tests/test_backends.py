@@ -113,3 +113,48 @@ def test_backend_outputs_equal_the_model_as_written():
     fused = net(x).asnumpy()
     assert np.abs(plain).max() > 0.1
     np.testing.assert_allclose(fused, plain, rtol=0, atol=2e-6 * np.abs(plain).max())
+
+
+def _nearest_sources(size_in: int, size_out: int) -> np.ndarray:
+    """PyTorch's ``nearest`` source index of each output index: ``floor(dst * in / out)``."""
+    return np.floor(np.arange(size_out) * size_in / size_out).astype(int)
+
+
+@pytest.mark.parametrize("fine_size", [(8, 12), (7, 12), (9, 11)])
+def test_cpu_fpn_top_down_sums_equal_nearest_upsampling(fine_size):
+    """The broadcast form of ``fine + nearest(coarse)`` equals numpy's upsample-and-add exactly at a 2x ratio and
+    takes the upsample elsewhere; its gradients are the upsample's (the coarse map's: sums of 2x2 blocks)."""
+    rng = np.random.default_rng(3)
+    fine = rng.normal(0, 1, (2, 3, *fine_size)).astype(np.float32)
+    coarse = rng.normal(0, 1, (2, 3, 4, 6)).astype(np.float32)
+    upsample = models.fpn.Resize("nearest")
+    got = cpu_backend.add_nearest_upsampled(ms.Tensor(fine), ms.Tensor(coarse), upsample).asnumpy()
+    rows, cols = _nearest_sources(4, fine_size[0]), _nearest_sources(6, fine_size[1])
+    np.testing.assert_array_equal(got, fine + coarse[:, :, rows][:, :, :, cols])
+    weights = ms.Tensor(rng.normal(0, 1, (2, 3, *fine_size)).astype(np.float32))
+    d_fine, d_coarse = ms.grad(lambda f, c: (cpu_backend.add_nearest_upsampled(f, c, upsample) * weights).sum(),
+                               (0, 1))(ms.Tensor(fine), ms.Tensor(coarse))
+    w = weights.asnumpy()
+    expected = np.zeros_like(coarse)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            expected[:, :, r, c] += w[:, :, i, j]
+    np.testing.assert_array_equal(d_fine.asnumpy(), w)
+    np.testing.assert_allclose(d_coarse.asnumpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_fpn_neck_equals_the_neck_as_written_compiled():
+    """GRAPH mode, a 64x96 input's feature sizes (every ratio 2): the CpuFPN neck's outputs equal mmseg's form."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.default_rng(4)
+    necks = [models.fpn.FPN((8, 16, 24, 32), 16) for _ in range(2)]
+    for a, b in zip(necks[0].get_parameters(), necks[1].get_parameters()):
+        b.set_data(ms.Tensor(a.asnumpy()))
+    assert cpu_backend.apply(necks[0], None) == 0 and type(necks[0]) is cpu_backend.CpuFPN
+    assert backends.applied_backend(necks[0]) == "cpu"
+    features = tuple(ms.Tensor(rng.normal(0, 1, (2, c, 16 >> i, 24 >> i)).astype(np.float32))
+                     for i, c in enumerate((8, 16, 24, 32)))
+    for got, expected in zip(necks[0](features), necks[1](features)):
+        np.testing.assert_allclose(got.asnumpy(), expected.asnumpy(), rtol=1e-6, atol=1e-6)
+    cpu_backend.remove(necks[0])
+    assert type(necks[0]) is models.fpn.FPN and backends.applied_backend(necks[0]) == "none"

@@ -240,23 +240,32 @@ def _close(actual, expected):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=2e-6 * np.abs(expected).max())
 
 
+def _check_conv(op, shape, weight_tail, seed, reference):
+    """``op(x, w)``, and its input and weight gradients through ``ms.grad``, against ``reference(x, w, dy)``."""
+    batch, channels, height, width, rows = shape
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (batch, channels, height, width)).astype(np.float32)
+    w = rng.normal(0, 1, (rows, channels, *weight_tail)).astype(np.float32)
+    dy = rng.normal(0, 1, (batch, rows, height, width)).astype(np.float32)
+    y, dx, dw = reference(x, w, dy)
+
+    def loss(inputs, weight):
+        return (op(inputs, weight) * Tensor(dy)).sum()
+
+    _close(op(Tensor(x), Tensor(w)).asnumpy(), y)
+    got_dx, got_dw = ms.grad(loss, (0, 1))(Tensor(x), Tensor(w))
+    _close(got_dx.asnumpy(), dx)
+    _close(got_dw.asnumpy(), dw)
+
+
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
 def test_gemm_matches_numpy(gemm_kernels, shape):
     """The 1x1 conv on the AVX-512 GEMM, its input gradient (transposed GEMM) and its weight gradient."""
-    fast = gemm_kernels
-    batch, channels, height, width, rows = shape
-    rng = np.random.default_rng(4)
-    x = rng.normal(0, 1, (batch, channels, height, width)).astype(np.float32)
-    w = rng.normal(0, 1, (rows, channels)).astype(np.float32)
-    dy = rng.normal(0, 1, (batch, rows, height, width)).astype(np.float32)
+    def reference(x, w, dy):
+        return (np.einsum("kc,bchw->bkhw", w, x), np.einsum("kc,bkhw->bchw", w, dy),
+                np.einsum("bkhw,bchw->kc", dy, x))
 
-    def loss(inputs, weight):
-        return (fast.conv1x1(inputs, weight) * Tensor(dy)).sum()
-
-    _close(fast.conv1x1(Tensor(x), Tensor(w)).asnumpy(), np.einsum("kc,bchw->bkhw", w, x))
-    dx, dw = ms.grad(loss, (0, 1))(Tensor(x), Tensor(w))
-    _close(dx.asnumpy(), np.einsum("kc,bkhw->bchw", w, dy))
-    _close(dw.asnumpy(), np.einsum("bkhw,bchw->kc", dy, x))
+    _check_conv(gemm_kernels.conv1x1, shape, (), 4, reference)
 
 
 # (batch, C, H, W, hidden): fc1 C -> hidden and fc2 hidden -> C, both multiples of 8 (the GEMM's row
@@ -345,32 +354,155 @@ def test_all_finite_kernel(library, dtype, bad):
         assert not bool(check(*[Tensor(t) for t in broken]).asnumpy()), (index, position)
 
 
-@pytest.mark.parametrize("shape", [(2, 150, 33, 35), (1, 3, 5), (3, 7, 130)])
-def test_class_log_softmax_matches_torch(library, shape):
-    """The segmentation loss's log_softmax over axis 1 and its gradient against torch's, in GRAPH mode.
+# (logits (B, C, h, w), labels (H, W)): mmseg's x4 (stride-4 logits, label-size crop), a non-integer upsample
+# with a label width that is not a multiple of the kernel's 64-pixel runs, a downsample (source rows skipped)
+# and one source row or column (every label pixel reads the same row), with 150 and with 3 classes
+NLL_SHAPES = [((2, 150, 16, 16), (64, 64)), ((1, 7, 9, 13), (31, 70)), ((3, 5, 20, 12), (7, 9)),
+              ((2, 3, 1, 5), (6, 130)), ((1, 4, 6, 1), (17, 3))]
 
-    Logits up to +-60 apart (classes far below the maximum, where a clamped exp would be visible), every
-    third pixel with class 1 at 300 (exp overflows unless the maximum is subtracted first), pixel counts
-    that are not a multiple of the kernel's 64-pixel runs, and a random upstream gradient.
+
+@pytest.mark.parametrize(("shape", "label_size"), NLL_SHAPES)
+def test_resized_pixel_nll_matches_torch(library, shape, label_size):
+    """The fused segmentation loss (resize, log_softmax, NLL) and its gradient against torch in float64,
+    compiled (GRAPH): per-image sums over labelled pixels with a different upstream gradient per image.
+
+    Logits up to +-60 apart (classes far below the maximum, where a clamped exp would show), one class
+    at 300 on every third source pixel (exp overflows unless the maximum goes first), labels 0 and C - 1,
+    and ignored pixels (255) that must count nothing either way.
     """
     torch = pytest.importorskip("torch")
-    from mindspore import nn, ops
+    import torch.nn.functional as F
+    from mindspore import nn
 
     rng = np.random.default_rng(3)
     x = rng.normal(0, 20, shape).astype(np.float32)
     x[:, 1].reshape(shape[0], -1)[:, ::3] = 300.0
-    weights = rng.normal(0, 1, shape).astype(np.float32)
-    op = kernels.cpu_kernels().log_softmax_channels
+    labels = rng.integers(0, shape[1], (shape[0], *label_size)).astype(np.int32)
+    labels[:, ::2, ::3] = 255
+    labels[0, 0, :2] = (0, shape[1] - 1)
+    weights = rng.normal(1, 0.5, shape[0]).astype(np.float32)
+    op = kernels.cpu_kernels().resized_pixel_nll
+    ignore = Tensor([255], ms.int32)
 
     class Weighted(nn.Cell):
-        def construct(self, a, w):
-            return (op(a) * w).sum()
+        def construct(self, logits, target, w):
+            return (op(logits, target, ignore)[0] * w).sum()
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    got = op(Tensor(x)).asnumpy()
-    got_grad = ops.GradOperation()(Weighted())(Tensor(x), Tensor(weights)).asnumpy()
+    sums = op(Tensor(x), Tensor(labels), ignore)[0].asnumpy()
+    grad = ms.grad(Weighted())(Tensor(x), Tensor(labels), Tensor(weights)).asnumpy()
     tx = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
-    expected = torch.log_softmax(tx, dim=1)
+    up = F.interpolate(tx, size=label_size, mode="bilinear", align_corners=False)
+    nll = F.cross_entropy(up, torch.from_numpy(labels.astype(np.int64)), ignore_index=255, reduction="none")
+    expected = nll.sum((1, 2))
     (expected * torch.from_numpy(weights.astype(np.float64))).sum().backward()
-    np.testing.assert_allclose(got, expected.detach().numpy(), rtol=1e-6, atol=2e-5)
-    np.testing.assert_allclose(got_grad, tx.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sums, expected.detach().numpy(), rtol=2e-6, atol=1e-3)
+    np.testing.assert_allclose(grad, tx.grad.numpy(), rtol=1e-5, atol=1e-5 * np.abs(tx.grad.numpy()).max())
+
+
+def test_resized_pixel_nll_refuses_labels_out_of_range(library):
+    op = kernels.cpu_kernels().resized_pixel_nll
+    logits = Tensor(np.zeros((1, 3, 4, 4), np.float32))
+    ignore = Tensor([255], ms.int32)
+    assert op(logits, Tensor(np.full((1, 8, 8), 255, np.int32)), ignore)[0].asnumpy()[0] == 0.0
+    for bad in (3, -1, 254):
+        labels = np.zeros((1, 8, 8), np.int32)
+        labels[0, 5, 7] = bad
+        with pytest.raises(RuntimeError):
+            op(logits, Tensor(labels), ignore)[0].asnumpy()
+    with pytest.raises(RuntimeError):  # labels for two images, logits for one
+        op(logits, Tensor(np.zeros((2, 8, 8), np.int32)), ignore)[0].asnumpy()
+
+
+# (batch, C, H, W, K) of a 3x3 conv on the GEMM: its depth is the 9 C taps (72 for C 8: partial 48-wide
+# weight-gradient panels and 16-channel transposes; 360 for C 40: three 128-deep slices), maps one pixel
+# wide or high (every tap but the centre row or column off the map), panels and 256-pixel weight-gradient
+# chunks crossing image boundaries (15x7 and 40x40), and 72 output rows (a partial 64-row block)
+CONV3X3_SHAPES = [(2, 8, 5, 7, 16), (3, 16, 1, 9, 8), (2, 8, 11, 1, 24), (3, 40, 15, 7, 72), (2, 16, 40, 40, 8)]
+
+
+def _conv3x3_reference(x, w, dy):
+    """A zero-padded 3x3 conv, its input gradient and its weight gradient, in float64 numpy from the shifted maps."""
+    x, w, dy = (v.astype(np.float64) for v in (x, w, dy))
+    height, width = x.shape[2:]
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    dy_padded = np.pad(dy, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    y = np.zeros((x.shape[0], w.shape[0], height, width))
+    dx = np.zeros_like(x)
+    dw = np.zeros_like(w)
+    for i in range(3):
+        for j in range(3):
+            window = padded[:, :, i:i + height, j:j + width]  # x at (h + i - 1, w + j - 1)
+            y += np.einsum("kc,bchw->bkhw", w[:, :, i, j], window)
+            dw[:, :, i, j] = np.einsum("bkhw,bchw->kc", dy, window)
+            dx += np.einsum("kc,bkhw->bchw", w[:, :, i, j], dy_padded[:, :, 2 - i:2 - i + height, 2 - j:2 - j + width])
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("shape", CONV3X3_SHAPES)
+def test_conv3x3_matches_numpy(gemm_kernels, shape):
+    """The 3x3 conv on the GEMM (taps read shifted as it packs), its input gradient and its weight gradient."""
+    _check_conv(gemm_kernels.conv3x3, shape, (3, 3), 8, _conv3x3_reference)
+
+
+class _WeightedSum(ms.nn.Cell):
+    def __init__(self, net, weights):
+        super().__init__()
+        self.net = net
+        self.weights = weights
+
+    def construct(self, x):
+        return (self.net(x) * self.weights).sum()
+
+
+def test_fpn_3x3_convs_move_to_the_gemm_and_back(gemm_kernels):
+    """The FPN's 3x3 convs (4 in the neck, 7 in the head) run on the GEMM in the CPU backend, compiled (GRAPH)
+    with the same Parameters, eval logits and training gradients as the model as written, and ``remove`` gives
+    back plain convs; the strided and 1x1 convs stay MindSpore's."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    small = {"num_classes": 8, "depths": (1, 1, 1, 1), "backend": "none", "dropout": 0.0}
+    fast, slow = (create_model("fpn_poolformer_s12", **small) for _ in range(2))
+    rng = np.random.default_rng(9)
+    for a, b in zip(fast.get_parameters(), slow.get_parameters()):
+        value = Tensor((a.asnumpy() + rng.normal(0, 0.1, a.shape)).astype(np.float32))
+        a.set_data(value)
+        b.set_data(value.copy())
+    params = [(p.name, id(p)) for p in fast.get_parameters()]
+    cpu_backend.apply(fast, gemm_kernels)
+    moved = [name for name, cell in fast.cells_and_names() if isinstance(cell, cpu_backend.CpuConv3x3)]
+    assert len(moved) == 11 and all(name.startswith(("neck.fpn_convs", "decode_head.scale_heads")) for name in moved)
+    assert [(p.name, id(p)) for p in fast.get_parameters()] == params
+    x = Tensor(rng.normal(0, 1, (2, 3, 64, 96)).astype(np.float32))
+    for net in (fast, slow):
+        net.set_train(False)
+    _close(fast(x).asnumpy(), slow(x).asnumpy())
+    # AMP O3 hands the convs float16: MindSpore's conv computes them, exactly as in the CPU backend's op forms
+    # without the kernels (whose blocks step aside for float16 as well)
+    from mindspore import amp
+
+    # (own copies: the cast is in place, and the training pass below leaves the two nets' BatchNorm statistics
+    # apart by rounding)
+    halves = []
+    for kernel_library in (gemm_kernels, None):
+        net = create_model("fpn_poolformer_s12", **small)
+        cpu_backend.apply(net, kernel_library)
+        for a, b in zip(net.get_parameters(), slow.get_parameters()):
+            a.set_data(Tensor(b.asnumpy()))
+        net.set_train(False)
+        halves.append(amp.auto_mixed_precision(net, "O3")(x).asnumpy())
+    np.testing.assert_array_equal(halves[0], halves[1])
+    weights = Tensor(rng.normal(0, 1, (2, 8, 16, 24)).astype(np.float32))
+    grads = []
+    for net in (fast, slow):
+        net.set_train(True)
+        weighted = _WeightedSum(net, weights)
+        grads.append(ms.grad(weighted, None, weighted.trainable_params())(x))
+    names = [p.name for p in fast.trainable_params()]  # no frozen stem, no BatchNorm statistics
+    assert len(names) == len(grads[0]) == 93 and any(n.endswith("neck.fpn_convs.0.conv.weight") for n in names)
+    for name, got, expected in zip(names, grads[0], grads[1]):
+        # norm1's beta cancels in pool(x) - x: its gradient is rounding noise around 0, hence the floor
+        np.testing.assert_allclose(got.asnumpy(), expected.asnumpy(), rtol=1e-4,
+                                   atol=max(1e-5 * np.abs(expected.asnumpy()).max(), 1e-6), err_msg=name)
+    cpu_backend.remove(fast)
+    assert not any(isinstance(cell, cpu_backend.CpuConv3x3) for _, cell in fast.cells_and_names())
+    assert not any(hasattr(cell, "k_conv3x3") for _, cell in fast.cells_and_names())

@@ -6,6 +6,10 @@
   is unavailable, a ``FoldedPoolFormerBlock`` (the same folds on MindSpore's ops). It stays the same
   object with the same Parameters and names, only its class (hence its ``construct``) changes, so
   checkpoints, the optimizer and exported keys are untouched and ``remove`` switches it back;
+- every 3x3, stride-1, zero-padded ``nn.Conv2d`` (Semantic FPN's neck and head) becomes a
+  ``CpuConv3x3`` on the kernels' AVX-512 GEMM, again by class only;
+- Semantic FPN's neck becomes a ``CpuFPN``, whose top-down step adds each coarse pixel to its 2x2 block
+  through a broadcast instead of writing the nearest x2 upsampled map first (exact);
 - every pooling mixer's ``count_include_pad=False`` average runs as MindSpore's padded
   ``AvgPool2d`` divided by the valid count: exact, and 4x faster on the CPU than padding the input
   first (bench/ops.py), but refused by MindSpore on Ascend 910B, so it lives here and not in the model.
@@ -20,10 +24,12 @@ from mindspore import Tensor, nn, ops
 from mindspore.common import dtype as mstype
 
 from ..kernels import CpuKernels
+from ..models.fpn import FPN
 from ..models.layers import AvgPoolExcludePad, DropPath, GroupNorm1, Pooling
 from ..models.metaformer import MetaFormerBlock
 
-__all__ = ["CpuAvgPoolExcludePad", "FoldedPoolFormerBlock", "FusedPoolFormerBlock", "apply", "eligible", "remove"]
+__all__ = ["CpuAvgPoolExcludePad", "CpuConv3x3", "CpuFPN", "FoldedPoolFormerBlock", "FusedPoolFormerBlock", "apply",
+           "conv3x3_eligible", "eligible", "remove"]
 
 
 class CpuAvgPoolExcludePad(nn.Cell):
@@ -41,6 +47,56 @@ class CpuAvgPoolExcludePad(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         valid_fraction = self.pool(ops.ones((1, 1, x.shape[2], x.shape[3]), x.dtype))
         return self.pool(x) * ops.div(ops.ones_like(valid_fraction), valid_fraction)
+
+
+class CpuConv3x3(nn.Conv2d):
+    """A 3x3, stride-1, zero-padded conv on the kernels' GEMM (an implicit im2col), forward and gradients.
+
+    MindSpore's oneDNN, capped at AVX2 on this package's CPUs (``_runtime.py``), runs these convs at
+    a third of the CPU's peak; they are two thirds of an FPN-S12's MACs. Float16 inputs (AMP) take
+    MindSpore's conv. Instances are made by ``apply`` from built convs (``conv3x3_eligible``).
+    """
+
+    def construct(self, x: Tensor) -> Tensor:
+        if x.dtype != mstype.float32 or self.weight.dtype != mstype.float32:
+            return super().construct(x)
+        output = self.k_conv3x3(x, self.weight)
+        if self.has_bias:
+            output = self.bias_add(output, self.bias)
+        return output
+
+
+def add_nearest_upsampled(fine: Tensor, coarse: Tensor, upsample: nn.Cell) -> Tensor:
+    """``fine + upsample(coarse, fine's size)`` (nearest); one broadcast add where ``fine`` is exactly 2x ``coarse``.
+
+    Nearest x2 maps output pixel (y, x) to (y // 2, x // 2), so viewing ``fine`` as (B, C, H, 2, W, 2) and
+    ``coarse`` as (B, C, H, 1, W, 1) gives the same sums without the upsampled map: one pass over the fine
+    map instead of two (FPN-S12 at 512x512, batch 8: that map is 134 MB at stride 4). Other ratios (an input
+    not divisible by 32) take the upsample.
+    """
+    b, c, h, w = coarse.shape
+    if tuple(fine.shape) != (b, c, 2 * h, 2 * w):
+        return fine + upsample(coarse, fine.shape[2:])
+    return (fine.reshape((b, c, h, 2, w, 2)) + coarse.reshape((b, c, h, 1, w, 1))).reshape(fine.shape)
+
+
+class CpuFPN(FPN):
+    """mmseg's FPN neck with its top-down sums as ``add_nearest_upsampled``: the same values, one pass less.
+
+    On the CPU's broadcast add this halves the top-down step's time; on Ascend a 6-D broadcast may not beat
+    ResizeNearestNeighborV2, so it lives here and not in the model.
+    """
+
+    def add_top_down(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        return add_nearest_upsampled(fine, coarse, self.upsample)
+
+
+def conv3x3_eligible(conv: nn.Cell) -> bool:
+    """Whether ``conv`` is the conv ``CpuConv3x3`` computes (the GEMM tiles channels 8 at a time)."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.group == 1 and conv.pad_mode == "pad"
+            and conv.padding in (1, (1, 1, 1, 1)) and conv.data_format == "NCHW"
+            and conv.in_channels % 8 == 0 and conv.out_channels % 8 == 0)
 
 
 def _exact_gelu(act: nn.Cell) -> bool:
@@ -177,6 +233,8 @@ def _fuse(block: MetaFormerBlock, kernels: CpuKernels) -> None:
 def apply(net: nn.Cell, kernels: CpuKernels | None) -> int:
     """Apply the CPU backend to ``net`` in place; returns how many blocks run on the fused kernels.
 
+    3x3 convs move to the GEMM where the kernels have one (``kernels.conv3x3``).
+
     ``kernels`` is the kernel library (``mindcv_poolformer.kernels.cpu_kernels()``, built on first use);
     with None (no compiler, switched off) only the pooling op form changes. Call before the network's
     first run: the choice is compiled into its graph.
@@ -185,6 +243,11 @@ def apply(net: nn.Cell, kernels: CpuKernels | None) -> int:
     for _, cell in list(net.cells_and_names()):
         if isinstance(cell, Pooling) and type(cell.pool) is AvgPoolExcludePad:
             cell.pool = CpuAvgPoolExcludePad(cell.pool_size)
+        if type(cell) is FPN:
+            cell.__class__ = CpuFPN
+        if kernels is not None and kernels.conv3x3 is not None and conv3x3_eligible(cell):
+            cell.__class__ = CpuConv3x3
+            cell.k_conv3x3 = kernels.conv3x3
         if isinstance(cell, MetaFormerBlock) and eligible(cell):
             if kernels is None:
                 cell.__class__ = FoldedPoolFormerBlock
@@ -199,6 +262,11 @@ def remove(net: nn.Cell) -> None:
     for _, cell in list(net.cells_and_names()):
         if isinstance(cell, Pooling) and isinstance(cell.pool, CpuAvgPoolExcludePad):
             cell.pool = AvgPoolExcludePad(cell.pool_size)
+        if isinstance(cell, CpuConv3x3):
+            del cell.k_conv3x3
+            cell.__class__ = nn.Conv2d
+        if type(cell) is CpuFPN:
+            cell.__class__ = FPN
         if isinstance(cell, FoldedPoolFormerBlock):
             for attr in _KERNEL_ATTRS:
                 if hasattr(cell, attr):

@@ -5,10 +5,11 @@ kernel is scalar and single-threaded (a quarter of the S12 forward). ``poolforme
 block into threaded, vectorised kernels, each with a backward kernel: norm1 + pooling mixer +
 LayerScale + drop path + residual; norm2; the MLP's weight folds; and, where the CPU has AVX-512,
 the whole channel MLP as two cache-blocked GEMMs whose stores apply the bias + exact GELU and the
-bias + drop path + residual (fc1 also normalises its input at inference). Without AVX-512 the 1x1
-convs stay on oneDNN with separate bias + GELU and bias + residual kernels around them. One more
-kernel checks a training step's gradients for non-finite values, and one pair is the class-axis
-log_softmax (and its gradient) of the segmentation loss.
+bias + drop path + residual (fc1 also normalises its input at inference), and on the same GEMM the
+3x3 stride-1 convs of the Semantic FPN neck and head. Without AVX-512 the convs stay on oneDNN,
+with separate bias + GELU and bias + residual kernels around the 1x1 ones. One more
+kernel checks a training step's gradients for non-finite values, and one pair is the segmentation
+loss (resize to the label size, log_softmax, NLL) and its gradient.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``/``c++``)
 for this CPU (``-march=native``) and cached under ``$MINDCV_POOLFORMER_HOME/kernels`` (default
@@ -184,20 +185,23 @@ class CpuKernels:
         # one kernel for the training step's non-finite check over every gradient (float32/float16)
         self.all_finite = custom("AllFinite", lambda *shapes: [1], lambda *types: mstype.bool_)
 
-        # log_softmax over the class axis (axis 1) of a segmentation loss's logits: MindSpore's CPU
-        # LogSoftmaxGrad over that axis took 46% of an FPN-S12 training step (bench/op_profile.py)
-        log_softmax_grad = custom("LogSoftmaxChannelsGrad", lambda y, dy: y, lambda y, dy: y)
+        # mmseg's decode-head loss (bilinear resize of the logits to the label size, log_softmax over the
+        # classes, the label's NLL) in one kernel each way, never writing a label-size class map. Outputs:
+        # each image's NLL summed over its labelled pixels, and the log-sum-exp per pixel for the gradient.
+        nll_grad = custom("ResizedPixelNllGrad", lambda logits, *_: logits, lambda logits, *_: logits)
 
-        def log_softmax_bprop(x, out, dout):
-            return (log_softmax_grad(out, dout),)
+        def nll_bprop(logits, labels, ignore_index, out, dout):
+            return nll_grad(logits, labels, ignore_index, out[1], dout[0]), ops.zeros_like(labels), \
+                ops.zeros_like(ignore_index)
 
-        self.log_softmax_channels = custom("LogSoftmaxChannels", lambda x: x, lambda x: x, log_softmax_bprop)
+        self.resized_pixel_nll = custom("ResizedPixelNll", lambda logits, labels, _: ([logits[0]], labels),
+                                        lambda logits, labels, _: (logits, logits), nll_bprop)
 
         # The MLP's 1x1 convs (fc1, fc2 and their input gradients) as a cache-blocked AVX-512 GEMM over the
         # whole batch where the library was compiled with AVX-512 (else None: oneDNN convs). MindSpore's
         # oneDNN is capped at AVX2 on this package's CPUs (see _runtime.py); measured per shape at batch
         # 32 (bench/results/optimizations-20261121.md) the GEMM is 1.2-1.7x faster on every S12 shape.
-        self.conv1x1 = None
+        self.conv1x1 = self.conv3x3 = None
         gemm_switch = os.environ.get("MINDCV_POOLFORMER_CPU_GEMM", "1").strip().lower()
         if gemm_switch not in ("0", "false", "off", "no") and ctypes.CDLL(library).PoolformerHasFastGemm():
             def conv_shape(x, w):
@@ -235,6 +239,20 @@ class CpuKernels:
             # inference: norm2 folded in (each image centred and scaled as fc1 packs it); no gradient
             self.moments = custom("SampleMoments", lambda x: (_per_sample(x), _per_sample(x)), lambda x: (x, x))
             self.mlp_inference = custom("MlpInference", lambda y, w1, *_: (y, conv_shape(y, w1)), lambda y, *_: (y, y))
+
+            # A 3x3, stride-1, zero-padded conv (Semantic FPN's neck and head: two thirds of FPN-S12's MACs at
+            # 512x512) on the same GEMM, its depth the 9 C taps that the packing reads shifted off each row.
+            # MindSpore's oneDNN, capped at AVX2, runs these at 97-124 GFLOP/s on 2 Ice Lake cores; the
+            # GEMM at 270-300 (forward and input gradient) and 170-230 (weight gradient):
+            # bench/conv3x3.py. Input and output channels must be multiples of 8.
+            conv3x3_transposed = custom("Conv3x3Transposed", lambda dy, w: [dy[0], w[1], dy[2], dy[3]],
+                                        lambda dy, w: dy)
+            conv3x3_weight_grad = custom("Conv3x3WeightGrad", lambda dy, x: [dy[1], x[1], 3, 3], lambda dy, x: x)
+
+            def conv3x3_bprop(x, w, out, dout):
+                return conv3x3_transposed(dout, w), conv3x3_weight_grad(dout, x)
+
+            self.conv3x3 = custom("Conv3x3", conv_shape, lambda x, w: x, conv3x3_bprop)
 
 
 @cache

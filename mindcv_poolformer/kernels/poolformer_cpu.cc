@@ -14,14 +14,15 @@
 // and, with AVX-512, the MLP's 1x1 convs as a batch GEMM that applies GeluBias / ResidualBias (and
 // the GELU's derivative in the backward) as it stores (MlpForward, MlpInference, MlpHiddenGrad).
 // d_b is the per-sample drop-path scale (ones at inference). Statistics accumulate in double.
-// Outside the block: AllFinite (a training step's gradient check) and LogSoftmaxChannels (+ Grad), the
-// segmentation loss's log_softmax over the class axis.
+// Outside the block: AllFinite (a training step's gradient check) and ResizedPixelNll (+ Grad), the
+// segmentation loss: bilinear resize to the label size, log_softmax and NLL in one pass.
 //
 // Every entry point has MindSpore's aot signature; params holds the inputs then the outputs.
 
 #include <sched.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -702,83 +703,207 @@ int ResidualBiasGrad(int nparam, void **params, int *ndims, int64_t **shapes, co
   return 0;
 }
 
-// log_softmax over axis 1 of a (B, C, ...) map, and its gradient. MindSpore's CPU LogSoftmaxGrad over
-// the class axis of a segmentation loss's logits (2 x 150 x 256 x 256) took 2.0 s, 46% of an FPN-S12
-// training step at that size (bench/op_profile.py). Here each thread takes runs of 64 pixels of one
-// image and walks the class rows (contiguous along pixels), so every pass is a vectorised loop.
-//   LogSoftmaxChannels:     y = x - lse,  lse = m + log sum_c exp(x_c - m),  m = max_c x_c
-//   LogSoftmaxChannelsGrad: dx = dy - exp(y) sum_c dy_c
+// mmseg's decode-head loss in one pass each way: the logits resized bilinearly to the label size
+// (align_corners=False), log_softmax over the classes and the label's negative log-likelihood, without
+// the label-size class maps ever being written. Through MindSpore's ops an FPN-S12 step at 512x512,
+// batch 8, writes five of them (the resize, the log_softmax, their gradients: 1.26 GB each) and its CPU
+// ResizeBilinearGrad is one of the slowest kernels of the step (bench/op_profile.py). Each task takes
+// one label row: the two logit rows it reads are blended once for all classes, then 64 pixels at a time
+// are interpolated across, for every class, into a small buffer the softmax reads back.
+//   ResizedPixelNll:     z = resize(logits), lse = log sum_c exp z_c, sums[b] = sum over b's labelled
+//                        pixels of lse - z_label (ignore_index pixels count nothing)
+//   ResizedPixelNllGrad: dlogits = resize^T(dsums[b] (softmax(z) - onehot(label))) on labelled pixels
+// The gradient scatters into two logit rows per label row; label rows are taken in bands of 4 source
+// rows, the even bands and then the odd ones, so no two threads ever add to the same row.
 }  // extern "C"
 
 namespace {
 
-constexpr int64_t kPixelRun = 64;
+constexpr int64_t kPixelRun = 64, kBandRows = 4;
 
-struct ChannelMap {
-  int64_t batch = 1, channels = 1, pixels = 1;
-  explicit ChannelMap(int ndim, const int64_t *shape) {
-    batch = shape[0];
-    channels = ndim > 1 ? shape[1] : 1;
-    for (int d = 2; d < ndim; ++d) pixels *= shape[d];
-  }
-  // fn(image, first pixel, run length) over the map's runs, in parallel
-  template <typename F>
-  void ForRuns(F fn) const {
-    const int64_t runs = (pixels + kPixelRun - 1) / kPixelRun;
-    ParallelFor(batch * runs, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t p0 = (i % runs) * kPixelRun;
-        fn(i / runs, p0, std::min(kPixelRun, pixels - p0));
-      }
-    });
+// A bilinear resize's source samples along one axis, align_corners=False: src = (dst + 0.5) in / out - 0.5,
+// clamped below at 0, i1 = min(i0 + 1, in - 1), weight src - i0 on i1 (PyTorch's rule, in float as its
+// CPU kernel computes it; MindSpore's half-pixel ResizeBilinearV2 gives the same values).
+struct ResizeTaps {
+  std::vector<int64_t> i0, i1;
+  std::vector<float> w1;
+  ResizeTaps(int64_t in, int64_t out) : i0(out), i1(out), w1(out) {
+    const float scale = static_cast<float>(in) / static_cast<float>(out);
+    for (int64_t d = 0; d < out; ++d) {
+      const float src = std::max((static_cast<float>(d) + 0.5f) * scale - 0.5f, 0.f);
+      i0[d] = std::min<int64_t>(static_cast<int64_t>(src), in - 1);
+      i1[d] = std::min<int64_t>(i0[d] + 1, in - 1);
+      w1[d] = src - static_cast<float>(i0[d]);
+    }
   }
 };
+
+struct PixelNll {
+  const float *logits = nullptr;  // (batch, classes, height, width)
+  const int32_t *labels = nullptr;  // (batch, out_height, out_width)
+  int32_t ignore = 255;
+  int64_t batch = 0, classes = 0, height = 0, width = 0, out_height = 0, out_width = 0;
+  ResizeTaps rows, cols;
+  PixelNll(int64_t **shapes, void **params)
+      : logits(static_cast<const float *>(params[0])), labels(static_cast<const int32_t *>(params[1])),
+        ignore(*static_cast<const int32_t *>(params[2])), batch(shapes[0][0]), classes(shapes[0][1]),
+        height(shapes[0][2]), width(shapes[0][3]), out_height(shapes[1][1]), out_width(shapes[1][2]),
+        rows(height, out_height), cols(width, out_width) {}
+
+  // blend[c][j] = the logits of image b interpolated to label row y, at source column j
+  void BlendRows(int64_t b, int64_t y, float *blend) const {
+    const float w1 = rows.w1[y], w0 = 1.f - w1;
+    for (int64_t c = 0; c < classes; ++c) {
+      const float *plane = logits + (b * classes + c) * height * width;
+      const float *r0 = plane + rows.i0[y] * width, *r1 = plane + rows.i1[y] * width;
+      float *dst = blend + c * width;
+      for (int64_t j = 0; j < width; ++j) dst[j] = w0 * r0[j] + w1 * r1[j];
+    }
+  }
+
+  // z[c][k] = the resized logit of class c at label pixel (y, x0 + k), k < n
+  void Interpolate(const float *blend, int64_t x0, int64_t n, float *z) const {
+    const int64_t *j0 = cols.i0.data() + x0, *j1 = cols.i1.data() + x0;
+    const float *w1 = cols.w1.data() + x0;
+    for (int64_t c = 0; c < classes; ++c) {
+      const float *src = blend + c * width;
+      float *dst = z + c * kPixelRun;
+      for (int64_t k = 0; k < n; ++k) dst[k] = (1.f - w1[k]) * src[j0[k]] + w1[k] * src[j1[k]];
+    }
+  }
+
+  // lse[k] = log sum_c exp(z - m) + m over the classes of Interpolate's z, m[k] their max (the forward only:
+  // the gradient reads the forward's lse)
+  void LogSumExp(const float *z, int64_t n, float *m, float *lse) const {
+    for (int64_t k = 0; k < n; ++k) m[k] = z[k], lse[k] = 0.f;
+    for (int64_t c = 1; c < classes; ++c)
+      for (int64_t k = 0; k < n; ++k) m[k] = std::max(m[k], z[c * kPixelRun + k]);
+    for (int64_t c = 0; c < classes; ++c)
+      for (int64_t k = 0; k < n; ++k) lse[k] += ExpNonPositive(z[c * kPixelRun + k] - m[k]);
+    for (int64_t k = 0; k < n; ++k) lse[k] = m[k] + std::log(lse[k]);
+  }
+
+  bool BadLabel(int32_t label) const { return label != ignore && (label < 0 || label >= classes); }
+};
+
+// The NLL kernels' leading operands: logits (B,C,h,w) float32, labels (B,H,W) int32, ignore_index int32
+bool IsPixelNll(int nparam, int expected, const int *ndims, int64_t **shapes, const char **dtypes) {
+  return nparam == expected && !std::strcmp(dtypes[0], "float32") && !std::strcmp(dtypes[1], "int32") &&
+         !std::strcmp(dtypes[2], "int32") && ndims[0] == 4 && ndims[1] == 3 && shapes[1][0] == shapes[0][0];
+}
 
 }  // namespace
 
 extern "C" {
 
-// inputs: x (B,C,...); outputs: y (B,C,...) = log_softmax(x, axis 1)
-int LogSoftmaxChannels(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (!AllFloat32(nparam, dtypes) || ndims[0] < 2) return 1;
-  const ChannelMap g(ndims[0], shapes[0]);
-  const float *x = static_cast<const float *>(params[0]);
-  float *y = static_cast<float *>(params[1]);
-  g.ForRuns([&](int64_t b, int64_t p0, int64_t n) {
-    const float *src = x + b * g.channels * g.pixels + p0;
-    float *dst = y + b * g.channels * g.pixels + p0;
-    float m[kPixelRun], sum[kPixelRun];
-    for (int64_t j = 0; j < n; ++j) m[j] = src[j], sum[j] = 0.f;
-    for (int64_t c = 1; c < g.channels; ++c)
-      for (int64_t j = 0; j < n; ++j) m[j] = std::max(m[j], src[c * g.pixels + j]);
-    for (int64_t c = 0; c < g.channels; ++c)
-      for (int64_t j = 0; j < n; ++j) sum[j] += ExpNonPositive(src[c * g.pixels + j] - m[j]);
-    for (int64_t j = 0; j < n; ++j) m[j] += std::log(sum[j]);
-    for (int64_t c = 0; c < g.channels; ++c)
-      for (int64_t j = 0; j < n; ++j) dst[c * g.pixels + j] = src[c * g.pixels + j] - m[j];
+// inputs: logits (B,C,h,w) float32, labels (B,H,W) int32, ignore_index (1) int32;
+// outputs: sums (B) the NLL summed over each image's labelled pixels, lse (B,H,W) (for the gradient).
+// Fails (MindSpore raises) on a label outside [0, C) other than ignore_index.
+int ResizedPixelNll(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!IsPixelNll(nparam, 5, ndims, shapes, dtypes)) return 1;
+  const PixelNll g(shapes, params);
+  float *sums = static_cast<float *>(params[3]), *lse_out = static_cast<float *>(params[4]);
+  std::vector<double> row_sums(g.batch * g.out_height, 0.0);
+  std::atomic<bool> bad{false};
+  ParallelFor(g.batch * g.out_height, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> blend(g.classes * g.width), z(g.classes * kPixelRun);
+    float m[kPixelRun], lse[kPixelRun];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.out_height, y = task % g.out_height;
+      g.BlendRows(b, y, blend.data());
+      const int32_t *labels = g.labels + task * g.out_width;
+      double total = 0.0;
+      for (int64_t x0 = 0; x0 < g.out_width; x0 += kPixelRun) {
+        const int64_t n = std::min(kPixelRun, g.out_width - x0);
+        g.Interpolate(blend.data(), x0, n, z.data());
+        g.LogSumExp(z.data(), n, m, lse);
+        for (int64_t k = 0; k < n; ++k) {
+          const int32_t label = labels[x0 + k];
+          if (g.BadLabel(label)) bad = true;
+          else if (label != g.ignore) total += lse[k] - z[label * kPixelRun + k];
+        }
+        std::copy(lse, lse + n, lse_out + task * g.out_width + x0);
+      }
+      row_sums[task] = total;
+    }
   });
-  return 0;
+  for (int64_t b = 0; b < g.batch; ++b) {  // in row order: the same sum for any thread count
+    double total = 0.0;
+    for (int64_t y = 0; y < g.out_height; ++y) total += row_sums[b * g.out_height + y];
+    sums[b] = static_cast<float>(total);
+  }
+  return bad ? 1 : 0;
 }
 
-// inputs: y (B,C,...) the forward's output, dy (B,C,...); outputs: dx (B,C,...)
-int LogSoftmaxChannelsGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
-                           void *) {
-  if (!AllFloat32(nparam, dtypes) || ndims[0] < 2) return 1;
-  const ChannelMap g(ndims[0], shapes[0]);
-  const float *y = static_cast<const float *>(params[0]), *dy = static_cast<const float *>(params[1]);
-  float *dx = static_cast<float *>(params[2]);
-  g.ForRuns([&](int64_t b, int64_t p0, int64_t n) {
-    const int64_t at = b * g.channels * g.pixels + p0;
-    float total[kPixelRun];
-    for (int64_t j = 0; j < n; ++j) total[j] = 0.f;
-    for (int64_t c = 0; c < g.channels; ++c)
-      for (int64_t j = 0; j < n; ++j) total[j] += dy[at + c * g.pixels + j];
-    for (int64_t c = 0; c < g.channels; ++c)
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t i = at + c * g.pixels + j;
-        dx[i] = dy[i] - ExpNonPositive(y[i]) * total[j];
-      }
+// inputs: logits (B,C,h,w), labels (B,H,W) int32, ignore_index (1) int32, lse (B,H,W) the forward's,
+// dsums (B); outputs: dlogits (B,C,h,w)
+int ResizedPixelNllGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                        void *) {
+  if (!IsPixelNll(nparam, 6, ndims, shapes, dtypes)) return 1;
+  const PixelNll g(shapes, params);
+  const float *lse_in = static_cast<const float *>(params[3]), *dsums = static_cast<const float *>(params[4]);
+  float *dlogits = static_cast<float *>(params[5]);
+  const int64_t plane = g.classes * g.height * g.width;
+  ParallelFor(g.batch, 1, [&](int64_t begin, int64_t end) {
+    std::fill(dlogits + begin * plane, dlogits + end * plane, 0.f);
   });
+  // label rows [first[band], first[band + 1]) read source rows from band * kBandRows on (i0 is non-decreasing)
+  const int64_t bands = (g.height + kBandRows - 1) / kBandRows;
+  std::vector<int64_t> first(bands + 1, g.out_height);
+  for (int64_t y = g.out_height - 1; y >= 0; --y) first[g.rows.i0[y] / kBandRows] = y;
+  for (int64_t band = bands - 1; band >= 0; --band) first[band] = std::min(first[band], first[band + 1]);
+  for (int parity = 0; parity < 2; ++parity) {
+    const int64_t per_image = (bands - parity + 1) / 2;
+    ParallelFor(g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> blend(g.classes * g.width), z(g.classes * kPixelRun), spread(g.classes * g.width);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / per_image, band = 2 * (task % per_image) + parity;
+        const float scale = dsums[b];
+        for (int64_t y = first[band]; y < first[band + 1]; ++y) {
+          g.BlendRows(b, y, blend.data());
+          std::fill(spread.begin(), spread.end(), 0.f);
+          const int32_t *labels = g.labels + (b * g.out_height + y) * g.out_width;
+          const float *lse_row = lse_in + (b * g.out_height + y) * g.out_width;
+          for (int64_t x0 = 0; x0 < g.out_width; x0 += kPixelRun) {
+            const int64_t n = std::min(kPixelRun, g.out_width - x0);
+            g.Interpolate(blend.data(), x0, n, z.data());
+            const float *lse = lse_row + x0;
+            float keep[kPixelRun];
+            for (int64_t k = 0; k < n; ++k) {
+              const int32_t label = labels[x0 + k];
+              keep[k] = label == g.ignore || g.BadLabel(label) ? 0.f : scale;
+            }
+            for (int64_t c = 0; c < g.classes; ++c) {  // dz = scale (softmax - onehot), in place
+              float *zc = z.data() + c * kPixelRun;
+              for (int64_t k = 0; k < n; ++k) zc[k] = keep[k] * ExpNonPositive(std::min(zc[k] - lse[k], 0.f));
+            }
+            for (int64_t k = 0; k < n; ++k) {
+              const int32_t label = labels[x0 + k];
+              if (keep[k] != 0.f) z[label * kPixelRun + k] -= keep[k];
+            }
+            const int64_t *j0 = g.cols.i0.data() + x0, *j1 = g.cols.i1.data() + x0;
+            const float *w1 = g.cols.w1.data() + x0;
+            for (int64_t c = 0; c < g.classes; ++c) {  // the resize's transpose across: two columns per pixel
+              const float *zc = z.data() + c * kPixelRun;
+              float *dst = spread.data() + c * g.width;
+              for (int64_t k = 0; k < n; ++k) {
+                dst[j0[k]] += (1.f - w1[k]) * zc[k];
+                dst[j1[k]] += w1[k] * zc[k];
+              }
+            }
+          }
+          const float w1 = g.rows.w1[y], w0 = 1.f - w1;  // and down: two source rows per label row
+          for (int64_t c = 0; c < g.classes; ++c) {
+            float *dplane = dlogits + (b * g.classes + c) * g.height * g.width;
+            float *r0 = dplane + g.rows.i0[y] * g.width, *r1 = dplane + g.rows.i1[y] * g.width;
+            const float *src = spread.data() + c * g.width;
+            for (int64_t j = 0; j < g.width; ++j) r0[j] += w0 * src[j];
+            for (int64_t j = 0; j < g.width; ++j) r1[j] += w1 * src[j];
+          }
+        }
+      }
+    });
+  }
   return 0;
 }
 
@@ -791,6 +916,11 @@ int LogSoftmaxChannelsGrad(int nparam, void **params, int *ndims, int64_t **shap
 // 339 GFLOP/s with 512-bit FMAs on its 2 cores (204 with 256-bit ones).
 //   Conv1x1:           y[b][k][p] = sum_c w[k][c] x[b][c][p]        (Conv1x1Transposed: dx = w^T dy)
 //   Conv1x1WeightGrad: dw[k][c]   = sum_b sum_p dy[b][k][p] x[b][c][p]
+// and the same GEMMs for a 3x3, stride-1, zero-padded conv (Semantic FPN's neck and head), its depth the
+// 9 C taps: the packing reads each input row shifted by a tap, with zeros off the map (an implicit im2col).
+//   Conv3x3:           y[b][k][p] = sum_c sum_t w[k][c][t] x[b][c][p + s_t]
+//   Conv3x3Transposed: dx[b][c][p] = sum_k sum_t w[k][c][8 - t] dy[b][k][p + s_t]   (s_{8-t} = -s_t)
+//   Conv3x3WeightGrad: dw[k][c][t] = sum_b sum_p dy[b][k][p] x[b][c][p + s_t]
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -889,6 +1019,7 @@ struct BatchGemm {
   const float *residual = nullptr, *drop = nullptr;    // kResidual: (batch, rows, pixels), (batch) or null (ones)
   const float *pre = nullptr;                          // kGeluGrad (batch, rows, pixels)
   float *bias_grad = nullptr;                          // kGeluGrad (rows)
+  int64_t taps_width = 0;  // > 0: x is (batch, depth / 9, pixels / taps_width, taps_width), read as 3x3 taps
 };
 
 constexpr int64_t kRowBlock = 64, kDepthBlock = 128;
@@ -921,6 +1052,54 @@ inline void ForPanelPieces(const ColumnRun &run, F fn) {
     fn(j, column / kCols, within, TailMask(piece));
     j += piece;
   }
+}
+
+// Pixel offset of tap t (row-major over the 3x3 window, as a conv weight's last two axes) on a map `width` wide
+inline int64_t TapShift(int t, int64_t width) { return (t / 3 - 1) * width + t % 3 - 1; }
+
+// The lanes of a 16-pixel piece starting at pixel `first` of a height x width map (`lanes` of them)
+// whose tap t lies on the map: one mask per tap. Lanes past `lanes` are off.
+void TapMasks(int64_t first, int64_t lanes, int64_t height, int64_t width, std::array<__mmask16, 9> &masks) {
+  masks.fill(0);
+  for (int64_t l = 0; l < lanes; ++l) {
+    const int64_t h = (first + l) / width, w = (first + l) % width;
+    for (int t = 0; t < 9; ++t) {
+      const int64_t th = h + t / 3 - 1, tw = w + t % 3 - 1;
+      if (th >= 0 && th < height && tw >= 0 && tw < width) masks[t] |= static_cast<__mmask16>(1u << l);
+    }
+  }
+}
+
+// PackBlock for a 3x3 conv: slab depth index c * 9 + t holds x[c] at the column's pixel shifted by tap t,
+// zero where the tap leaves the map (masked loads: off-map lanes are never read).
+void PackTapsBlock(const BatchGemm &g, const std::vector<ColumnRun> &runs, int64_t panels, float *slabs) {
+  struct Piece {
+    int64_t j, panel, within;
+    __mmask16 mask;
+    std::array<__mmask16, 9> taps;
+  };
+  const int64_t channels = g.depth / 9, width = g.taps_width, height = g.pixels / width;
+  const int64_t used = runs.empty() ? 0 : runs.back().offset + runs.back().length;
+  std::vector<Piece> pieces;
+  for (const ColumnRun &run : runs) {
+    pieces.clear();
+    ForPanelPieces(run, [&](int64_t j, int64_t panel, int64_t within, __mmask16 mask) {
+      Piece piece{j, panel, within, mask, {}};
+      TapMasks(run.pixel + j, __builtin_popcount(mask), height, width, piece.taps);
+      pieces.push_back(piece);
+    });
+    const float *src = g.x + run.image * channels * g.pixels + run.pixel;
+    for (int64_t c = 0; c < channels; ++c)
+      for (int t = 0; t < 9; ++t) {
+        const float *row = src + c * g.pixels + TapShift(t, width);
+        float *slab = slabs + (c * 9 + t) * kCols;
+        for (const Piece &p : pieces)
+          _mm512_mask_storeu_ps(slab + p.panel * g.depth * kCols + p.within, p.mask,
+                                _mm512_maskz_loadu_ps(p.taps[t], row + p.j));
+      }
+  }
+  for (int64_t column = used; column < panels * kCols; ++column)
+    for (int64_t k = 0; k < g.depth; ++k) slabs[((column / kCols) * g.depth + k) * kCols + column % kCols] = 0.f;
 }
 
 // slabs[panel][k][0:48] = x'[k][column] for the block's panels (zero past the last image). Rows of x
@@ -989,7 +1168,10 @@ void RunBatchGemm(const BatchGemm &g) {
     for (int64_t first = begin; first < end; first += block) {
       const int64_t count = std::min(block, end - first);
       BlockRuns(g.batch, g.pixels, first * kCols, count * kCols, runs);
-      PackBlock<E>(g, runs, count, slabs.data());
+      if (g.taps_width > 0)
+        PackTapsBlock(g, runs, count, slabs.data());
+      else
+        PackBlock<E>(g, runs, count, slabs.data());
       for (int64_t row0 = 0; row0 < g.rows; row0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, g.rows - row0);
         for (int64_t k0 = 0; k0 < g.depth; k0 += kDepthBlock) {
@@ -1047,6 +1229,9 @@ inline void Transpose16(__m512 r[16]) {
 struct WeightGrad {
   const float *direct = nullptr, *slabbed = nullptr;  // (batch, channels, pixels)
   int64_t batch = 0, pixels = 0, direct_channels = 0, slab_channels = 0;
+  // > 0: slabbed is (batch, slab_channels / 9, pixels / taps_width, taps_width), its channel c * 9 + t
+  // the map shifted by 3x3 tap t (zero off the map)
+  int64_t taps_width = 0;
 };
 
 constexpr int64_t kPixelChunk = 256;
@@ -1063,6 +1248,32 @@ void TransposeToSlabs(const float *src, int64_t channels, int64_t pixels, int64_
         r[i] = c0 + i < channels ? _mm512_maskz_loadu_ps(mask, src + (c0 + i) * pixels + p0) : _mm512_setzero_ps();
       Transpose16(r);
       for (int64_t i = 0; i < std::min<int64_t>(16, length - p0); ++i) _mm512_storeu_ps(slab + (p0 + i) * kCols, r[i]);
+    }
+  }
+}
+
+// TransposeToSlabs of a 3x3 conv's input: virtual channel c * 9 + t is src's channel c shifted by tap t, for
+// the `length` pixels from pixel `first` of a height x width map (src: the image's first channel)
+void TransposeTapsToSlabs(const float *src, int64_t channels, int64_t height, int64_t width, int64_t first,
+                          int64_t length, float *slabs) {
+  const int64_t pixels = height * width, groups = (length + 15) / 16;
+  std::vector<std::array<__mmask16, 9>> masks(groups);
+  for (int64_t i = 0; i < groups; ++i)
+    TapMasks(first + 16 * i, std::min<int64_t>(16, length - 16 * i), height, width, masks[i]);
+  __m512 r[16];
+  for (int64_t v0 = 0; v0 < channels * 9; v0 += 16) {
+    float *slab = slabs + (v0 / kCols) * kPixelChunk * kCols + v0 % kCols;
+    for (int64_t i = 0; i < groups; ++i) {
+      const int64_t p0 = 16 * i;
+      for (int l = 0; l < 16; ++l) {
+        const int64_t v = v0 + l;
+        const int t = static_cast<int>(v % 9);
+        r[l] = v < channels * 9 ? _mm512_maskz_loadu_ps(masks[i][t], src + (v / 9) * pixels + first + p0 +
+                                                                          TapShift(t, width))
+                                : _mm512_setzero_ps();
+      }
+      Transpose16(r);
+      for (int64_t l = 0; l < std::min<int64_t>(16, length - p0); ++l) _mm512_storeu_ps(slab + (p0 + l) * kCols, r[l]);
     }
   }
 }
@@ -1091,9 +1302,15 @@ void RunWeightGrad(const WeightGrad &g, float *sums) {
     float *acc = partial[index].data();
     for (int64_t t = index * per_thread; t < std::min(tasks, (index + 1) * per_thread); ++t) {
       BlockRuns(g.batch, g.pixels, t * kPixelChunk, kPixelChunk, runs);
-      for (const ColumnRun &run : runs)
-        TransposeToSlabs(g.slabbed + run.image * g.slab_channels * g.pixels + run.pixel, g.slab_channels, g.pixels,
-                         run.length, slabs.data() + run.offset * kCols);
+      for (const ColumnRun &run : runs) {
+        float *at = slabs.data() + run.offset * kCols;
+        if (g.taps_width > 0)
+          TransposeTapsToSlabs(g.slabbed + run.image * (g.slab_channels / 9) * g.pixels, g.slab_channels / 9,
+                               g.pixels / g.taps_width, g.taps_width, run.pixel, run.length, at);
+        else
+          TransposeToSlabs(g.slabbed + run.image * g.slab_channels * g.pixels + run.pixel, g.slab_channels, g.pixels,
+                           run.length, at);
+      }
       for (int64_t j = 0; j < panels; ++j) {
         const int64_t width = std::min(kCols, g.slab_channels - j * kCols);
         const float *slab = slabs.data() + j * kPixelChunk * kCols;
@@ -1150,6 +1367,21 @@ std::vector<float> PackWeight(const float *w, const int64_t *w_shape, bool trans
   else
     PackRows(w, k, c, c, 1, packed.data());
   return packed;
+}
+
+// out (B,rows,H,W) = the 3x3 taps of x (B,C,H,W) times a_packed (rows x 9C, PackRows layout)
+void RunConv3x3(const int64_t *x_shape, const std::vector<float> &a_packed, int64_t rows, const float *x, float *out) {
+  BatchGemm g = Gemm(x_shape, a_packed, rows, x, out);
+  g.depth = x_shape[1] * 9;
+  g.taps_width = x_shape[3];
+  RunBatchGemm<Epi::kPlain>(g);
+}
+
+// inputs x (B,C,H,W) and w (K,C,3,3) of a 3x3, stride-1, padding-1 conv (dilation 1, one group; transposed: x is
+// its output gradient, with K channels), C and K multiples of 8
+bool IsConv3x3(const int *ndims, int64_t **shapes, int x, int w, bool transposed) {
+  return ndims[x] == 4 && ndims[w] == 4 && shapes[w][transposed ? 0 : 1] == shapes[x][1] && shapes[w][2] == 3 &&
+         shapes[w][3] == 3 && shapes[w][0] % kRows == 0 && shapes[w][1] % kRows == 0;
 }
 
 }  // namespace
@@ -1276,6 +1508,47 @@ int Conv1x1WeightGrad(int nparam, void **params, int *ndims, int64_t **shapes, c
   RunWeightGrad(g, dw_t.data());
   for (int64_t k = 0; k < rows; ++k)
     for (int64_t c = 0; c < channels; ++c) dw[k * channels + c] = dw_t[c * rows + k];
+  return 0;
+}
+
+// inputs: x (B,C,H,W), w (K,C,3,3); outputs: y (B,K,H,W), the zero-padded 3x3 conv
+int Conv3x3(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1) || !IsConv3x3(ndims, shapes, 0, 1, false)) return 1;
+  const int64_t rows = shapes[1][0], flat[2] = {rows, shapes[1][1] * 9};  // w as (K, 9C)
+  const std::vector<float> w = PackWeight(static_cast<const float *>(params[1]), flat, false);
+  RunConv3x3(shapes[0], w, rows, static_cast<const float *>(params[0]), static_cast<float *>(params[2]));
+  return 0;
+}
+
+// inputs: dy (B,K,H,W), w (K,C,3,3); outputs: dx (B,C,H,W), Conv3x3's input gradient: the 3x3 conv of dy
+// with w's channel axes swapped and its taps reversed
+int Conv3x3Transposed(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1) || !IsConv3x3(ndims, shapes, 0, 1, true)) return 1;
+  const int64_t k_out = shapes[1][0], channels = shapes[1][1], flat[2] = {channels, k_out * 9};
+  const float *w = static_cast<const float *>(params[1]);
+  std::vector<float> flipped(channels * k_out * 9);  // (C, 9K): channel axes swapped, taps reversed
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t k = 0; k < k_out; ++k)
+      for (int t = 0; t < 9; ++t) flipped[(c * k_out + k) * 9 + t] = w[(k * channels + c) * 9 + 8 - t];
+  const std::vector<float> packed = PackWeight(flipped.data(), flat, false);
+  RunConv3x3(shapes[0], packed, channels, static_cast<const float *>(params[0]), static_cast<float *>(params[2]));
+  return 0;
+}
+
+// inputs: dy (B,K,H,W), x (B,C,H,W); outputs: dw (K,C,3,3), Conv3x3's weight gradient
+int Conv3x3WeightGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (!AllFloat32(nparam, dtypes, -1) || ndims[0] != 4 || ndims[1] != 4 || shapes[0][0] != shapes[1][0] ||
+      shapes[0][2] != shapes[1][2] || shapes[0][3] != shapes[1][3] || shapes[0][1] % kRows)
+    return 1;
+  WeightGrad g;
+  g.batch = shapes[0][0];
+  g.pixels = shapes[0][2] * shapes[0][3];
+  g.direct = static_cast<const float *>(params[0]);
+  g.slabbed = static_cast<const float *>(params[1]);
+  g.direct_channels = shapes[0][1];
+  g.slab_channels = shapes[1][1] * 9;
+  g.taps_width = shapes[1][3];
+  RunWeightGrad(g, static_cast<float *>(params[2]));  // (K, 9C): w's own layout
   return 0;
 }
 

@@ -52,6 +52,8 @@ class Resize(nn.Cell):
     def construct(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         if size is None:
             size = (x.shape[2] * self.scale_factor, x.shape[3] * self.scale_factor)
+        if tuple(size) == tuple(x.shape[2:]):  # both rules map every pixel to itself: skip the pass
+            return x
         if self.mode == "nearest":
             return ops.interpolate(x, size=size, mode="nearest")
         return ops.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -104,8 +106,12 @@ class FPN(nn.Cell):
     def construct(self, features: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, features)]
         for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + self.upsample(laterals[i], laterals[i - 1].shape[2:])
+            laterals[i - 1] = self.add_top_down(laterals[i - 1], laterals[i])
         return tuple(conv(x) for conv, x in zip(self.fpn_convs, laterals))
+
+    def add_top_down(self, fine: Tensor, coarse: Tensor) -> Tensor:
+        """One top-down step: the coarser level, nearest-upsampled to the finer one's size, added to it."""
+        return fine + self.upsample(coarse, fine.shape[2:])
 
 
 def scale_head(in_channels: int, channels: int, stride: int, base_stride: int, sync_bn: bool = False) -> nn.Cell:
