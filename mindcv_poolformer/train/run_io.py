@@ -20,8 +20,8 @@ import numpy as np
 from ..checkpoint import CheckpointError, save_state_dict
 from ..config import ConfigError
 
-__all__ = ["METRIC_FIELDS", "SEGMENTATION_METRIC_FIELDS", "RUN_FILES", "STEP_LOG_ENV", "check_run_dir",
-           "CheckpointManager", "MetricsLog", "Progress", "read_training_state", "read_step_log",
+__all__ = ["LOSS_LOG_FIELDS", "METRIC_FIELDS", "SEGMENTATION_METRIC_FIELDS", "RUN_FILES", "STEP_LOG_ENV",
+           "check_run_dir", "CheckpointManager", "MetricsLog", "Progress", "read_training_state", "read_step_log",
            "remove_stale_temp_files"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
@@ -29,7 +29,9 @@ _LOG = logging.getLogger("mindcv_poolformer")
 METRIC_FIELDS = ("epoch", "step", "train_loss", "lr", "val_top1", "val_top5", "img_per_s", "epoch_time")
 SEGMENTATION_METRIC_FIELDS = ("epoch", "step", "train_loss", "lr", "val_miou", "val_aacc", "val_macc", "img_per_s",
                               "epoch_time")
-RUN_FILES = ("metrics.csv", "curves.png", "checkpoints.json", "config.yaml", "predictions.png")
+# an iteration run's training loss, one row per log_interval steps (its metrics.csv has a row per validation only)
+LOSS_LOG_FIELDS = ("epoch", "step", "train_loss", "lr")
+RUN_FILES = ("metrics.csv", "curves.png", "checkpoints.json", "config.yaml", "predictions.png", "loss.csv")
 _CKPT_NAME = re.compile(r"^(?P<model>.+)-e(?P<epoch>\d+)-s(?P<step>\d+)\.(?P<fmt>safetensors|ckpt)$")
 _TEMP_PREFIX = ".tmp-"  # save_state_dict's temp files: complete only once renamed
 STATE_PREFIX = "train_state."
@@ -203,10 +205,12 @@ def resolve_resume(resume: str) -> Path:
 
 class MetricsLog:
     """``metrics.csv`` (appended one row per epoch, or per validation of an iteration run, never rewritten) and
-    ``curves.png`` beside it. ``fields`` are the columns of a new file; an existing file keeps its header."""
+    ``curves.png`` beside it. ``fields`` are the columns of a new file; an existing file keeps its header.
+    ``name`` gives the same append-once log under another file name (``loss.csv``)."""
 
-    def __init__(self, directory: str | os.PathLike, fields: tuple[str, ...] = METRIC_FIELDS) -> None:
-        self.csv_path = Path(directory) / "metrics.csv"
+    def __init__(self, directory: str | os.PathLike, fields: tuple[str, ...] = METRIC_FIELDS,
+                 name: str = "metrics.csv") -> None:
+        self.csv_path = Path(directory) / name
         self.png_path = Path(directory) / "curves.png"
         self.fields = fields
 
@@ -249,9 +253,11 @@ class MetricsLog:
         return [r for r in rows if None not in r and None not in r.values() and r["epoch"].isdigit()
                 and r["step"].isdigit()]
 
-    def plot(self, x: str = "epoch", columns: tuple[str, ...] = ("val_top1", "val_top5")) -> None:
+    def plot(self, x: str = "epoch", columns: tuple[str, ...] = ("val_top1", "val_top5"),
+             loss_log: MetricsLog | None = None) -> None:
         """Loss and the validation ``columns`` (%) versus ``x`` (epoch or step; matplotlib, Agg backend);
-        skipped with a note if unavailable."""
+        skipped with a note if unavailable. With ``loss_log`` (x = step) the loss panel draws its rows, one per
+        log_interval steps, instead of one point per row of this file."""
         try:
             import matplotlib
 
@@ -261,10 +267,9 @@ class MetricsLog:
             _LOG.info("matplotlib is not installed: curves.png not written")
             return
         rows = self.rows()
-        xs = [int(r[x]) for r in rows]
-        loss = [float(r["train_loss"]) for r in rows]
+        loss_rows = (loss_log.rows() if loss_log is not None else []) or rows
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        ax1.plot(xs, loss, marker=".")
+        ax1.plot([int(r[x]) for r in loss_rows], [float(r["train_loss"]) for r in loss_rows], marker=".")
         ax1.set_xlabel(x)
         ax1.set_ylabel("train loss")
         ax1.grid(alpha=0.3)

@@ -51,6 +51,7 @@ from ..models.layers import DropPathKey
 from .data import DataError
 from .optim import OptimizerSettings, create_optimizer
 from .run_io import (
+    LOSS_LOG_FIELDS,
     METRIC_FIELDS,
     SEGMENTATION_METRIC_FIELDS,
     STATE_PREFIX,
@@ -340,6 +341,8 @@ class Trainer:
                                          int(cfg["keep_checkpoint_max"]), cfg["ckpt_save_policy"])
         self.metrics = MetricsLog(self.run_dir, SEGMENTATION_METRIC_FIELDS if self.task.name == "segmentation"
                                   else METRIC_FIELDS)
+        self.loss_log = MetricsLog(self.run_dir, LOSS_LOG_FIELDS, name="loss.csv")
+        self.log_window = (0.0, 0)  # an iteration run's loss since the last loss.csv row (sum, count)
         self.global_step = 0
         self.start_epoch = 0
         self.skip_micro = 0
@@ -387,6 +390,8 @@ class Trainer:
         kept = self.window[:2] if self.max_iters else (self.epoch_loss if micro_in_epoch else (0.0, 0))
         state[STATE_PREFIX + "epoch_loss_sum"] = np.array([kept[0]], np.float64)
         state[STATE_PREFIX + "epoch_loss_count"] = np.array([kept[1]], np.int64)
+        state[STATE_PREFIX + "log_loss_sum"] = np.array([self.log_window[0]], np.float64)
+        state[STATE_PREFIX + "log_loss_count"] = np.array([self.log_window[1]], np.int64)
         state[STATE_PREFIX + "world"] = np.array([self.dist.world], np.int64)
         return state
 
@@ -447,6 +452,7 @@ class Trainer:
         self.global_step = self.saved_step = int(state["global_step"])
         self.best_top1 = float(state["best_top1"])
         self.resumed_epoch_loss = (float(state.get("epoch_loss_sum", 0.0)), int(state.get("epoch_loss_count", 0)))
+        self.log_window = (float(state.get("log_loss_sum", 0.0)), int(state.get("log_loss_count", 0)))
         if self.max_iters:
             self.window = [*self.resumed_epoch_loss, 0, time.perf_counter()]
             self.resumed_epoch_loss = (0.0, 0)
@@ -690,8 +696,23 @@ class Trainer:
                 self.window[0] += value if math.isfinite(value) else 0.0
                 self.window[1] += 1 if math.isfinite(value) else 0
                 self.window[2] += batch * self.accum * self.dist.world
+                self._log_loss(record, value, lr)
         self.epoch_loss = (loss_sum, loss_count)
         self._read_scale()
+
+    def _log_loss(self, record: _Pending, value: float, lr: float) -> None:
+        """Account one optimizer step's loss in ``loss.csv``: a row with the mean of the finite losses every
+        ``log_interval`` steps (an iteration run validates rarely, so metrics.csv alone draws no loss curve)."""
+        finite = math.isfinite(value)
+        total, count = self.log_window[0] + (value if finite else 0.0), self.log_window[1] + int(finite)
+        self.log_window = (total, count)
+        if (record.step + 1) % int(self.cfg["log_interval"]):
+            return
+        if self.dist.is_main:
+            self.loss_log.append({"epoch": record.epoch + 1, "step": record.step + 1,
+                                  "train_loss": round(total / count, 6) if count else float("nan"),
+                                  "lr": float(f"{lr:.6g}")}, key="step")
+        self.log_window = (0.0, 0)
 
     def _read_scale(self) -> None:
         """The loss scale state on the host, where the next ``_flush`` replays from (no step pending here)."""
@@ -750,7 +771,7 @@ class Trainer:
         record.update({k: None if v is None else round(v, 4) for k, v in columns.items()})
         if self.dist.is_main:
             self.metrics.append(record, key="step")
-            self.metrics.plot(x="step", columns=self.task.metric_columns)
+            self.metrics.plot(x="step", columns=self.task.metric_columns, loss_log=self.loss_log)
             val = ", ".join(f"{k} {v:.2f}" for k, v in columns.items() if v is not None)
             _LOG.info("step %d/%d: loss %.4f, lr %.3e%s, %.1f img/s", self.global_step, self.max_iters,
                       record["train_loss"], lr, f", {val}" if val else "", record["img_per_s"])
