@@ -25,7 +25,7 @@ import numpy as np
 from .errors import ConfigError
 
 __all__ = ["DistInfo", "all_reduce_sum", "detect_launcher", "mpi_env", "bootstrap_mpi_scheduler", "check_launcher",
-           "exit_process", "init_distributed"]
+           "exit_process", "init_distributed", "raise_on_every_rank"]
 
 _LOG = logging.getLogger("mindcv_poolformer")
 
@@ -125,17 +125,40 @@ def exit_process(code: int) -> NoReturn:
     now and then in the TCP client's event thread (SIGSEGV: CI's rank 1, and ~1 in 10 loaded 2-rank runs
     here, with the scheduler still serving), turning a finished run into exit code 139. Our scheduler needs
     no goodbye from its workers (it leaves when MPI rank 0 does, see ``_SCHEDULER_CODE``), so such a worker
-    flushes its output and leaves with ``os._exit`` once its run succeeded. A failed run exits normally:
-    MindSpore's finalisation waits for every rank, so mpirun, which ends the job when a rank exits
-    non-zero, does not kill a peer before it has reported the same error. Every other process exits
-    normally too: msrun's own scheduler waits for each worker's finalisation.
+    flushes its output and leaves with ``os._exit`` once its run succeeded, or once it failed with an error
+    that every rank raised together (``raise_on_every_rank``). Then a barrier after the flush keeps mpirun,
+    which ends the job when a rank exits non-zero, from killing a peer before it has reported the same error,
+    and a short grace period lets the barrier's last messages reach the peers (and keeps MPI rank 0's
+    scheduler up) before the process is gone: a rank that left at once stranded its peer in the barrier
+    (SIGTERM after ~20 s, in ~1 of 8 loaded runs here). Any other failure exits normally, where MindSpore's
+    finalisation waits for every rank; so does every process outside our scheduler: msrun's own scheduler
+    waits for each worker's finalisation.
     """
-    if not _BOOTSTRAPPED or code != 0:
+    if not _BOOTSTRAPPED or (code != 0 and not _FAILED_ON_EVERY_RANK):
         sys.exit(code)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    if code != 0:
+        all_reduce_sum(np.zeros(1, np.float32))  # every rank has printed its line
+        time.sleep(_FAILED_EXIT_GRACE_S)
     os._exit(code)
+
+
+_FAILED_EXIT_GRACE_S = 2.0
+_FAILED_ON_EVERY_RANK = False  # the error being raised is one that every rank raises at the same point
+
+
+def raise_on_every_rank(error: Exception) -> NoReturn:
+    """Raise ``error``, known to be raised by every rank at this point (its finding was all-reduced).
+
+    This lets ``exit_process`` meet the other ranks in one last collective instead of MindSpore's crash-prone
+    finalisation. Only for errors decided from all-reduced values: a rank waiting in that barrier for a peer
+    that is still training would hang.
+    """
+    global _FAILED_ON_EVERY_RANK
+    _FAILED_ON_EVERY_RANK = True
+    raise error
 
 
 def _wait_for_port(host: str, port: int, timeout: float) -> None:

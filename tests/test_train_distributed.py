@@ -159,3 +159,43 @@ def test_overflow_flag_reduction_is_or() -> None:
     done = run_python([str(REPO / "tests" / "train_overflow_worker.py"), "--flag-or"], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "flag-or: 6 cases ok" in done.stdout
+
+
+@pytest.mark.parametrize("agreed", [True, False])
+def test_failed_worker_exit_skips_finalisation_only_for_an_error_every_rank_raised(monkeypatch, agreed) -> None:
+    """An mpirun worker's agreed error: flush, barrier, grace period, ``os._exit(2)``, in that order (no
+    MindSpore finalisation, whose TCP client teardown segfaulted a loaded 2-rank run in ~1 of 6); any other
+    error: ``sys.exit(2)`` with no barrier, since a peer still training would never reach it."""
+    from mindcv_poolformer import distributed
+    from mindcv_poolformer.errors import ConfigError
+
+    calls: list[str] = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code: int) -> None:
+        calls.append(f"_exit {code}")
+        raise Exited
+
+    monkeypatch.setattr(distributed, "_BOOTSTRAPPED", True)
+    monkeypatch.setattr(distributed, "_FAILED_ON_EVERY_RANK", False)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda values: calls.append("barrier") or values)
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: calls.append(f"sleep {seconds}"))
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    # logging.shutdown flushes stderr too: one entry for any run of flushes
+    monkeypatch.setattr(sys.stderr, "flush", lambda: calls[-1:] == ["flush"] or calls.append("flush"))
+    if agreed:
+        with pytest.raises(ConfigError, match="bad label"):
+            distributed.raise_on_every_rank(ConfigError("bad label"))
+        with pytest.raises(Exited):
+            distributed.exit_process(2)
+        assert calls == ["flush", "barrier", f"sleep {distributed._FAILED_EXIT_GRACE_S}", "_exit 2"], calls
+    else:
+        with pytest.raises(SystemExit) as exited:
+            distributed.exit_process(2)
+        assert exited.value.code == 2 and calls == [], calls
+    calls.clear()
+    with pytest.raises(Exited):  # a finished run leaves without finalisation either way, and without a barrier
+        distributed.exit_process(0)
+    assert calls == ["flush", "_exit 0"], calls

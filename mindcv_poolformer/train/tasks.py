@@ -33,7 +33,7 @@ from ..data.ade20k import (
 from ..data.listing import shard_indices
 from ..data.seg_train import build_segmentation_train_dataset
 from ..data.texture_mosaics import ensure_texture_mosaics
-from ..distributed import all_reduce_sum
+from ..distributed import all_reduce_sum, raise_on_every_rank
 from ..evaluation.classification import evaluate
 from ..evaluation.segmentation import evaluate_segmentation, predict_map
 from ..transforms import Preprocess
@@ -194,7 +194,7 @@ def check_segmentation_labels(labels: list[str], num_classes: int, reduce_zero_l
         reason = _label_top(path, reduce_zero_label)
         if not isinstance(reason, str):
             reason = f"unreadable on rank {owner}, readable on rank {rank}: changed during the check?"
-    raise ConfigError(_label_error(path, reason, num_classes, reduce_zero_label))
+    raise_on_every_rank(ConfigError(_label_error(path, reason, num_classes, reduce_zero_label)))
 
 
 class SegmentationTask:
