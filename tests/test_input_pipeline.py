@@ -230,6 +230,48 @@ def test_damaged_files_never_reach_the_cpp_decoder(jpeg_folder, tmp_path, determ
     assert "4 unreadable image(s) so far" in log
 
 
+def _train_epoch(folder: Path, monkeypatch, cores: int, workers: int, **extra) -> tuple[list[str], list]:
+    """The map stages of epoch 0's training dataset (outermost first) and its batches, on ``cores`` cores."""
+    from mindcv_poolformer.config import load_config
+    from mindcv_poolformer.train import data as train_data
+
+    monkeypatch.setattr(train_data, "_cores", lambda: cores)
+    cfg = load_config(overrides={"data_dir": str(folder), "image_resize": 32, "batch_size": 4, "num_classes": 10,
+                                 "num_parallel_workers": workers, **extra})
+    data = train_data.build_train_dataset(train_data.TrainDataSettings.from_config(cfg), 0)
+    stages, node = [], data.dataset
+    while node.children:
+        if type(node).__name__ == "MapDataset":
+            stages.append([type(op).__name__ for op in node.operations])
+        node = node.children[0]
+    return stages, list(data.dataset.create_tuple_iterator(output_numpy=True, num_epochs=1))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_training_ops_split_into_two_map_stages_only_where_cores_are_spare(jpeg_folder, monkeypatch, deterministic):
+    """1 worker on 2 cores: crop + flip in one map stage, the rest in a second, and the batches one stage gives;
+    2 workers on 2 cores: one stage (deterministic_augment: its augmentation always runs in 1 worker). Seeded
+    batches: the C++ ops alone, or with deterministic_augment the recipe's RandAugment, erasing and mixing too."""
+    recipe = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "re_mode": "pixel", "mixup": 0.8,
+              "cutmix": 1.0, "interpolation": "random"}
+    extra = {"hflip": 1.0, "deterministic_augment": deterministic,
+             **(recipe if deterministic else {"interpolation": "bilinear"})}
+    one_stage, want = _train_epoch(jpeg_folder, monkeypatch, cores=1, workers=1, **extra)
+    two_stages, got = _train_epoch(jpeg_folder, monkeypatch, cores=2, workers=1, **extra)
+    crop = ["RandomChoice" if deterministic else "RandomCropDecodeResize", "RandomHorizontalFlip"]
+    rest = (["RandAugment"] if deterministic else []) + ["HWC2CHW", "Normalize"] + (
+        ["RandomErasing"] if deterministic else [])
+    reader = [["Decode"], ["ImageReader"]] if deterministic else [["ImageReader"]]
+    assert one_stage[1:] == [crop + rest, *reader], one_stage
+    assert two_stages[1:] == [rest, crop, *reader], two_stages
+    assert len(got) == len(want) == 11
+    for (image_a, target_a), (image_b, target_b) in zip(want, got):
+        np.testing.assert_array_equal(image_a, image_b)
+        np.testing.assert_array_equal(target_a, target_b)
+    wide = _train_epoch(jpeg_folder, monkeypatch, cores=2, workers=2, **extra)[0][1:]
+    assert wide == (two_stages[1:] if deterministic else one_stage[1:])
+
+
 def test_mix_batch_depends_on_the_batch_number_only():
     """Per-batch draws: any worker may mix any batch, in any order; the pair formula is timm's."""
     smoothing, classes = 0.1, 6
