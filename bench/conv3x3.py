@@ -1,9 +1,10 @@
-"""The Semantic FPN's 3x3 convs: ours (the kernels' GEMM) against MindSpore's oneDNN conv and PyTorch's.
+"""The Semantic FPN's 3x3 convs: ours (the kernels' GEMM, Winograd and direct) against MindSpore's oneDNN and PyTorch's.
 
     python bench/conv3x3.py [--rounds 2] [--iters 3]
 
 Shapes are FPN-S12's at 512x512, batch 8: the neck's 256 -> 256 and the head's 256 -> 128 at stride 4
-(128x128), the head's 128 -> 128 at stride 8 (64x64) and 256 -> 128 at stride 32 (16x16). Rows:
+(128x128), the head's 128 -> 128 at stride 8 (64x64), 256 -> 128 at stride 16 (32x32) and at stride 32 (16x16).
+Ours in two forms: Winograd F(4x4, 3x3) (the default; its weight gradient is direct) and direct. Rows:
 forward, and forward + backward (input and weight gradients of a weighted sum), float32, GRAPH mode for
 MindSpore. Each framework runs in its own subprocess, interleaved over ``--rounds`` (ours, MindSpore,
 torch, ours, ...), because the oneDNN ISA is process-wide: MindSpore's convs run under this package's
@@ -27,8 +28,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # (batch, in channels, height, width, out channels)
-SHAPES = [(8, 256, 128, 128, 256), (8, 256, 128, 128, 128), (8, 128, 64, 64, 128), (8, 256, 16, 16, 128)]
-FRAMEWORKS = ("ours-gemm", "mindspore-onednn", "torch")
+SHAPES = [(8, 256, 128, 128, 256), (8, 256, 128, 128, 128), (8, 128, 64, 64, 128), (8, 256, 32, 32, 128),
+          (8, 256, 16, 16, 128)]
+FRAMEWORKS = ("ours-winograd", "ours-direct", "mindspore-onednn", "torch")
+OURS = {"ours-winograd": "conv3x3_winograd", "ours-direct": "conv3x3_direct"}
 
 
 def _best(fn, iters: int) -> float:
@@ -51,14 +54,14 @@ def _mindspore(framework: str, iters: int) -> dict[str, float]:
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     kernels = cpu_kernels()
-    if framework == "ours-gemm" and (kernels is None or kernels.conv3x3 is None):
+    if framework in OURS and (kernels is None or kernels.conv3x3 is None):
         raise SystemExit("the kernel library has no AVX-512 GEMM on this machine")
 
     class Conv(nn.Cell):
         def __init__(self, out_channels: int) -> None:
             super().__init__()
-            self.op = kernels.conv3x3 if framework == "ours-gemm" else ops.Conv2D(out_channels, 3, pad_mode="pad",
-                                                                                   pad=1)
+            self.op = (getattr(kernels, OURS[framework]) if framework in OURS
+                       else ops.Conv2D(out_channels, 3, pad_mode="pad", pad=1))
 
         def construct(self, x, w):
             return self.op(x, w)
@@ -160,7 +163,8 @@ def main() -> None:
              f"({_cpu_name()}), median over {args.rounds} interleaved rounds of the best of {args.iters} calls; "
              f"load average {_load()} at the end",
              "", "| shape (B, C, H, W, K) | pass | " + " | ".join(f"{n} ms (GFLOP/s)" for n in FRAMEWORKS)
-             + " | ours / oneDNN | ours / torch |", "|---|---|" + "---|" * (len(FRAMEWORKS) + 2)]
+             + " | Winograd / direct | Winograd / oneDNN | Winograd / torch |",
+             "|---|---|" + "---|" * (len(FRAMEWORKS) + 3)]
     for shape in SHAPES:
         key = "x".join(map(str, shape))
         batch, channels, height, width, rows = shape
@@ -168,7 +172,7 @@ def main() -> None:
             flops = 2 * batch * height * width * channels * rows * 9 * factor
             med = {n: statistics.median(r[f"{key}:{task}"] for r in times[n]) for n in FRAMEWORKS}
             cells = [f"{med[n] * 1e3:.1f} ({flops / med[n] / 1e9:.0f})" for n in FRAMEWORKS]
-            ratios = f"{med['mindspore-onednn'] / med['ours-gemm']:.2f}x | {med['torch'] / med['ours-gemm']:.2f}x"
+            ratios = " | ".join(f"{med[n] / med['ours-winograd']:.2f}x" for n in FRAMEWORKS[1:])
             lines.append(f"| {shape} | {task} | " + " | ".join(cells) + f" | {ratios} |")
     table = "\n".join(lines)
     print(table)

@@ -236,12 +236,13 @@ GEMM_SHAPES = [(2, 16, 7, 7, 24), (3, 8, 5, 3, 8), (1, 40, 16, 9, 64), (2, 300, 
                (2, 12, 7, 7, 24)]
 
 
-def _close(actual, expected):
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=2e-6 * np.abs(expected).max())
+def _close(actual, expected, scale_tol=2e-6):
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=scale_tol * np.abs(expected).max())
 
 
-def _check_conv(op, shape, weight_tail, seed, reference):
-    """``op(x, w)``, and its input and weight gradients through ``ms.grad``, against ``reference(x, w, dy)``."""
+def _check_conv(op, shape, weight_tail, seed, reference, scale_tol=2e-6):
+    """``op(x, w)``, and its input and weight gradients through ``ms.grad``, against ``reference(x, w, dy)``
+    (within ``scale_tol`` of each result's largest magnitude)."""
     batch, channels, height, width, rows = shape
     rng = np.random.default_rng(seed)
     x = rng.normal(0, 1, (batch, channels, height, width)).astype(np.float32)
@@ -252,10 +253,10 @@ def _check_conv(op, shape, weight_tail, seed, reference):
     def loss(inputs, weight):
         return (op(inputs, weight) * Tensor(dy)).sum()
 
-    _close(op(Tensor(x), Tensor(w)).asnumpy(), y)
+    _close(op(Tensor(x), Tensor(w)).asnumpy(), y, scale_tol)
     got_dx, got_dw = ms.grad(loss, (0, 1))(Tensor(x), Tensor(w))
-    _close(got_dx.asnumpy(), dx)
-    _close(got_dw.asnumpy(), dw)
+    _close(got_dx.asnumpy(), dx, scale_tol)
+    _close(got_dw.asnumpy(), dw, scale_tol)
 
 
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
@@ -442,7 +443,35 @@ def _conv3x3_reference(x, w, dy):
 @pytest.mark.parametrize("shape", CONV3X3_SHAPES)
 def test_conv3x3_matches_numpy(gemm_kernels, shape):
     """The 3x3 conv on the GEMM (taps read shifted as it packs), its input gradient and its weight gradient."""
-    _check_conv(gemm_kernels.conv3x3, shape, (3, 3), 8, _conv3x3_reference)
+    _check_conv(gemm_kernels.conv3x3_direct, shape, (3, 3), 8, _conv3x3_reference)
+
+
+# (batch, C, H, W, K) for the Winograd form (maps of 48x48 and larger): whole 4x4 tiles (48x48), partial tiles on
+# both axes (49x50), 216 tiles an image so the 192-tile chunks start mid-row and span images (48x70, with a
+# partial 64-row block of 72), and a map under 48 pixels high that takes the direct form
+WINOGRAD_SHAPES = [(2, 8, 48, 48, 16), (3, 16, 49, 50, 8), (2, 24, 48, 70, 72), (2, 16, 40, 64, 8)]
+
+
+@pytest.mark.parametrize("shape", WINOGRAD_SHAPES)
+def test_conv3x3_winograd_matches_numpy(gemm_kernels, shape):
+    """The Winograd F(4x4, 3x3) forward and input gradient (the weight gradient stays direct) within 2e-5 of the
+    results' scale (float32 rounding of the transforms: ~5e-6 at 40 channels); a wrong transform coefficient
+    is off by a whole term. Where the map allows it, it really is the other form: not bit-equal to the direct."""
+    _check_conv(gemm_kernels.conv3x3_winograd, shape, (3, 3), 8, _conv3x3_reference, scale_tol=2e-5)
+    rng = np.random.default_rng(1)
+    x = Tensor(rng.normal(0, 1, shape[:4]).astype(np.float32))
+    w = Tensor(rng.normal(0, 1, (shape[4], shape[1], 3, 3)).astype(np.float32))
+    same = np.array_equal(gemm_kernels.conv3x3_winograd(x, w).asnumpy(), gemm_kernels.conv3x3_direct(x, w).asnumpy())
+    assert same == (min(shape[2:4]) < 48)
+
+
+def test_conv3x3_winograd_is_the_default_and_can_be_switched_off(library, monkeypatch):
+    for value, form in (("1", "conv3x3_winograd"), ("0", "conv3x3_direct")):
+        monkeypatch.setenv("MINDCV_POOLFORMER_CPU_WINOGRAD", value)
+        fast = kernels.CpuKernels(library)
+        if fast.conv3x3 is None:
+            pytest.skip("the GEMM is off on this CPU")
+        assert fast.conv3x3 is getattr(fast, form)
 
 
 class _WeightedSum(ms.nn.Cell):

@@ -201,7 +201,7 @@ class CpuKernels:
         # whole batch where the library was compiled with AVX-512 (else None: oneDNN convs). MindSpore's
         # oneDNN is capped at AVX2 on this package's CPUs (see _runtime.py); measured per shape at batch
         # 32 (bench/results/optimizations-20261121.md) the GEMM is 1.2-1.7x faster on every S12 shape.
-        self.conv1x1 = self.conv3x3 = None
+        self.conv1x1 = self.conv3x3 = self.conv3x3_direct = self.conv3x3_winograd = None
         gemm_switch = os.environ.get("MINDCV_POOLFORMER_CPU_GEMM", "1").strip().lower()
         if gemm_switch not in ("0", "false", "off", "no") and ctypes.CDLL(library).PoolformerHasFastGemm():
             def conv_shape(x, w):
@@ -245,14 +245,24 @@ class CpuKernels:
             # MindSpore's oneDNN, capped at AVX2, runs these at 97-124 GFLOP/s on 2 Ice Lake cores; the
             # GEMM at 270-300 (forward and input gradient) and 170-230 (weight gradient):
             # bench/conv3x3.py. Input and output channels must be multiples of 8.
-            conv3x3_transposed = custom("Conv3x3Transposed", lambda dy, w: [dy[0], w[1], dy[2], dy[3]],
-                                        lambda dy, w: dy)
+            # The forward and the input gradient also come in the Winograd F(4x4, 3x3) form (maps of 8x8 and
+            # larger): a quarter of the multiply-adds in the GEMM, ~10x the direct form's float32 rounding
+            # (5e-6 of the output's scale at 256 channels). It is the default; MINDCV_POOLFORMER_CPU_WINOGRAD=0
+            # keeps the direct form. The weight gradient is always direct.
             conv3x3_weight_grad = custom("Conv3x3WeightGrad", lambda dy, x: [dy[1], x[1], 3, 3], lambda dy, x: x)
 
-            def conv3x3_bprop(x, w, out, dout):
-                return conv3x3_transposed(dout, w), conv3x3_weight_grad(dout, x)
+            def conv3x3(form):
+                transposed = custom("Conv3x3Transposed" + form, lambda dy, w: [dy[0], w[1], dy[2], dy[3]],
+                                    lambda dy, w: dy)
 
-            self.conv3x3 = custom("Conv3x3", conv_shape, lambda x, w: x, conv3x3_bprop)
+                def bprop(x, w, out, dout):
+                    return transposed(dout, w), conv3x3_weight_grad(dout, x)
+
+                return custom("Conv3x3" + form, conv_shape, lambda x, w: x, bprop)
+
+            self.conv3x3_direct, self.conv3x3_winograd = conv3x3(""), conv3x3("Winograd")
+            winograd = os.environ.get("MINDCV_POOLFORMER_CPU_WINOGRAD", "1").strip().lower()
+            self.conv3x3 = self.conv3x3_direct if winograd in ("0", "false", "off", "no") else self.conv3x3_winograd
 
 
 @cache
