@@ -245,7 +245,7 @@ class CpuKernels:
             # MindSpore's oneDNN, capped at AVX2, runs these at 97-124 GFLOP/s on 2 Ice Lake cores; the
             # GEMM at 270-300 (forward and input gradient) and 170-230 (weight gradient):
             # bench/conv3x3.py. Input and output channels must be multiples of 8.
-            # The forward and the input gradient also come in the Winograd F(4x4, 3x3) form (maps of 8x8 and
+            # The forward and the input gradient also come in the Winograd F(4x4, 3x3) form (maps of 32x32 and
             # larger): a quarter of the multiply-adds in the GEMM, ~10x the direct form's float32 rounding
             # (5e-6 of the output's scale at 256 channels). It is the default; MINDCV_POOLFORMER_CPU_WINOGRAD=0
             # keeps the direct form. The weight gradient is always direct.

@@ -1164,7 +1164,8 @@ void RunBatchGemm(const BatchGemm &g) {
   std::mutex merge;
   std::vector<double> bias_grad(E == Epi::kGeluGrad ? g.rows : 0);
   ParallelFor(panels, g.serial ? panels : 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> slabs(block * g.depth * kCols), sums(kRowBlock * block * kCols);
+    const int64_t used = std::min(block, end - begin);  // a small GEMM (Winograd's) zeroes only what it uses
+    std::vector<float> slabs(used * g.depth * kCols), sums(kRowBlock * used * kCols);
     std::vector<double> bias_sums(bias_grad.size());
     std::vector<ColumnRun> runs;
     for (int64_t first = begin; first < end; first += block) {
@@ -1385,7 +1386,7 @@ void RunConv3x3(const int64_t *x_shape, const std::vector<float> &a_packed, int6
 // 6x6 transformed points, on the batch GEMM above. The transforms are additions and small integer scalings
 // (interpolation points 0, +-1, +-2); float32 rounding is ~10x the direct conv's (5e-6 of the output's scale
 // against 4e-7 at C = 256, tests/test_kernels.py).
-constexpr int64_t kWinoChunkTiles = 192, kWinoMinSide = 48;
+constexpr int64_t kWinoChunkTiles = 48, kWinoMinSide = 32;
 
 // U_p = (G w[k][c] G^T)_p in double, rounded once, each p's (K x C) matrix in PackRows layout
 std::vector<float> WinogradWeights(const float *w, int64_t k_out, int64_t channels) {
@@ -1434,9 +1435,10 @@ inline void WinogradOutputAxis(const float *in, int64_t si, float *out, int64_t 
 }
 
 // out (B,rows,H,W) = the zero-padded 3x3 conv of x (B,C,H,W) with u (WinogradWeights of rows x C). Each thread
-// takes chunks of kWinoChunkTiles tiles (n = (image * th + ty) * tw + tx) and runs them through the input
-// transform, the 36 GEMMs and the output transform on its own, so a chunk's transformed maps (36 x channels x
-// tiles: a few MB) are still in the caches when the next step reads them.
+// takes chunks of kWinoChunkTiles tiles (n = (image * th + ty) * tw + tx: one 48-column GEMM panel) through the
+// input transform, the 36 GEMMs and the output transform on its own, so a chunk's transformed maps (36 x
+// channels x 48) are still in L2 when the next step reads them (chunks of 96 / 192 / 384 tiles: 0.97x / 0.85x /
+// 0.77x the speed at 128x128).
 void RunWinograd3x3(const int64_t *x_shape, const std::vector<float> &u, int64_t rows, const float *x, float *out) {
   const int64_t batch = x_shape[0], channels = x_shape[1], height = x_shape[2], width = x_shape[3];
   const int64_t th = (height + 3) / 4, tw = (width + 3) / 4, per_image = th * tw, total = batch * per_image;
@@ -1507,8 +1509,8 @@ void RunWinograd3x3(const int64_t *x_shape, const std::vector<float> &u, int64_t
 }
 
 // Whether the Winograd form serves a 3x3 conv of this map. Measured on 2 Zen 4 cores at batch 8-16, 128-256
-// channels (forward / input gradient vs the direct form): 16x16 0.49-0.58x, 32x32 0.74-0.90x, 48x48 1.07-1.09x,
-// 64x64 1.03-1.56x, 128x128 1.57-1.71x: the transforms cost more than the GEMM saves on small maps.
+// channels (forward / input gradient vs the direct form): 16x16 0.60-0.78x, 32x32 1.07-1.22x, 48x48 1.40x,
+// 64x64 1.64-1.75x, 128x128 2.14-2.30x: on small maps the transforms cost more than the GEMM saves.
 bool UseWinograd(const int64_t *x_shape) { return x_shape[2] >= kWinoMinSide && x_shape[3] >= kWinoMinSide; }
 
 // inputs x (B,C,H,W) and w (K,C,3,3) of a 3x3, stride-1, padding-1 conv (dilation 1, one group; transposed: x is
@@ -1688,7 +1690,7 @@ int Conv3x3(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   return Conv3x3Forward(nparam, params, ndims, shapes, dtypes, false);
 }
 
-// Conv3x3 in the Winograd F(4x4, 3x3) form on maps of 8x8 and larger
+// Conv3x3 in the Winograd F(4x4, 3x3) form on maps of 32x32 and larger (UseWinograd)
 int Conv3x3Winograd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   return Conv3x3Forward(nparam, params, ndims, shapes, dtypes, true);
 }
@@ -1698,7 +1700,7 @@ int Conv3x3Transposed(int nparam, void **params, int *ndims, int64_t **shapes, c
   return Conv3x3InputGrad(nparam, params, ndims, shapes, dtypes, false);
 }
 
-// Conv3x3Transposed in the Winograd form on maps of 8x8 and larger
+// Conv3x3Transposed in the Winograd form on maps of 32x32 and larger
 int Conv3x3TransposedWinograd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                               void *) {
   return Conv3x3InputGrad(nparam, params, ndims, shapes, dtypes, true);
