@@ -1390,8 +1390,12 @@ constexpr int64_t kWinoChunkTiles = 48, kWinoMinSide = 32;
 
 // U_p = (G w[k][c] G^T)_p in double, rounded once, each p's (K x C) matrix in PackRows layout
 std::vector<float> WinogradWeights(const float *w, int64_t k_out, int64_t channels) {
-  static const double g[6][3] = {{0.25, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6}, {-1.0 / 6, 1.0 / 6, -1.0 / 6},
-                                 {1.0 / 24, 1.0 / 12, 1.0 / 6}, {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
+  static const double g[6][3] = {{0.25, 0, 0},
+                                 {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                 {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                 {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                 {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                 {0, 0, 1}};
   const int64_t plane = k_out * channels;
   std::vector<float> u(36 * plane), packed(36 * plane);
   for (int64_t kc = 0; kc < plane; ++kc) {
@@ -1434,6 +1438,17 @@ inline void WinogradOutputAxis(const float *in, int64_t si, float *out, int64_t 
   }
 }
 
+// fn(image, ty, tx0, count, lane0) for each run of a chunk's tiles [n_first, n_first + tiles) inside one tile row:
+// `count` tiles from tile column tx0, the first at lane0 of the chunk
+template <typename F>
+void ForTileRows(int64_t n_first, int64_t tiles, int64_t tw, int64_t per_image, F fn) {
+  for (int64_t n = n_first; n < n_first + tiles;) {
+    const int64_t tx0 = n % tw, count = std::min(tw - tx0, n_first + tiles - n);
+    fn(n / per_image, n % per_image / tw, tx0, count, n - n_first);
+    n += count;
+  }
+}
+
 // out (B,rows,H,W) = the zero-padded 3x3 conv of x (B,C,H,W) with u (WinogradWeights of rows x C). Each thread
 // takes chunks of kWinoChunkTiles tiles (n = (image * th + ty) * tw + tx: one 48-column GEMM panel) through the
 // input transform, the 36 GEMMs and the output transform on its own, so a chunk's transformed maps (36 x
@@ -1449,9 +1464,9 @@ void RunWinograd3x3(const int64_t *x_shape, const std::vector<float> &u, int64_t
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t n_first = chunk * kWinoChunkTiles, tiles = std::min(kWinoChunkTiles, total - n_first);
       // V[p][c][n - n_first]: per channel and tile row, the 6 input rows zero-padded into `line`, then B^T . B
-      for (int64_t row_start = n_first; row_start < n_first + tiles;) {
-        const int64_t image = row_start / per_image, ty = row_start % per_image / tw, tx0 = row_start % tw;
-        const int64_t count = std::min(tw - tx0, n_first + tiles - row_start), lane0 = row_start - n_first;
+      ForTileRows(n_first, tiles, tw, per_image, [&](int64_t image, int64_t ty, int64_t tx0, int64_t count,
+                                                     int64_t lane0) {
+        const int64_t point = channels * tiles;  // V's stride from one transformed point p to the next
         for (int64_t c = 0; c < channels; ++c) {
           const float *src = x + (image * channels + c) * height * width;
           for (int r = 0; r < 6; ++r) {  // line[r] = 0, input row 4 ty - 1 + r, zeros to 4 tw + 2
@@ -1469,12 +1484,10 @@ void RunWinograd3x3(const int64_t *x_shape, const std::vector<float> &u, int64_t
             for (int j = 0; j < 6; ++j)
               for (int64_t l = 0; l < count; ++l) d[(r * 6 + j) * tw + l] = line[r * padded + 4 * (tx0 + l) + j];
           for (int j = 0; j < 6; ++j) WinogradInputAxis(d.data() + j * tw, 6 * tw, t.data() + j * tw, 6 * tw, count);
-          const int64_t point = channels * tiles;  // V's stride from one transformed point p to the next
           for (int r = 0; r < 6; ++r)
             WinogradInputAxis(t.data() + r * 6 * tw, tw, v.get() + r * 6 * point + c * tiles + lane0, point, count);
         }
-        row_start += count;
-      }
+      });
       for (int p = 0; p < 36; ++p) {
         BatchGemm g;
         g.batch = 1;
@@ -1487,9 +1500,8 @@ void RunWinograd3x3(const int64_t *x_shape, const std::vector<float> &u, int64_t
         g.serial = true;
         RunBatchGemm<Epi::kPlain>(g);
       }
-      for (int64_t row_start = n_first; row_start < n_first + tiles;) {
-        const int64_t image = row_start / per_image, ty = row_start % per_image / tw, tx0 = row_start % tw;
-        const int64_t count = std::min(tw - tx0, n_first + tiles - row_start), lane0 = row_start - n_first;
+      ForTileRows(n_first, tiles, tw, per_image, [&](int64_t image, int64_t ty, int64_t tx0, int64_t count,
+                                                     int64_t lane0) {
         const int64_t point = rows * tiles;  // M's stride from one transformed point p to the next
         for (int64_t k = 0; k < rows; ++k) {
           const float *sums = m.get() + k * tiles + lane0;
@@ -1499,11 +1511,11 @@ void RunWinograd3x3(const int64_t *x_shape, const std::vector<float> &u, int64_t
           for (int r = 0; r < 4 && 4 * ty + r < height; ++r) {
             float *y = dst + (4 * ty + r) * width;
             for (int j = 0; j < 4; ++j)
-              for (int64_t l = 0; l < count && 4 * (tx0 + l) + j < width; ++l) y[4 * (tx0 + l) + j] = d[(r * 4 + j) * tw + l];
+              for (int64_t l = 0; l < count && 4 * (tx0 + l) + j < width; ++l)
+                y[4 * (tx0 + l) + j] = d[(r * 4 + j) * tw + l];
           }
         }
-        row_start += count;
-      }
+      });
     }
   });
 }
