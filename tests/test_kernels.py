@@ -446,13 +446,18 @@ def test_conv3x3_matches_numpy(gemm_kernels, shape):
     _check_conv(gemm_kernels.conv3x3_direct, shape, (3, 3), 8, _conv3x3_reference)
 
 
-# (batch, C, H, W, K) for the Winograd form (maps of 32x32 and larger): whole 4x4 tiles (48x48), partial tiles on
-# both axes (49x50), 216 tiles an image so the 48-tile chunks start mid-row and span images (48x70, with a
-# partial 64-row block of 72), and a map under 32 pixels high that takes the direct form
-WINOGRAD_SHAPES = [(2, 8, 48, 48, 16), (3, 16, 49, 50, 8), (2, 24, 48, 70, 72), (2, 16, 24, 64, 8)]
+# (batch, C, H, W, K) for the Winograd form: whole 4x4 tiles (48x48), partial tiles on both axes (49x50), 216 tiles
+# an image so the 48-tile chunks start mid-row and span images (48x70, with a partial 64-row block of 72), a map
+# 24 high, one tile an image on 48 images (4x4: fewer tiles than two chunks a thread, so each step is split across
+# threads instead), and partial tiles on small maps (6x10, 96 tiles)
+WINOGRAD_SHAPES = [(2, 8, 48, 48, 16), (3, 16, 49, 50, 8), (2, 24, 48, 70, 72), (2, 16, 24, 64, 8),
+                   (48, 16, 4, 4, 24), (16, 8, 6, 10, 16)]
+# and where it would save too little, so the direct form serves them: 16 tiles, a third of one 48-column GEMM
+# panel (4x4 at batch 16: 0.75 of the direct form's multiply-adds), and a 2x2 map's one tile (as many)
+WINOGRAD_DIRECT_SHAPES = [(16, 16, 4, 4, 24), (5, 16, 2, 2, 8)]
 
 
-@pytest.mark.parametrize("shape", WINOGRAD_SHAPES)
+@pytest.mark.parametrize("shape", WINOGRAD_SHAPES + WINOGRAD_DIRECT_SHAPES)
 def test_conv3x3_winograd_matches_numpy(gemm_kernels, shape):
     """The Winograd F(4x4, 3x3) forward and input gradient (the weight gradient stays direct) within 2e-5 of the
     results' scale (float32 rounding of the transforms: ~5e-6 at 40 channels); a wrong transform coefficient
@@ -462,7 +467,7 @@ def test_conv3x3_winograd_matches_numpy(gemm_kernels, shape):
     x = Tensor(rng.normal(0, 1, shape[:4]).astype(np.float32))
     w = Tensor(rng.normal(0, 1, (shape[4], shape[1], 3, 3)).astype(np.float32))
     same = np.array_equal(gemm_kernels.conv3x3_winograd(x, w).asnumpy(), gemm_kernels.conv3x3_direct(x, w).asnumpy())
-    assert same == (min(shape[2:4]) < 32)
+    assert same == (shape in WINOGRAD_DIRECT_SHAPES)
 
 
 def test_conv3x3_winograd_is_the_default_and_can_be_switched_off(library, monkeypatch):
@@ -504,7 +509,8 @@ def test_fpn_3x3_convs_move_to_the_gemm_and_back(gemm_kernels):
     x = Tensor(rng.normal(0, 1, (2, 3, 64, 96)).astype(np.float32))
     for net in (fast, slow):
         net.set_train(False)
-    _close(fast(x).asnumpy(), slow(x).asnumpy())
+    # the 3x3 convs at these maps (16x24 and coarser) take the Winograd form: ~10x the direct form's rounding
+    _close(fast(x).asnumpy(), slow(x).asnumpy(), scale_tol=1e-5)
     # AMP O3 hands the convs float16: MindSpore's conv computes them, exactly as in the CPU backend's op forms
     # without the kernels (whose blocks step aside for float16 as well)
     from mindspore import amp
@@ -529,9 +535,11 @@ def test_fpn_3x3_convs_move_to_the_gemm_and_back(gemm_kernels):
     names = [p.name for p in fast.trainable_params()]  # no frozen stem, no BatchNorm statistics
     assert len(names) == len(grads[0]) == 93 and any(n.endswith("neck.fpn_convs.0.conv.weight") for n in names)
     for name, got, expected in zip(names, grads[0], grads[1]):
-        # norm1's beta cancels in pool(x) - x: its gradient is rounding noise around 0, hence the floor
+        # norm1's beta cancels in pool(x) - x: its gradient is rounding noise around 0, hence the floor; the
+        # Winograd convs' rounding reaches 1.6e-5 of a gradient's scale here (MindSpore's own CPU ops vary by
+        # rounding from run to run on top of it), hence 5e-5
         np.testing.assert_allclose(got.asnumpy(), expected.asnumpy(), rtol=1e-4,
-                                   atol=max(1e-5 * np.abs(expected.asnumpy()).max(), 1e-6), err_msg=name)
+                                   atol=max(5e-5 * np.abs(expected.asnumpy()).max(), 1e-6), err_msg=name)
     cpu_backend.remove(fast)
     assert not any(isinstance(cell, cpu_backend.CpuConv3x3) for _, cell in fast.cells_and_names())
     assert not any(hasattr(cell, "k_conv3x3") for _, cell in fast.cells_and_names())

@@ -1386,144 +1386,212 @@ void RunConv3x3(const int64_t *x_shape, const std::vector<float> &a_packed, int6
 // 6x6 transformed points, on the batch GEMM above. The transforms are additions and small integer scalings
 // (interpolation points 0, +-1, +-2); float32 rounding is ~10x the direct conv's (5e-6 of the output's scale
 // against 4e-7 at C = 256, tests/test_kernels.py).
-constexpr int64_t kWinoChunkTiles = 48, kWinoMinSide = 32;
+constexpr int64_t kWinoChunkTiles = 48;
 
-// U_p = (G w[k][c] G^T)_p in double, rounded once, each p's (K x C) matrix in PackRows layout
-std::vector<float> WinogradWeights(const float *w, int64_t k_out, int64_t channels) {
+// U_p = (G w G^T)_p in double, rounded once, written straight into each p's (rows x depth) PackRows panels. The
+// conv's row m, depth d, tap t is w[m * row_stride + d * depth_stride + t] (reversed: tap 8 - t, the input gradient's
+// flipped kernel). Eight rows (one panel) at a time in 8-wide double vectors, across threads: the transform runs on
+// every call (the weights change every training step) and must stay small beside a 4x4 map's GEMMs.
+std::vector<float> WinogradWeights(const float *w, int64_t rows, int64_t depth, int64_t row_stride,
+                                   int64_t depth_stride, bool reversed) {
   static const double g[6][3] = {{0.25, 0, 0},
                                  {-1.0 / 6, -1.0 / 6, -1.0 / 6},
                                  {-1.0 / 6, 1.0 / 6, -1.0 / 6},
                                  {1.0 / 24, 1.0 / 12, 1.0 / 6},
                                  {1.0 / 24, -1.0 / 12, 1.0 / 6},
                                  {0, 0, 1}};
-  const int64_t plane = k_out * channels;
-  std::vector<float> u(36 * plane), packed(36 * plane);
-  for (int64_t kc = 0; kc < plane; ++kc) {
-    const float *tap = w + kc * 9;
-    double t[6][3];
-    for (int i = 0; i < 6; ++i)
-      for (int j = 0; j < 3; ++j) t[i][j] = g[i][0] * tap[j] + g[i][1] * tap[3 + j] + g[i][2] * tap[6 + j];
-    for (int i = 0; i < 6; ++i)
-      for (int j = 0; j < 6; ++j)
-        u[(i * 6 + j) * plane + kc] = static_cast<float>(t[i][0] * g[j][0] + t[i][1] * g[j][1] + t[i][2] * g[j][2]);
-  }
-  for (int p = 0; p < 36; ++p) PackRows(u.data() + p * plane, k_out, channels, channels, 1, packed.data() + p * plane);
+  const int64_t plane = rows * depth;
+  std::vector<float> packed(36 * plane);
+  const __m256i lanes = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_epi32(static_cast<int32_t>(row_stride)));
+  ParallelFor(plane / kRows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {  // i = r8 * depth + d: packed[p][i * 8 + r] for row r8 * 8 + r
+      const float *base = w + (i / depth) * kRows * row_stride + (i % depth) * depth_stride;
+      __m512d tap[9], t[6][3];
+      for (int k = 0; k < 9; ++k) tap[k] = _mm512_cvtps_pd(_mm256_i32gather_ps(base + (reversed ? 8 - k : k), lanes, 4));
+      for (int a = 0; a < 6; ++a)
+        for (int j = 0; j < 3; ++j)
+          t[a][j] = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(_mm512_set1_pd(g[a][0]), tap[j]),
+                                                _mm512_mul_pd(_mm512_set1_pd(g[a][1]), tap[3 + j])),
+                                  _mm512_mul_pd(_mm512_set1_pd(g[a][2]), tap[6 + j]));
+      for (int a = 0; a < 6; ++a)
+        for (int b = 0; b < 6; ++b) {
+          const __m512d u = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(t[a][0], _mm512_set1_pd(g[b][0])),
+                                                        _mm512_mul_pd(t[a][1], _mm512_set1_pd(g[b][1]))),
+                                          _mm512_mul_pd(t[a][2], _mm512_set1_pd(g[b][2])));
+          _mm256_storeu_ps(packed.data() + (a * 6 + b) * plane + i * kRows, _mm512_cvtpd_ps(u));
+        }
+    }
+  });
   return packed;
 }
 
-// B^T applied along one axis of a 6-point patch: out[i * so] from in[i * si], n lanes each (contiguous)
-inline void WinogradInputAxis(const float *in, int64_t si, float *out, int64_t so, int64_t n) {
-  for (int64_t l = 0; l < n; ++l) {
-    const float d0 = in[l], d1 = in[si + l], d2 = in[2 * si + l], d3 = in[3 * si + l], d4 = in[4 * si + l],
-                d5 = in[5 * si + l];
-    out[l] = 4.f * d0 - 5.f * d2 + d4;
-    out[so + l] = -4.f * (d1 + d2) + d3 + d4;
-    out[2 * so + l] = 4.f * (d1 - d2) - d3 + d4;
-    out[3 * so + l] = 2.f * (d3 - d1) - d2 + d4;
-    out[4 * so + l] = 2.f * (d1 - d3) - d2 + d4;
-    out[5 * so + l] = 4.f * d1 - 5.f * d3 + d5;
-  }
+// B^T along one axis of 6-point patches, 16 tiles a vector (FMAs: the same values as the scalar form to rounding)
+inline void WinogradInputAxis(const __m512 (&d)[6], __m512 (&o)[6]) {
+  const __m512 two = _mm512_set1_ps(2.f), four = _mm512_set1_ps(4.f), five = _mm512_set1_ps(5.f);
+  o[0] = _mm512_fmadd_ps(four, d[0], _mm512_fnmadd_ps(five, d[2], d[4]));              // 4 d0 - 5 d2 + d4
+  o[1] = _mm512_fnmadd_ps(four, _mm512_add_ps(d[1], d[2]), _mm512_add_ps(d[3], d[4]));  // -4 (d1 + d2) + d3 + d4
+  o[2] = _mm512_fmadd_ps(four, _mm512_sub_ps(d[1], d[2]), _mm512_sub_ps(d[4], d[3]));   // 4 (d1 - d2) - d3 + d4
+  o[3] = _mm512_fmadd_ps(two, _mm512_sub_ps(d[3], d[1]), _mm512_sub_ps(d[4], d[2]));    // 2 (d3 - d1) - d2 + d4
+  o[4] = _mm512_fmadd_ps(two, _mm512_sub_ps(d[1], d[3]), _mm512_sub_ps(d[4], d[2]));    // 2 (d1 - d3) - d2 + d4
+  o[5] = _mm512_fmadd_ps(four, d[1], _mm512_fnmadd_ps(five, d[3], d[5]));              // 4 d1 - 5 d3 + d5
 }
 
-// A^T applied along one axis of a 6-point patch: out[i * so], i < 4, from in[i * si]
-inline void WinogradOutputAxis(const float *in, int64_t si, float *out, int64_t so, int64_t n) {
-  for (int64_t l = 0; l < n; ++l) {
-    const float m0 = in[l], m1 = in[si + l], m2 = in[2 * si + l], m3 = in[3 * si + l], m4 = in[4 * si + l],
-                m5 = in[5 * si + l];
-    const float a = m1 + m2, b = m1 - m2, c = m3 + m4, d = m3 - m4;
-    out[l] = m0 + a + c;
-    out[so + l] = b + 2.f * d;
-    out[2 * so + l] = a + 4.f * c;
-    out[3 * so + l] = b + 8.f * d + m5;
-  }
+// A^T along one axis of 6-point patches: 4 outputs
+inline void WinogradOutputAxis(const __m512 (&m)[6], __m512 (&o)[4]) {
+  const __m512 a = _mm512_add_ps(m[1], m[2]), b = _mm512_sub_ps(m[1], m[2]);
+  const __m512 c = _mm512_add_ps(m[3], m[4]), d = _mm512_sub_ps(m[3], m[4]);
+  o[0] = _mm512_add_ps(m[0], _mm512_add_ps(a, c));                                // m0 + a + c
+  o[1] = _mm512_fmadd_ps(_mm512_set1_ps(2.f), d, b);                               // b + 2 d
+  o[2] = _mm512_fmadd_ps(_mm512_set1_ps(4.f), c, a);                               // a + 4 c
+  o[3] = _mm512_fmadd_ps(_mm512_set1_ps(8.f), d, _mm512_add_ps(b, m[5]));          // b + 8 d + m5
 }
 
-// fn(image, ty, tx0, count, lane0) for each run of a chunk's tiles [n_first, n_first + tiles) inside one tile row:
-// `count` tiles from tile column tx0, the first at lane0 of the chunk
-template <typename F>
-void ForTileRows(int64_t n_first, int64_t tiles, int64_t tw, int64_t per_image, F fn) {
-  for (int64_t n = n_first; n < n_first + tiles;) {
-    const int64_t tx0 = n % tw, count = std::min(tw - tx0, n_first + tiles - n);
-    fn(n / per_image, n % per_image / tw, tx0, count, n - n_first);
-    n += count;
-  }
-}
+struct WinogradMap {
+  int64_t batch, channels, rows, height, width, tw, per_image, total;  // rows: output channels
 
-// out (B,rows,H,W) = the zero-padded 3x3 conv of x (B,C,H,W) with u (WinogradWeights of rows x C). Each thread
-// takes chunks of kWinoChunkTiles tiles (n = (image * th + ty) * tw + tx: one 48-column GEMM panel) through the
-// input transform, the 36 GEMMs and the output transform on its own, so a chunk's transformed maps (36 x
-// channels x 48) are still in L2 when the next step reads them (chunks of 96 / 192 / 384 tiles: 0.97x / 0.85x /
-// 0.77x the speed at 128x128).
-void RunWinograd3x3(const int64_t *x_shape, const std::vector<float> &u, int64_t rows, const float *x, float *out) {
-  const int64_t batch = x_shape[0], channels = x_shape[1], height = x_shape[2], width = x_shape[3];
-  const int64_t th = (height + 3) / 4, tw = (width + 3) / 4, per_image = th * tw, total = batch * per_image;
-  const int64_t chunks = (total + kWinoChunkTiles - 1) / kWinoChunkTiles, padded = 4 * tw + 2;
-  ParallelFor(chunks, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> v(new float[36 * channels * kWinoChunkTiles]), m(new float[36 * rows * kWinoChunkTiles]);
-    std::vector<float> line(6 * padded), d(36 * tw), t(36 * tw);
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t n_first = chunk * kWinoChunkTiles, tiles = std::min(kWinoChunkTiles, total - n_first);
-      // V[p][c][n - n_first]: per channel and tile row, the 6 input rows zero-padded into `line`, then B^T . B
-      ForTileRows(n_first, tiles, tw, per_image, [&](int64_t image, int64_t ty, int64_t tx0, int64_t count,
-                                                     int64_t lane0) {
-        const int64_t point = channels * tiles;  // V's stride from one transformed point p to the next
-        for (int64_t c = 0; c < channels; ++c) {
-          const float *src = x + (image * channels + c) * height * width;
-          for (int r = 0; r < 6; ++r) {  // line[r] = 0, input row 4 ty - 1 + r, zeros to 4 tw + 2
-            const int64_t y = 4 * ty - 1 + r;
-            float *dst = line.data() + r * padded;
-            if (y >= 0 && y < height) {
-              dst[0] = 0.f;
-              std::memcpy(dst + 1, src + y * width, width * 4);
-              std::fill(dst + 1 + width, dst + padded, 0.f);
-            } else {
-              std::fill(dst, dst + padded, 0.f);
-            }
-          }
-          for (int r = 0; r < 6; ++r)
-            for (int j = 0; j < 6; ++j)
-              for (int64_t l = 0; l < count; ++l) d[(r * 6 + j) * tw + l] = line[r * padded + 4 * (tx0 + l) + j];
-          for (int j = 0; j < 6; ++j) WinogradInputAxis(d.data() + j * tw, 6 * tw, t.data() + j * tw, 6 * tw, count);
-          for (int r = 0; r < 6; ++r)
-            WinogradInputAxis(t.data() + r * 6 * tw, tw, v.get() + r * 6 * point + c * tiles + lane0, point, count);
+  WinogradMap(const int64_t *x_shape, int64_t out_channels)
+      : batch(x_shape[0]), channels(x_shape[1]), rows(out_channels), height(x_shape[2]), width(x_shape[3]),
+        tw((width + 3) / 4), per_image(((height + 3) / 4) * tw), total(batch * per_image) {}
+};
+
+// 16 consecutive tiles n0 + l of the batch (n = (image * th + ty) * tw + tx), one a vector lane, so that the
+// transforms run 16 tiles at a time on any map (a tile row of a 16x16 map has only 4): where each lane's 36
+// patch points lie in x (gathered, off-map points masked to the zero padding) and its 16 outputs in out (scattered).
+struct TileGroup {
+  alignas(64) int32_t in_at[36][16];   // point (r, j) of the patch at rows 4 ty - 1 + r, columns 4 tx - 1 + j
+  alignas(64) int32_t out_at[16][16];  // output (r, j) at row 4 ty + r, column 4 tx + j
+  __mmask16 in_on[36], out_on[16], lanes;
+
+  TileGroup(const WinogradMap &s, int64_t n0, int64_t count) : in_at{}, out_at{}, in_on{}, out_on{} {
+    lanes = TailMask(count);
+    const int64_t plane = s.height * s.width;
+    for (int64_t l = 0; l < count; ++l) {
+      const int64_t n = n0 + l, image = n / s.per_image, y0 = 4 * (n % s.per_image / s.tw), x0 = 4 * (n % s.tw);
+      const auto bit = static_cast<__mmask16>(1u << l);
+      for (int r = 0; r < 6; ++r)
+        for (int j = 0; j < 6; ++j) {
+          const int64_t y = y0 - 1 + r, x = x0 - 1 + j;
+          if (y < 0 || y >= s.height || x < 0 || x >= s.width) continue;
+          in_at[r * 6 + j][l] = static_cast<int32_t>(image * s.channels * plane + y * s.width + x);
+          in_on[r * 6 + j] |= bit;
         }
-      });
-      for (int p = 0; p < 36; ++p) {
-        BatchGemm g;
-        g.batch = 1;
-        g.depth = channels;
-        g.pixels = tiles;
-        g.rows = rows;
-        g.a_packed = u.data() + p * rows * channels;
-        g.x = v.get() + p * channels * tiles;
-        g.out = m.get() + p * rows * tiles;
-        g.serial = true;
-        RunBatchGemm<Epi::kPlain>(g);
-      }
-      ForTileRows(n_first, tiles, tw, per_image, [&](int64_t image, int64_t ty, int64_t tx0, int64_t count,
-                                                     int64_t lane0) {
-        const int64_t point = rows * tiles;  // M's stride from one transformed point p to the next
-        for (int64_t k = 0; k < rows; ++k) {
-          const float *sums = m.get() + k * tiles + lane0;
-          for (int j = 0; j < 6; ++j) WinogradOutputAxis(sums + j * point, 6 * point, t.data() + j * tw, 6 * tw, count);
-          for (int r = 0; r < 4; ++r) WinogradOutputAxis(t.data() + r * 6 * tw, tw, d.data() + r * 4 * tw, tw, count);
-          float *dst = out + (image * rows + k) * height * width;
-          for (int r = 0; r < 4 && 4 * ty + r < height; ++r) {
-            float *y = dst + (4 * ty + r) * width;
-            for (int j = 0; j < 4; ++j)
-              for (int64_t l = 0; l < count && 4 * (tx0 + l) + j < width; ++l)
-                y[4 * (tx0 + l) + j] = d[(r * 4 + j) * tw + l];
-          }
+      for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < 4; ++j) {
+          const int64_t y = y0 + r, x = x0 + j;
+          if (y >= s.height || x >= s.width) continue;
+          out_at[r * 4 + j][l] = static_cast<int32_t>(image * s.rows * plane + y * s.width + x);
+          out_on[r * 4 + j] |= bit;
         }
-      });
     }
+  }
+};
+
+// V[p][c][lane0 + l] = (B^T d B)_p for channel c of the group's tiles; V's point stride `point`, channel stride `ld`
+void WinogradInputTile(const TileGroup &g, const float *plane, float *v, int64_t point) {
+  __m512 t[6][6], d[6], o[6];
+  for (int j = 0; j < 6; ++j) {  // down each patch column: B^T d
+    for (int r = 0; r < 6; ++r)
+      d[r] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), g.in_on[r * 6 + j], _mm512_load_si512(g.in_at[r * 6 + j]),
+                                      plane, 4);
+    WinogradInputAxis(d, o);
+    for (int r = 0; r < 6; ++r) t[r][j] = o[r];
+  }
+  for (int r = 0; r < 6; ++r) {  // and along each row: (B^T d) B
+    WinogradInputAxis(t[r], o);
+    for (int j = 0; j < 6; ++j) _mm512_mask_storeu_ps(v + (r * 6 + j) * point, g.lanes, o[j]);
+  }
+}
+
+// out (channel plane) at the group's tiles = A^T M A from M[p][k][lane0 + l] (point stride `point`)
+void WinogradOutputTile(const TileGroup &g, const float *m, int64_t point, float *plane) {
+  __m512 t[4][6], in[6], o[4];
+  for (int j = 0; j < 6; ++j) {
+    for (int i = 0; i < 6; ++i) in[i] = _mm512_maskz_loadu_ps(g.lanes, m + (i * 6 + j) * point);
+    WinogradOutputAxis(in, o);
+    for (int r = 0; r < 4; ++r) t[r][j] = o[r];
+  }
+  for (int r = 0; r < 4; ++r) {
+    WinogradOutputAxis(t[r], o);
+    for (int j = 0; j < 4; ++j)
+      _mm512_mask_i32scatter_ps(plane, g.out_on[r * 4 + j], _mm512_load_si512(g.out_at[r * 4 + j]), o[j], 4);
+  }
+}
+
+// The 36 GEMMs M_p (rows x ld) = U_p V_p (channels x ld) over ld tiles, on the calling thread, for p in [p0, p1)
+void WinogradGemms(const WinogradMap &s, const std::vector<float> &u, const float *v, float *m, int64_t ld, int p0,
+                   int p1) {
+  for (int p = p0; p < p1; ++p) {
+    BatchGemm g;
+    g.batch = 1;
+    g.depth = s.channels;
+    g.pixels = ld;
+    g.rows = s.rows;
+    g.a_packed = u.data() + p * s.rows * s.channels;
+    g.x = v + p * s.channels * ld;
+    g.out = m + p * s.rows * ld;
+    g.serial = true;
+    RunBatchGemm<Epi::kPlain>(g);
+  }
+}
+
+// out (B,rows,H,W) = the zero-padded 3x3 conv of x (B,C,H,W) with u (WinogradWeights of rows x C).
+// Large batches of tiles: each thread takes chunks of kWinoChunkTiles tiles (one 48-column GEMM panel) through the
+// input transform, the 36 GEMMs and the output transform on its own, so a chunk's transformed maps (36 x channels
+// x 48) are still in L2 when the next step reads them (chunks of 96 / 192 / 384 tiles: 0.97x / 0.85x / 0.77x the
+// speed at 128x128). Fewer tiles than two chunks a thread (the demo's 16x16 maps and smaller): all tiles at once,
+// each step split across threads by channel, by point p, by output channel, so that no thread idles.
+void RunWinograd3x3(const int64_t *x_shape, const std::vector<float> &u, int64_t rows, const float *x, float *out) {
+  const WinogradMap s(x_shape, rows);
+  const int64_t plane = s.height * s.width, chunks = (s.total + kWinoChunkTiles - 1) / kWinoChunkTiles;
+  if (chunks >= 2 * NumThreads()) {
+    ParallelFor(chunks, 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<float[]> v(new float[36 * s.channels * kWinoChunkTiles]);
+      std::unique_ptr<float[]> m(new float[36 * rows * kWinoChunkTiles]);
+      std::vector<TileGroup> groups;
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t n_first = chunk * kWinoChunkTiles, tiles = std::min(kWinoChunkTiles, s.total - n_first);
+        groups.clear();
+        for (int64_t l = 0; l < tiles; l += 16) groups.emplace_back(s, n_first + l, std::min<int64_t>(16, tiles - l));
+        for (int64_t c = 0; c < s.channels; ++c)
+          for (size_t i = 0; i < groups.size(); ++i)
+            WinogradInputTile(groups[i], x + c * plane, v.get() + c * tiles + 16 * i, s.channels * tiles);
+        WinogradGemms(s, u, v.get(), m.get(), tiles, 0, 36);
+        for (int64_t k = 0; k < rows; ++k)
+          for (size_t i = 0; i < groups.size(); ++i)
+            WinogradOutputTile(groups[i], m.get() + k * tiles + 16 * i, rows * tiles, out + k * plane);
+      }
+    });
+    return;
+  }
+  std::vector<TileGroup> groups;
+  for (int64_t l = 0; l < s.total; l += 16) groups.emplace_back(s, l, std::min<int64_t>(16, s.total - l));
+  std::unique_ptr<float[]> v(new float[36 * s.channels * s.total]), m(new float[36 * rows * s.total]);
+  ParallelFor(s.channels, 8, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (size_t i = 0; i < groups.size(); ++i)
+        WinogradInputTile(groups[i], x + c * plane, v.get() + c * s.total + 16 * i, s.channels * s.total);
+  });
+  ParallelFor(36, 1, [&](int64_t p0, int64_t p1) {
+    WinogradGemms(s, u, v.get(), m.get(), s.total, static_cast<int>(p0), static_cast<int>(p1));
+  });
+  ParallelFor(rows, 8, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (size_t i = 0; i < groups.size(); ++i)
+        WinogradOutputTile(groups[i], m.get() + k * s.total + 16 * i, rows * s.total, out + k * plane);
   });
 }
 
-// Whether the Winograd form serves a 3x3 conv of this map. Measured on 2 Zen 4 cores at batch 8-16, 128-256
-// channels (forward / input gradient vs the direct form): 16x16 0.60-0.78x, 32x32 1.07-1.22x, 48x48 1.40x,
-// 64x64 1.64-1.75x, 128x128 2.14-2.30x: on small maps the transforms cost more than the GEMM saves.
-bool UseWinograd(const int64_t *x_shape) { return x_shape[2] >= kWinoMinSide && x_shape[3] >= kWinoMinSide; }
+// Whether the Winograd form serves a 3x3 conv of this map (x_shape, to `rows` output channels): where its 36
+// multiply-adds per tile, over the tiles padded to whole 48-column GEMM panels, are at most half the direct form's
+// 9 per pixel, and the lanes' int32 offsets reach every element. Winograd vs direct on 2 Zen 4 cores, batch 8-16,
+// 128-256 channels, forward (bench/conv3x3.py): 128x128 2.4x, 64x64 2.0x, 32x32 1.4-1.9x, 16x16 1.6-2.0x, 8x8 at
+// batch 16 1.3-1.4x (work ratio 0.38); 4x4 at batch 16 (16 tiles in one panel: ratio 0.75) 0.8-0.95x, so direct.
+bool UseWinograd(const int64_t *x_shape, int64_t rows) {
+  const WinogradMap s(x_shape, rows);
+  const int64_t pixels = s.batch * s.height * s.width, padded = (s.total + kCols - 1) / kCols * kCols;
+  return 8 * padded <= pixels && s.batch * std::max(s.channels, rows) * s.height * s.width < (int64_t{1} << 31);
+}
 
 // inputs x (B,C,H,W) and w (K,C,3,3) of a 3x3, stride-1, padding-1 conv (dilation 1, one group; transposed: x is
 // its output gradient, with K channels), C and K multiples of 8
@@ -1669,8 +1737,8 @@ int Conv3x3Forward(int nparam, void **params, int *ndims, int64_t **shapes, cons
   const int64_t rows = shapes[1][0], channels = shapes[1][1], flat[2] = {rows, channels * 9};  // w as (K, 9C)
   const float *w = static_cast<const float *>(params[1]), *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[2]);
-  if (winograd && UseWinograd(shapes[0]))
-    RunWinograd3x3(shapes[0], WinogradWeights(w, rows, channels), rows, x, y);
+  if (winograd && UseWinograd(shapes[0], rows))
+    RunWinograd3x3(shapes[0], WinogradWeights(w, rows, channels, channels * 9, 9, false), rows, x, y);
   else
     RunConv3x3(shapes[0], PackWeight(w, flat, false), rows, x, y);
   return 0;
@@ -1682,14 +1750,15 @@ int Conv3x3InputGrad(int nparam, void **params, int *ndims, int64_t **shapes, co
   const int64_t k_out = shapes[1][0], channels = shapes[1][1], flat[2] = {channels, k_out * 9};
   const float *w = static_cast<const float *>(params[1]), *dy = static_cast<const float *>(params[0]);
   float *dx = static_cast<float *>(params[2]);
+  if (winograd && UseWinograd(shapes[0], channels)) {
+    RunWinograd3x3(shapes[0], WinogradWeights(w, channels, k_out, 9, channels * 9, true), channels, dy, dx);
+    return 0;
+  }
   std::vector<float> flipped(channels * k_out * 9);  // (C, K, 3, 3): channel axes swapped, taps reversed
   for (int64_t c = 0; c < channels; ++c)
     for (int64_t k = 0; k < k_out; ++k)
       for (int t = 0; t < 9; ++t) flipped[(c * k_out + k) * 9 + t] = w[(k * channels + c) * 9 + 8 - t];
-  if (winograd && UseWinograd(shapes[0]))
-    RunWinograd3x3(shapes[0], WinogradWeights(flipped.data(), channels, k_out), channels, dy, dx);
-  else
-    RunConv3x3(shapes[0], PackWeight(flipped.data(), flat, false), channels, dy, dx);
+  RunConv3x3(shapes[0], PackWeight(flipped.data(), flat, false), channels, dy, dx);
   return 0;
 }
 
@@ -1702,7 +1771,7 @@ int Conv3x3(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   return Conv3x3Forward(nparam, params, ndims, shapes, dtypes, false);
 }
 
-// Conv3x3 in the Winograd F(4x4, 3x3) form on maps of 32x32 and larger (UseWinograd)
+// Conv3x3 in the Winograd F(4x4, 3x3) form where the map allows it (UseWinograd)
 int Conv3x3Winograd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   return Conv3x3Forward(nparam, params, ndims, shapes, dtypes, true);
 }
@@ -1712,7 +1781,7 @@ int Conv3x3Transposed(int nparam, void **params, int *ndims, int64_t **shapes, c
   return Conv3x3InputGrad(nparam, params, ndims, shapes, dtypes, false);
 }
 
-// Conv3x3Transposed in the Winograd form on maps of 32x32 and larger
+// Conv3x3Transposed in the Winograd form where the map allows it
 int Conv3x3TransposedWinograd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                               void *) {
   return Conv3x3InputGrad(nparam, params, ndims, shapes, dtypes, true);
