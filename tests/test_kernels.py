@@ -448,26 +448,37 @@ def test_conv3x3_matches_numpy(gemm_kernels, shape):
 
 # (batch, C, H, W, K) for the Winograd form: whole 4x4 tiles (48x48), partial tiles on both axes (49x50), 216 tiles
 # an image so the 48-tile chunks start mid-row and span images (48x70, with a partial 64-row block of 72), a map
-# 24 high, one tile an image on 48 images (4x4: fewer tiles than two chunks a thread, so each step is split across
-# threads instead), and partial tiles on small maps (6x10, 96 tiles)
+# 24 high, 1,040 tiles (64x52 on 5 images: the weight gradient's 256-tile chunks, the last one partial, two a
+# thread or more on 2 threads), one tile an image on 48 images (4x4: fewer tiles than two chunks a thread, so each
+# step is split across threads instead), and partial tiles on small maps (6x10, 96 tiles)
 WINOGRAD_SHAPES = [(2, 8, 48, 48, 16), (3, 16, 49, 50, 8), (2, 24, 48, 70, 72), (2, 16, 24, 64, 8),
-                   (48, 16, 4, 4, 24), (16, 8, 6, 10, 16)]
-# and where it would save too little, so the direct form serves them: 16 tiles, a third of one 48-column GEMM
-# panel (4x4 at batch 16: 0.75 of the direct form's multiply-adds), and a 2x2 map's one tile (as many)
-WINOGRAD_DIRECT_SHAPES = [(16, 16, 4, 4, 24), (5, 16, 2, 2, 8)]
+                   (5, 8, 64, 52, 16), (48, 16, 4, 4, 24), (16, 8, 6, 10, 16)]
+# and where it would save too little: 16 tiles, a third of one 48-column GEMM panel (4x4 at batch 16: 0.75 of the
+# direct form's multiply-adds), so the forward and input gradient stay direct while the weight gradient, whose
+# GEMMs take the tiles as their depth, is Winograd; and a 2x2 map's one tile (as many as direct): all direct
+WINOGRAD_PARTLY_DIRECT_SHAPES = {(16, 16, 4, 4, 24): (True, True, False), (5, 16, 2, 2, 8): (True, True, True)}
 
 
-@pytest.mark.parametrize("shape", WINOGRAD_SHAPES + WINOGRAD_DIRECT_SHAPES)
+def _output_and_grads(op, x, w, dy):
+    def loss(inputs, weight):
+        return (op(inputs, weight) * dy).sum()
+
+    return [op(x, w).asnumpy(), *(g.asnumpy() for g in ms.grad(loss, (0, 1))(x, w))]
+
+
+@pytest.mark.parametrize("shape", WINOGRAD_SHAPES + list(WINOGRAD_PARTLY_DIRECT_SHAPES))
 def test_conv3x3_winograd_matches_numpy(gemm_kernels, shape):
-    """The Winograd F(4x4, 3x3) forward and input gradient (the weight gradient stays direct) within 2e-5 of the
-    results' scale (float32 rounding of the transforms: ~5e-6 at 40 channels); a wrong transform coefficient
-    is off by a whole term. Where the map allows it, it really is the other form: not bit-equal to the direct."""
+    """The Winograd F(4x4, 3x3) forward, input gradient and weight gradient within 2e-5 of the results' scale
+    (float32 rounding of the transforms: ~5e-6 at 40 channels); a wrong transform coefficient is off by a whole
+    term. Where the map allows it, each really is the other form: not bit-equal to the direct one."""
     _check_conv(gemm_kernels.conv3x3_winograd, shape, (3, 3), 8, _conv3x3_reference, scale_tol=2e-5)
     rng = np.random.default_rng(1)
     x = Tensor(rng.normal(0, 1, shape[:4]).astype(np.float32))
     w = Tensor(rng.normal(0, 1, (shape[4], shape[1], 3, 3)).astype(np.float32))
-    same = np.array_equal(gemm_kernels.conv3x3_winograd(x, w).asnumpy(), gemm_kernels.conv3x3_direct(x, w).asnumpy())
-    assert same == (shape in WINOGRAD_DIRECT_SHAPES)
+    dy = Tensor(rng.normal(0, 1, (shape[0], shape[4], *shape[2:4])).astype(np.float32))
+    results = [_output_and_grads(op, x, w, dy) for op in (gemm_kernels.conv3x3_winograd, gemm_kernels.conv3x3_direct)]
+    same = tuple(bool(np.array_equal(a, b)) for a, b in zip(*results))
+    assert same == WINOGRAD_PARTLY_DIRECT_SHAPES.get(shape, (False, False, False))
 
 
 def test_conv3x3_winograd_is_the_default_and_can_be_switched_off(library, monkeypatch):

@@ -245,18 +245,17 @@ class CpuKernels:
             # MindSpore's oneDNN, capped at AVX2, runs these at 97-124 GFLOP/s on 2 Ice Lake cores; the
             # GEMM at 270-300 (forward and input gradient) and 170-230 (weight gradient):
             # bench/conv3x3.py. Input and output channels must be multiples of 8.
-            # The forward and the input gradient also come in the Winograd F(4x4, 3x3) form (maps of 32x32 and
-            # larger): a quarter of the multiply-adds in the GEMM, ~10x the direct form's float32 rounding
-            # (5e-6 of the output's scale at 256 channels). It is the default; MINDCV_POOLFORMER_CPU_WINOGRAD=0
-            # keeps the direct form. The weight gradient is always direct.
-            conv3x3_weight_grad = custom("Conv3x3WeightGrad", lambda dy, x: [dy[1], x[1], 3, 3], lambda dy, x: x)
-
+            # All three also come in the Winograd F(4x4, 3x3) form (on maps of 8x8 and larger at batch 16, where
+            # it saves at least half the multiply-adds: kernels' UseWinograd): a quarter of the multiply-adds in
+            # the GEMMs, ~10x the direct form's float32 rounding (5e-6 of the output's scale at 256 channels). It
+            # is the default; MINDCV_POOLFORMER_CPU_WINOGRAD=0 keeps the direct form.
             def conv3x3(form):
                 transposed = custom("Conv3x3Transposed" + form, lambda dy, w: [dy[0], w[1], dy[2], dy[3]],
                                     lambda dy, w: dy)
+                weight_grad = custom("Conv3x3WeightGrad" + form, lambda dy, x: [dy[1], x[1], 3, 3], lambda dy, x: x)
 
                 def bprop(x, w, out, dout):
-                    return transposed(dout, w), conv3x3_weight_grad(dout, x)
+                    return transposed(dout, w), weight_grad(dout, x)
 
                 return custom("Conv3x3" + form, conv_shape, lambda x, w: x, bprop)
 

@@ -67,6 +67,48 @@ void ParallelFor(int64_t n, int64_t min_per_thread, F fn) {
   for (auto &thread : pool) thread.join();
 }
 
+// Scratch memory kept between calls. A fresh multi-megabyte buffer is fresh pages (glibc maps large blocks
+// anew, and spawned threads allocate from their own arenas), and their faults cost ~2 us a page on these
+// VMs: a 9.4 MB Winograd weight-gradient buffer took 8-10 ms to allocate and zero, more than its 4x4 GEMMs.
+// Blocks go back to the pool when a Scratch ends and are handed out again (the smallest that fits); the pool
+// holds at most what the largest set of buffers in use at once needed.
+class Scratch {
+ public:
+  explicit Scratch(size_t floats) : size_(std::max<size_t>(floats, 1)) {
+    std::lock_guard<std::mutex> lock(Mutex());
+    auto &free = Free();
+    auto best = free.end();
+    for (auto it = free.begin(); it != free.end(); ++it)
+      if (it->first >= size_ && (best == free.end() || it->first < best->first)) best = it;
+    if (best != free.end()) {
+      size_ = best->first;
+      data_ = best->second;
+      free.erase(best);
+    }
+    if (!data_) data_ = static_cast<float *>(std::aligned_alloc(64, (size_ * sizeof(float) + 63) / 64 * 64));
+  }
+  ~Scratch() {
+    std::lock_guard<std::mutex> lock(Mutex());
+    Free().emplace_back(size_, data_);
+  }
+  Scratch(const Scratch &) = delete;
+  Scratch &operator=(const Scratch &) = delete;
+  float *get() const { return data_; }
+  float *zeroed(size_t floats) const { return static_cast<float *>(std::memset(data_, 0, floats * sizeof(float))); }
+
+ private:
+  static std::mutex &Mutex() {
+    static std::mutex mutex;
+    return mutex;
+  }
+  static std::vector<std::pair<size_t, float *>> &Free() {
+    static std::vector<std::pair<size_t, float *>> free;
+    return free;
+  }
+  size_t size_;
+  float *data_ = nullptr;
+};
+
 // erf as a rational function on [-4, 4] (beyond it erf is +-1 in float32); max error ~1e-7, the
 // coefficients of Eigen's / XLA's float erf. Branch-free so the loops vectorise.
 inline float Erf(float a) {
@@ -929,6 +971,9 @@ namespace {
 
 constexpr int64_t kRows = 8, kCols = 48;
 
+// a GEMM's row operand in PackRows layout
+using Packed = std::unique_ptr<Scratch>;
+
 inline __mmask16 TailMask(int64_t remaining) {
   return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
 }
@@ -1165,25 +1210,25 @@ void RunBatchGemm(const BatchGemm &g) {
   std::vector<double> bias_grad(E == Epi::kGeluGrad ? g.rows : 0);
   ParallelFor(panels, g.serial ? panels : 1, [&](int64_t begin, int64_t end) {
     const int64_t used = std::min(block, end - begin);  // a small GEMM (Winograd's) zeroes only what it uses
-    std::vector<float> slabs(used * g.depth * kCols), sums(kRowBlock * used * kCols);
+    Scratch slabs(used * g.depth * kCols), sums(kRowBlock * used * kCols);  // every value used is written first
     std::vector<double> bias_sums(bias_grad.size());
     std::vector<ColumnRun> runs;
     for (int64_t first = begin; first < end; first += block) {
       const int64_t count = std::min(block, end - first);
       BlockRuns(g.batch, g.pixels, first * kCols, count * kCols, runs);
       if (g.taps_width > 0)
-        PackTapsBlock(g, runs, count, slabs.data());
+        PackTapsBlock(g, runs, count, slabs.get());
       else
-        PackBlock<E>(g, runs, count, slabs.data());
+        PackBlock<E>(g, runs, count, slabs.get());
       for (int64_t row0 = 0; row0 < g.rows; row0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, g.rows - row0);
         for (int64_t k0 = 0; k0 < g.depth; k0 += kDepthBlock) {
           const int64_t depth = std::min(kDepthBlock, g.depth - k0);
           for (int64_t j = 0; j < count; ++j) {
-            const float *slab = slabs.data() + (j * g.depth + k0) * kCols;
+            const float *slab = slabs.get() + (j * g.depth + k0) * kCols;
             for (int64_t r8 = 0; r8 < rows / kRows; ++r8) {
               const float *panel = g.a_packed + ((row0 / kRows + r8) * g.depth + k0) * kRows;
-              float *tile = sums.data() + (r8 * count + j) * kRows * kCols;
+              float *tile = sums.get() + (r8 * count + j) * kRows * kCols;
               if (k0 == 0)
                 Tile<false>(panel, slab, kCols, depth, tile, kCols);
               else
@@ -1191,7 +1236,7 @@ void RunBatchGemm(const BatchGemm &g) {
             }
           }
         }
-        StoreBlock<E>(g, runs, count, row0, rows, sums.data(), bias_sums.data());
+        StoreBlock<E>(g, runs, count, row0, rows, sums.get(), bias_sums.data());
       }
     }
     std::lock_guard<std::mutex> lock(merge);
@@ -1293,41 +1338,50 @@ void WeightGradTile(const WeightGrad &g, const std::vector<ColumnRun> &runs, int
   t.Store(out, ldo);
 }
 
+// acc (direct_channels x slab_channels) += the products over task t's kPixelChunk columns of the batch's pixels
+// (slabs: WeightGradSlabs floats)
+void WeightGradTask(const WeightGrad &g, int64_t t, float *slabs, std::vector<ColumnRun> &runs, float *acc) {
+  const int64_t panels = (g.slab_channels + kCols - 1) / kCols;
+  BlockRuns(g.batch, g.pixels, t * kPixelChunk, kPixelChunk, runs);
+  for (const ColumnRun &run : runs) {
+    float *at = slabs + run.offset * kCols;
+    if (g.taps_width > 0)
+      TransposeTapsToSlabs(g.slabbed + run.image * (g.slab_channels / 9) * g.pixels, g.slab_channels / 9,
+                           g.pixels / g.taps_width, g.taps_width, run.pixel, run.length, at);
+    else
+      TransposeToSlabs(g.slabbed + run.image * g.slab_channels * g.pixels + run.pixel, g.slab_channels, g.pixels,
+                       run.length, at);
+  }
+  for (int64_t j = 0; j < panels; ++j) {
+    const int64_t width = std::min(kCols, g.slab_channels - j * kCols);
+    const float *slab = slabs + j * kPixelChunk * kCols;
+    for (int64_t row0 = 0; row0 < g.direct_channels; row0 += kRows) {
+      float *out = acc + row0 * g.slab_channels + j * kCols;
+      if (width > 32)
+        WeightGradTile<3>(g, runs, row0, slab, out, g.slab_channels, width);
+      else if (width > 16)
+        WeightGradTile<2>(g, runs, row0, slab, out, g.slab_channels, width);
+      else
+        WeightGradTile<1>(g, runs, row0, slab, out, g.slab_channels, width);
+    }
+  }
+}
+
+int64_t WeightGradTasks(const WeightGrad &g) { return (g.batch * g.pixels + kPixelChunk - 1) / kPixelChunk; }
+int64_t WeightGradSlabs(int64_t slab_channels) { return (slab_channels + kCols - 1) / kCols * kPixelChunk * kCols; }
+
 void RunWeightGrad(const WeightGrad &g, float *sums) {
-  const int64_t tasks = (g.batch * g.pixels + kPixelChunk - 1) / kPixelChunk;
-  const int64_t panels = (g.slab_channels + kCols - 1) / kCols, size = g.direct_channels * g.slab_channels;
+  const int64_t tasks = WeightGradTasks(g), size = g.direct_channels * g.slab_channels;
   const int threads = static_cast<int>(std::min<int64_t>(NumThreads(), tasks));
-  std::vector<std::vector<float>> partial(threads, std::vector<float>(size, 0.f));
+  std::vector<std::unique_ptr<Scratch>> partial(threads);
   const int64_t per_thread = (tasks + threads - 1) / threads;
   auto work = [&](int index) {
-    std::vector<float> slabs(panels * kPixelChunk * kCols);
+    partial[index] = std::make_unique<Scratch>(size);
+    partial[index]->zeroed(size);
+    Scratch slabs(WeightGradSlabs(g.slab_channels));
     std::vector<ColumnRun> runs;
-    float *acc = partial[index].data();
-    for (int64_t t = index * per_thread; t < std::min(tasks, (index + 1) * per_thread); ++t) {
-      BlockRuns(g.batch, g.pixels, t * kPixelChunk, kPixelChunk, runs);
-      for (const ColumnRun &run : runs) {
-        float *at = slabs.data() + run.offset * kCols;
-        if (g.taps_width > 0)
-          TransposeTapsToSlabs(g.slabbed + run.image * (g.slab_channels / 9) * g.pixels, g.slab_channels / 9,
-                               g.pixels / g.taps_width, g.taps_width, run.pixel, run.length, at);
-        else
-          TransposeToSlabs(g.slabbed + run.image * g.slab_channels * g.pixels + run.pixel, g.slab_channels, g.pixels,
-                           run.length, at);
-      }
-      for (int64_t j = 0; j < panels; ++j) {
-        const int64_t width = std::min(kCols, g.slab_channels - j * kCols);
-        const float *slab = slabs.data() + j * kPixelChunk * kCols;
-        for (int64_t row0 = 0; row0 < g.direct_channels; row0 += kRows) {
-          float *out = acc + row0 * g.slab_channels + j * kCols;
-          if (width > 32)
-            WeightGradTile<3>(g, runs, row0, slab, out, g.slab_channels, width);
-          else if (width > 16)
-            WeightGradTile<2>(g, runs, row0, slab, out, g.slab_channels, width);
-          else
-            WeightGradTile<1>(g, runs, row0, slab, out, g.slab_channels, width);
-        }
-      }
-    }
+    for (int64_t t = index * per_thread; t < std::min(tasks, (index + 1) * per_thread); ++t)
+      WeightGradTask(g, t, slabs.get(), runs, partial[index]->get());
   };
   std::vector<std::thread> pool;
   for (int i = 1; i < threads; ++i) pool.emplace_back(work, i);
@@ -1335,20 +1389,20 @@ void RunWeightGrad(const WeightGrad &g, float *sums) {
   for (auto &thread : pool) thread.join();
   for (int64_t i = 0; i < size; ++i) {
     float s = 0;
-    for (int t = 0; t < threads; ++t) s += partial[t][i];
+    for (int t = 0; t < threads; ++t) s += partial[t]->get()[i];
     sums[i] = s;
   }
 }
 
 // The GEMM out[b] = a x[b] for every image b of x (B,C,H,W), a (rows x C) packed by PackRows; the
 // caller sets the epilogue's operands.
-BatchGemm Gemm(const int64_t *x_shape, const std::vector<float> &a_packed, int64_t rows, const float *x, float *out) {
+BatchGemm Gemm(const int64_t *x_shape, const Packed &a_packed, int64_t rows, const float *x, float *out) {
   BatchGemm g;
   g.batch = x_shape[0];
   g.depth = x_shape[1];
   g.pixels = x_shape[2] * x_shape[3];
   g.rows = rows;
-  g.a_packed = a_packed.data();
+  g.a_packed = a_packed->get();
   g.x = x;
   g.out = out;
   return g;
@@ -1362,18 +1416,18 @@ bool IsConv1x1(const int *ndims, int64_t **shapes, int x, int w, bool transposed
 }
 
 // w (K,C) packed as the GEMM's row operand: as is (K rows of depth C) or transposed (C rows of depth K)
-std::vector<float> PackWeight(const float *w, const int64_t *w_shape, bool transposed) {
+Packed PackWeight(const float *w, const int64_t *w_shape, bool transposed) {
   const int64_t k = w_shape[0], c = w_shape[1];
-  std::vector<float> packed(k * c);
+  auto packed = std::make_unique<Scratch>(k * c);
   if (transposed)
-    PackRows(w, c, k, 1, c, packed.data());
+    PackRows(w, c, k, 1, c, packed->get());
   else
-    PackRows(w, k, c, c, 1, packed.data());
+    PackRows(w, k, c, c, 1, packed->get());
   return packed;
 }
 
 // out (B,rows,H,W) = the 3x3 taps of x (B,C,H,W) times a_packed (rows x 9C, PackRows layout)
-void RunConv3x3(const int64_t *x_shape, const std::vector<float> &a_packed, int64_t rows, const float *x, float *out) {
+void RunConv3x3(const int64_t *x_shape, const Packed &a_packed, int64_t rows, const float *x, float *out) {
   BatchGemm g = Gemm(x_shape, a_packed, rows, x, out);
   g.depth = x_shape[1] * 9;
   g.taps_width = x_shape[3];
@@ -1387,21 +1441,23 @@ void RunConv3x3(const int64_t *x_shape, const std::vector<float> &a_packed, int6
 // (interpolation points 0, +-1, +-2); float32 rounding is ~10x the direct conv's (5e-6 of the output's scale
 // against 4e-7 at C = 256, tests/test_kernels.py).
 constexpr int64_t kWinoChunkTiles = 48;
-
-// U_p = (G w G^T)_p in double, rounded once, written straight into each p's (rows x depth) PackRows panels. The
-// conv's row m, depth d, tap t is w[m * row_stride + d * depth_stride + t] (reversed: tap 8 - t, the input gradient's
-// flipped kernel). Eight rows (one panel) at a time in 8-wide double vectors, across threads: the transform runs on
-// every call (the weights change every training step) and must stay small beside a 4x4 map's GEMMs.
-std::vector<float> WinogradWeights(const float *w, int64_t rows, int64_t depth, int64_t row_stride,
-                                   int64_t depth_stride, bool reversed) {
-  static const double g[6][3] = {{0.25, 0, 0},
+// G: the 3-tap kernel to its 6 transformed points
+constexpr double kWinoG[6][3] = {{0.25, 0, 0},
                                  {-1.0 / 6, -1.0 / 6, -1.0 / 6},
                                  {-1.0 / 6, 1.0 / 6, -1.0 / 6},
                                  {1.0 / 24, 1.0 / 12, 1.0 / 6},
                                  {1.0 / 24, -1.0 / 12, 1.0 / 6},
                                  {0, 0, 1}};
+
+// U_p = (G w G^T)_p in double, rounded once, written straight into each p's (rows x depth) PackRows panels. The
+// conv's row m, depth d, tap t is w[m * row_stride + d * depth_stride + t] (reversed: tap 8 - t, the input gradient's
+// flipped kernel). Eight rows (one panel) at a time in 8-wide double vectors, across threads: the transform runs on
+// every call (the weights change every training step) and must stay small beside a 4x4 map's GEMMs.
+std::unique_ptr<Scratch> WinogradWeights(const float *w, int64_t rows, int64_t depth, int64_t row_stride,
+                                         int64_t depth_stride, bool reversed) {
+  const auto &g = kWinoG;
   const int64_t plane = rows * depth;
-  std::vector<float> packed(36 * plane);
+  auto packed = std::make_unique<Scratch>(36 * plane);
   const __m256i lanes = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                            _mm256_set1_epi32(static_cast<int32_t>(row_stride)));
   ParallelFor(plane / kRows, 64, [&](int64_t begin, int64_t end) {
@@ -1419,7 +1475,7 @@ std::vector<float> WinogradWeights(const float *w, int64_t rows, int64_t depth, 
           const __m512d u = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(t[a][0], _mm512_set1_pd(g[b][0])),
                                                         _mm512_mul_pd(t[a][1], _mm512_set1_pd(g[b][1]))),
                                           _mm512_mul_pd(t[a][2], _mm512_set1_pd(g[b][2])));
-          _mm256_storeu_ps(packed.data() + (a * 6 + b) * plane + i * kRows, _mm512_cvtpd_ps(u));
+          _mm256_storeu_ps(packed->get() + (a * 6 + b) * plane + i * kRows, _mm512_cvtpd_ps(u));
         }
     }
   });
@@ -1445,6 +1501,20 @@ inline void WinogradOutputAxis(const __m512 (&m)[6], __m512 (&o)[4]) {
   o[1] = _mm512_fmadd_ps(_mm512_set1_ps(2.f), d, b);                               // b + 2 d
   o[2] = _mm512_fmadd_ps(_mm512_set1_ps(4.f), c, a);                               // a + 4 c
   o[3] = _mm512_fmadd_ps(_mm512_set1_ps(8.f), d, _mm512_add_ps(b, m[5]));          // b + 8 d + m5
+}
+
+// A along one axis (the output transform's transpose, for the weight gradient): a 4-point output-gradient
+// patch to its 6 transformed points
+inline void WinogradGradAxis(const __m512 (&y)[4], __m512 (&o)[6]) {
+  const __m512 even = _mm512_add_ps(y[0], y[2]), odd = _mm512_add_ps(y[1], y[3]);
+  const __m512 a = _mm512_fmadd_ps(_mm512_set1_ps(4.f), y[2], y[0]);
+  const __m512 b = _mm512_fmadd_ps(_mm512_set1_ps(8.f), y[3], _mm512_add_ps(y[1], y[1]));
+  o[0] = y[0];
+  o[1] = _mm512_add_ps(even, odd);  // y0 + y1 + y2 + y3
+  o[2] = _mm512_sub_ps(even, odd);  // y0 - y1 + y2 - y3
+  o[3] = _mm512_add_ps(a, b);       // y0 + 2 y1 + 4 y2 + 8 y3
+  o[4] = _mm512_sub_ps(a, b);       // y0 - 2 y1 + 4 y2 - 8 y3
+  o[5] = y[3];
 }
 
 struct WinogradMap {
@@ -1519,7 +1589,7 @@ void WinogradOutputTile(const TileGroup &g, const float *m, int64_t point, float
 }
 
 // The 36 GEMMs M_p (rows x ld) = U_p V_p (channels x ld) over ld tiles, on the calling thread, for p in [p0, p1)
-void WinogradGemms(const WinogradMap &s, const std::vector<float> &u, const float *v, float *m, int64_t ld, int p0,
+void WinogradGemms(const WinogradMap &s, const float *u, const float *v, float *m, int64_t ld, int p0,
                    int p1) {
   for (int p = p0; p < p1; ++p) {
     BatchGemm g;
@@ -1527,7 +1597,7 @@ void WinogradGemms(const WinogradMap &s, const std::vector<float> &u, const floa
     g.depth = s.channels;
     g.pixels = ld;
     g.rows = s.rows;
-    g.a_packed = u.data() + p * s.rows * s.channels;
+    g.a_packed = u + p * s.rows * s.channels;
     g.x = v + p * s.channels * ld;
     g.out = m + p * s.rows * ld;
     g.serial = true;
@@ -1541,13 +1611,12 @@ void WinogradGemms(const WinogradMap &s, const std::vector<float> &u, const floa
 // x 48) are still in L2 when the next step reads them (chunks of 96 / 192 / 384 tiles: 0.97x / 0.85x / 0.77x the
 // speed at 128x128). Fewer tiles than two chunks a thread (the demo's 16x16 maps and smaller): all tiles at once,
 // each step split across threads by channel, by point p, by output channel, so that no thread idles.
-void RunWinograd3x3(const int64_t *x_shape, const std::vector<float> &u, int64_t rows, const float *x, float *out) {
+void RunWinograd3x3(const int64_t *x_shape, const float *u, int64_t rows, const float *x, float *out) {
   const WinogradMap s(x_shape, rows);
   const int64_t plane = s.height * s.width, chunks = (s.total + kWinoChunkTiles - 1) / kWinoChunkTiles;
   if (chunks >= 2 * NumThreads()) {
     ParallelFor(chunks, 1, [&](int64_t begin, int64_t end) {
-      std::unique_ptr<float[]> v(new float[36 * s.channels * kWinoChunkTiles]);
-      std::unique_ptr<float[]> m(new float[36 * rows * kWinoChunkTiles]);
+      Scratch v(36 * s.channels * kWinoChunkTiles), m(36 * rows * kWinoChunkTiles);
       std::vector<TileGroup> groups;
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t n_first = chunk * kWinoChunkTiles, tiles = std::min(kWinoChunkTiles, s.total - n_first);
@@ -1566,7 +1635,7 @@ void RunWinograd3x3(const int64_t *x_shape, const std::vector<float> &u, int64_t
   }
   std::vector<TileGroup> groups;
   for (int64_t l = 0; l < s.total; l += 16) groups.emplace_back(s, l, std::min<int64_t>(16, s.total - l));
-  std::unique_ptr<float[]> v(new float[36 * s.channels * s.total]), m(new float[36 * rows * s.total]);
+  Scratch v(36 * s.channels * s.total), m(36 * rows * s.total);
   ParallelFor(s.channels, 8, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
       for (size_t i = 0; i < groups.size(); ++i)
@@ -1582,15 +1651,141 @@ void RunWinograd3x3(const int64_t *x_shape, const std::vector<float> &u, int64_t
   });
 }
 
-// Whether the Winograd form serves a 3x3 conv of this map (x_shape, to `rows` output channels): where its 36
-// multiply-adds per tile, over the tiles padded to whole 48-column GEMM panels, are at most half the direct form's
-// 9 per pixel, and the lanes' int32 offsets reach every element. Winograd vs direct on 2 Zen 4 cores, batch 8-16,
-// 128-256 channels, forward (bench/conv3x3.py): 128x128 2.4x, 64x64 2.0x, 32x32 1.4-1.9x, 16x16 1.6-2.0x, 8x8 at
-// batch 16 1.3-1.4x (work ratio 0.38); 4x4 at batch 16 (16 tiles in one panel: ratio 0.75) 0.8-0.95x, so direct.
-bool UseWinograd(const int64_t *x_shape, int64_t rows) {
+// dM[p][k][lane0 + l] = (A dy A^T)_p for output channel k of the group's tiles (plane: dy's channel k), the
+// gradient of M given the output gradient; off-map outputs read as zero
+void WinogradGradTile(const TileGroup &g, const float *plane, float *dm, int64_t point) {
+  __m512 t[6][4], y[4], o[6];
+  for (int j = 0; j < 4; ++j) {
+    for (int r = 0; r < 4; ++r)
+      y[r] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), g.out_on[r * 4 + j], _mm512_load_si512(g.out_at[r * 4 + j]),
+                                      plane, 4);
+    WinogradGradAxis(y, o);
+    for (int i = 0; i < 6; ++i) t[i][j] = o[i];
+  }
+  for (int i = 0; i < 6; ++i) {
+    const __m512(&row)[4] = t[i];
+    WinogradGradAxis(row, o);
+    for (int j = 0; j < 6; ++j) _mm512_mask_storeu_ps(dm + (i * 6 + j) * point, g.lanes, o[j]);
+  }
+}
+
+// acc[p] (rows x channels) += dM_p V_p^T over ld tiles, for p in [p0, p1), on the calling thread
+void WinogradWeightGemms(const WinogradMap &s, const float *dm, const float *v, int64_t ld, int p0, int p1,
+                         float *acc) {
+  Scratch slabs(WeightGradSlabs(s.channels));
+  std::vector<ColumnRun> runs;
+  for (int p = p0; p < p1; ++p) {
+    WeightGrad g;
+    g.batch = 1;
+    g.pixels = ld;
+    g.direct = dm + p * s.rows * ld;
+    g.slabbed = v + p * s.channels * ld;
+    g.direct_channels = s.rows;
+    g.slab_channels = s.channels;
+    for (int64_t t = 0; t < WeightGradTasks(g); ++t) WeightGradTask(g, t, slabs.get(), runs, acc + p * s.rows * s.channels);
+  }
+}
+
+// dw (rows, channels, 3, 3) = G^T dU G from the sum of the partial dU (36 x rows x channels each) in double, eight
+// channels a vector, across threads
+void WinogradWeightsGrad(const std::vector<std::unique_ptr<Scratch>> &partial, int64_t rows, int64_t channels,
+                         float *dw) {
+  const auto &g = kWinoG;
+  const int64_t plane = rows * channels;
+  ParallelFor(plane / kRows, 64, [&](int64_t begin, int64_t end) {
+    alignas(64) double out[9][8];
+    for (int64_t i = begin; i < end; ++i) {  // (k, c) pairs i * 8 .. i * 8 + 7: one row k, eight channels c
+      __m512d du[36], t[3][6];
+      for (int p = 0; p < 36; ++p) {
+        du[p] = _mm512_setzero_pd();
+        for (const auto &sums : partial)
+          du[p] = _mm512_add_pd(du[p], _mm512_cvtps_pd(_mm256_loadu_ps(sums->get() + p * plane + i * kRows)));
+      }
+      for (int a = 0; a < 3; ++a)
+        for (int j = 0; j < 6; ++j) {
+          t[a][j] = _mm512_setzero_pd();
+          for (int q = 0; q < 6; ++q) t[a][j] = _mm512_fmadd_pd(_mm512_set1_pd(g[q][a]), du[q * 6 + j], t[a][j]);
+        }
+      for (int a = 0; a < 3; ++a)
+        for (int b = 0; b < 3; ++b) {
+          __m512d w = _mm512_setzero_pd();
+          for (int j = 0; j < 6; ++j) w = _mm512_fmadd_pd(t[a][j], _mm512_set1_pd(g[j][b]), w);
+          _mm512_store_pd(out[a * 3 + b], w);
+        }
+      for (int l = 0; l < kRows; ++l)
+        for (int tap = 0; tap < 9; ++tap) dw[(i * kRows + l) * 9 + tap] = static_cast<float>(out[tap][l]);
+    }
+  });
+}
+
+// dw (rows, C, 3, 3): the weight gradient of the zero-padded 3x3 conv of x (B,C,H,W) given dy (B,rows,H,W), in the
+// Winograd form: dU_p = sum over tiles of dM_p V_p^T (36 GEMMs whose depth is the tiles), then dw = G^T dU G.
+// Large batches of tiles: each thread takes chunks of kPixelChunk tiles (one weight-gradient task) and sums into its
+// own dU; fewer than two chunks a thread: all tiles at once, the transforms split by channel and the GEMMs by p.
+void RunWinograd3x3WeightGrad(const int64_t *x_shape, int64_t rows, const float *x, const float *dy, float *dw) {
   const WinogradMap s(x_shape, rows);
-  const int64_t pixels = s.batch * s.height * s.width, padded = (s.total + kCols - 1) / kCols * kCols;
-  return 8 * padded <= pixels && s.batch * std::max(s.channels, rows) * s.height * s.width < (int64_t{1} << 31);
+  const int64_t plane = s.height * s.width, size = 36 * rows * s.channels;
+  const int64_t chunks = (s.total + kPixelChunk - 1) / kPixelChunk;
+  auto transform = [&](const std::vector<TileGroup> &groups, int64_t ld, int64_t c0, int64_t c1, int64_t k0,
+                       int64_t k1, float *v, float *dm) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (size_t i = 0; i < groups.size(); ++i)
+        WinogradInputTile(groups[i], x + c * plane, v + c * ld + 16 * i, s.channels * ld);
+    for (int64_t k = k0; k < k1; ++k)
+      for (size_t i = 0; i < groups.size(); ++i)
+        WinogradGradTile(groups[i], dy + k * plane, dm + k * ld + 16 * i, rows * ld);
+  };
+  if (chunks >= 2 * NumThreads()) {
+    const int threads = NumThreads();
+    std::vector<std::unique_ptr<Scratch>> partial(threads);
+    const int64_t per_thread = (chunks + threads - 1) / threads;
+    auto work = [&](int index) {
+      partial[index] = std::make_unique<Scratch>(size);
+      partial[index]->zeroed(size);
+      Scratch v(36 * s.channels * kPixelChunk), dm(36 * rows * kPixelChunk);
+      std::vector<TileGroup> groups;
+      for (int64_t chunk = index * per_thread; chunk < std::min(chunks, (index + 1) * per_thread); ++chunk) {
+        const int64_t n_first = chunk * kPixelChunk, tiles = std::min(kPixelChunk, s.total - n_first);
+        groups.clear();
+        for (int64_t l = 0; l < tiles; l += 16) groups.emplace_back(s, n_first + l, std::min<int64_t>(16, tiles - l));
+        transform(groups, tiles, 0, s.channels, 0, rows, v.get(), dm.get());
+        WinogradWeightGemms(s, dm.get(), v.get(), tiles, 0, 36, partial[index]->get());
+      }
+    };
+    std::vector<std::thread> pool;
+    for (int i = 1; i < threads; ++i) pool.emplace_back(work, i);
+    work(0);
+    for (auto &thread : pool) thread.join();
+    WinogradWeightsGrad(partial, rows, s.channels, dw);
+    return;
+  }
+  std::vector<TileGroup> groups;
+  for (int64_t l = 0; l < s.total; l += 16) groups.emplace_back(s, l, std::min<int64_t>(16, s.total - l));
+  Scratch v(36 * s.channels * s.total), dm(36 * rows * s.total);
+  ParallelFor(s.channels, 8, [&](int64_t c0, int64_t c1) {
+    const int64_t k0 = c0 * rows / s.channels, k1 = c1 * rows / s.channels;  // the output channels in proportion
+    transform(groups, s.total, c0, c1, k0, k1, v.get(), dm.get());
+  });
+  std::vector<std::unique_ptr<Scratch>> sums;
+  sums.push_back(std::make_unique<Scratch>(size));
+  float *acc = sums[0]->zeroed(size);
+  ParallelFor(36, 1, [&](int64_t p0, int64_t p1) {
+    WinogradWeightGemms(s, dm.get(), v.get(), s.total, static_cast<int>(p0), static_cast<int>(p1), acc);
+  });
+  WinogradWeightsGrad(sums, rows, s.channels, dw);
+}
+
+// Whether the Winograd form serves a 3x3 conv of this map (x_shape, to `rows` output channels): where its 36
+// multiply-adds per tile, over the tiles padded to whole 48-column GEMM panels (the weight gradient's GEMMs take the
+// tiles as their depth, unpadded), are at most half the direct form's 9 per pixel, and the lanes' int32 offsets
+// reach every element. Winograd vs direct on 2 Zen 4 cores, batch 8-16, 128-256 channels, forward
+// (bench/conv3x3.py): 128x128 2.4x, 64x64 2.0x, 32x32 1.4-1.9x, 16x16 1.6-2.0x, 8x8 at batch 16 1.3-1.4x (work
+// ratio 0.38); 4x4 at batch 16 (16 tiles in one panel: ratio 0.75) 0.8-0.95x, so direct.
+bool UseWinograd(const int64_t *x_shape, int64_t rows, bool weight_grad = false) {
+  const WinogradMap s(x_shape, rows);
+  const int64_t pixels = s.batch * s.height * s.width;
+  const int64_t tiles = weight_grad ? s.total : (s.total + kCols - 1) / kCols * kCols;
+  return 8 * tiles <= pixels && s.batch * std::max(s.channels, rows) * s.height * s.width < (int64_t{1} << 31);
 }
 
 // inputs x (B,C,H,W) and w (K,C,3,3) of a 3x3, stride-1, padding-1 conv (dilation 1, one group; transposed: x is
@@ -1609,7 +1804,7 @@ int PoolformerHasFastGemm() { return 1; }
 // inputs: x (B,C,H,W), w (K,C); outputs: y (B,K,H,W) = w x. K a multiple of 8.
 int Conv1x1(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (!AllFloat32(nparam, dtypes, -1) || !IsConv1x1(ndims, shapes, 0, 1, false)) return 1;
-  const std::vector<float> w = PackWeight(static_cast<const float *>(params[1]), shapes[1], false);
+  const Packed w = PackWeight(static_cast<const float *>(params[1]), shapes[1], false);
   RunBatchGemm<Epi::kPlain>(Gemm(shapes[0], w, shapes[1][0], static_cast<const float *>(params[0]),
                                  static_cast<float *>(params[2])));
   return 0;
@@ -1618,7 +1813,7 @@ int Conv1x1(int nparam, void **params, int *ndims, int64_t **shapes, const char 
 // inputs: dy (B,K,H,W), w (K,C); outputs: dx (B,C,H,W) = w^T dy (Conv1x1's input gradient). C a multiple of 8.
 int Conv1x1Transposed(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (!AllFloat32(nparam, dtypes, -1) || !IsConv1x1(ndims, shapes, 0, 1, true)) return 1;
-  const std::vector<float> w = PackWeight(static_cast<const float *>(params[1]), shapes[1], true);
+  const Packed w = PackWeight(static_cast<const float *>(params[1]), shapes[1], true);
   RunBatchGemm<Epi::kPlain>(Gemm(shapes[0], w, shapes[1][1], static_cast<const float *>(params[0]),
                                  static_cast<float *>(params[2])));
   return 0;
@@ -1631,8 +1826,8 @@ int MlpForward(int nparam, void **params, int *ndims, int64_t **shapes, const ch
   if (!AllFloat32(nparam, dtypes, -1) || !IsConv1x1(ndims, shapes, 0, 1, false) || ndims[3] != 2 ||
       shapes[3][0] != shapes[0][1] || shapes[3][1] != shapes[1][0] || shapes[0][1] % kRows)
     return 1;
-  const std::vector<float> w1 = PackWeight(static_cast<const float *>(params[1]), shapes[1], false);
-  const std::vector<float> w2 = PackWeight(static_cast<const float *>(params[3]), shapes[3], false);
+  const Packed w1 = PackWeight(static_cast<const float *>(params[1]), shapes[1], false);
+  const Packed w2 = PackWeight(static_cast<const float *>(params[3]), shapes[3], false);
   float *acc = static_cast<float *>(params[8]), *h = static_cast<float *>(params[9]);
   BatchGemm fc1 = Gemm(shapes[0], w1, shapes[1][0], static_cast<const float *>(params[0]), acc);
   fc1.bias = static_cast<const float *>(params[2]);
@@ -1655,8 +1850,8 @@ int MlpInference(int nparam, void **params, int *ndims, int64_t **shapes, const 
   if (!AllFloat32(nparam, dtypes, -1) || !IsConv1x1(ndims, shapes, 0, 1, false) || ndims[5] != 2 ||
       shapes[5][0] != shapes[0][1] || shapes[5][1] != shapes[1][0] || shapes[0][1] % kRows)
     return 1;
-  const std::vector<float> w1 = PackWeight(static_cast<const float *>(params[1]), shapes[1], false);
-  const std::vector<float> w2 = PackWeight(static_cast<const float *>(params[5]), shapes[5], false);
+  const Packed w1 = PackWeight(static_cast<const float *>(params[1]), shapes[1], false);
+  const Packed w2 = PackWeight(static_cast<const float *>(params[5]), shapes[5], false);
   const float *y = static_cast<const float *>(params[0]);
   float *h = static_cast<float *>(params[8]);
   BatchGemm fc1 = Gemm(shapes[0], w1, shapes[1][0], y, h);
@@ -1679,7 +1874,7 @@ int MlpHiddenGrad(int nparam, void **params, int *ndims, int64_t **shapes, const
   if (!AllFloat32(nparam, dtypes, -1) || !IsConv1x1(ndims, shapes, 0, 1, true) || ndims[2] != 4 ||
       shapes[2][1] != shapes[1][1])
     return 1;
-  const std::vector<float> w2 = PackWeight(static_cast<const float *>(params[1]), shapes[1], true);
+  const Packed w2 = PackWeight(static_cast<const float *>(params[1]), shapes[1], true);
   BatchGemm g = Gemm(shapes[0], w2, shapes[1][1], static_cast<const float *>(params[0]), static_cast<float *>(params[4]));
   g.pre = static_cast<const float *>(params[2]);
   g.bias = static_cast<const float *>(params[3]);
@@ -1720,10 +1915,10 @@ int Conv1x1WeightGrad(int nparam, void **params, int *ndims, int64_t **shapes, c
     RunWeightGrad(g, dw);
     return 0;
   }
-  std::vector<float> dw_t(rows * channels);  // dw^T (channels x rows)
-  RunWeightGrad(g, dw_t.data());
+  Scratch dw_t(rows * channels);  // dw^T (channels x rows)
+  RunWeightGrad(g, dw_t.get());
   for (int64_t k = 0; k < rows; ++k)
-    for (int64_t c = 0; c < channels; ++c) dw[k * channels + c] = dw_t[c * rows + k];
+    for (int64_t c = 0; c < channels; ++c) dw[k * channels + c] = dw_t.get()[c * rows + k];
   return 0;
 }
 
@@ -1738,7 +1933,7 @@ int Conv3x3Forward(int nparam, void **params, int *ndims, int64_t **shapes, cons
   const float *w = static_cast<const float *>(params[1]), *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[2]);
   if (winograd && UseWinograd(shapes[0], rows))
-    RunWinograd3x3(shapes[0], WinogradWeights(w, rows, channels, channels * 9, 9, false), rows, x, y);
+    RunWinograd3x3(shapes[0], WinogradWeights(w, rows, channels, channels * 9, 9, false)->get(), rows, x, y);
   else
     RunConv3x3(shapes[0], PackWeight(w, flat, false), rows, x, y);
   return 0;
@@ -1751,14 +1946,37 @@ int Conv3x3InputGrad(int nparam, void **params, int *ndims, int64_t **shapes, co
   const float *w = static_cast<const float *>(params[1]), *dy = static_cast<const float *>(params[0]);
   float *dx = static_cast<float *>(params[2]);
   if (winograd && UseWinograd(shapes[0], channels)) {
-    RunWinograd3x3(shapes[0], WinogradWeights(w, channels, k_out, 9, channels * 9, true), channels, dy, dx);
+    RunWinograd3x3(shapes[0], WinogradWeights(w, channels, k_out, 9, channels * 9, true)->get(), channels, dy, dx);
     return 0;
   }
-  std::vector<float> flipped(channels * k_out * 9);  // (C, K, 3, 3): channel axes swapped, taps reversed
+  Scratch flipped(channels * k_out * 9);  // (C, K, 3, 3): channel axes swapped, taps reversed
   for (int64_t c = 0; c < channels; ++c)
     for (int64_t k = 0; k < k_out; ++k)
-      for (int t = 0; t < 9; ++t) flipped[(c * k_out + k) * 9 + t] = w[(k * channels + c) * 9 + 8 - t];
-  RunConv3x3(shapes[0], PackWeight(flipped.data(), flat, false), channels, dy, dx);
+      for (int t = 0; t < 9; ++t) flipped.get()[(c * k_out + k) * 9 + t] = w[(k * channels + c) * 9 + 8 - t];
+  RunConv3x3(shapes[0], PackWeight(flipped.get(), flat, false), channels, dy, dx);
+  return 0;
+}
+
+// Conv3x3WeightGrad (winograd: in the Winograd form where the map allows it)
+int Conv3x3WeightGradient(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool winograd) {
+  if (!AllFloat32(nparam, dtypes, -1) || ndims[0] != 4 || ndims[1] != 4 || shapes[0][0] != shapes[1][0] ||
+      shapes[0][2] != shapes[1][2] || shapes[0][3] != shapes[1][3] || shapes[0][1] % kRows)
+    return 1;
+  const auto *dy = static_cast<const float *>(params[0]), *x = static_cast<const float *>(params[1]);
+  auto *dw = static_cast<float *>(params[2]);
+  if (winograd && UseWinograd(shapes[1], shapes[0][1], true)) {
+    RunWinograd3x3WeightGrad(shapes[1], shapes[0][1], x, dy, dw);
+    return 0;
+  }
+  WeightGrad g;
+  g.batch = shapes[0][0];
+  g.pixels = shapes[0][2] * shapes[0][3];
+  g.direct = dy;
+  g.slabbed = x;
+  g.direct_channels = shapes[0][1];
+  g.slab_channels = shapes[1][1] * 9;
+  g.taps_width = shapes[1][3];
+  RunWeightGrad(g, dw);  // (K, 9C): w's own layout
   return 0;
 }
 
@@ -1789,19 +2007,13 @@ int Conv3x3TransposedWinograd(int nparam, void **params, int *ndims, int64_t **s
 
 // inputs: dy (B,K,H,W), x (B,C,H,W); outputs: dw (K,C,3,3), Conv3x3's weight gradient
 int Conv3x3WeightGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (!AllFloat32(nparam, dtypes, -1) || ndims[0] != 4 || ndims[1] != 4 || shapes[0][0] != shapes[1][0] ||
-      shapes[0][2] != shapes[1][2] || shapes[0][3] != shapes[1][3] || shapes[0][1] % kRows)
-    return 1;
-  WeightGrad g;
-  g.batch = shapes[0][0];
-  g.pixels = shapes[0][2] * shapes[0][3];
-  g.direct = static_cast<const float *>(params[0]);
-  g.slabbed = static_cast<const float *>(params[1]);
-  g.direct_channels = shapes[0][1];
-  g.slab_channels = shapes[1][1] * 9;
-  g.taps_width = shapes[1][3];
-  RunWeightGrad(g, static_cast<float *>(params[2]));  // (K, 9C): w's own layout
-  return 0;
+  return Conv3x3WeightGradient(nparam, params, ndims, shapes, dtypes, false);
+}
+
+// Conv3x3WeightGrad in the Winograd form where the map allows it
+int Conv3x3WeightGradWinograd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                              void *) {
+  return Conv3x3WeightGradient(nparam, params, ndims, shapes, dtypes, true);
 }
 
 }  // extern "C"
