@@ -4,7 +4,7 @@
 
 Shapes are FPN-S12's at 512x512, batch 8: the neck's 256 -> 256 and the head's 256 -> 128 at stride 4
 (128x128), the head's 128 -> 128 at stride 8 (64x64), 256 -> 128 at stride 16 (32x32) and at stride 32 (16x16).
-Ours in two forms: Winograd F(4x4, 3x3) (the default; its weight gradient is direct) and direct. Rows:
+Ours in two forms: Winograd F(4x4, 3x3) (the default, weight gradient included) and direct. Rows:
 forward, and forward + backward (input and weight gradients of a weighted sum), float32, GRAPH mode for
 MindSpore. Each framework runs in its own subprocess, interleaved over ``--rounds`` (ours, MindSpore,
 torch, ours, ...), because the oneDNN ISA is process-wide: MindSpore's convs run under this package's
